@@ -1,0 +1,122 @@
+//! The one encoder API every family answers, modelled on timm's `forward_features` /
+//! `forward_head(pre_logits=True)` / `forward_intermediates` and on CLIP's `get_image_features`.
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// What to compute besides the pooled embedding.
+#[derive(Debug, Clone, Default)]
+pub struct EncodeOptions {
+    /// Hidden states to return, in Hugging Face's `hidden_states` indexing: 0 is the input of the
+    /// first block, `i` the output of block `i`; negative values count from the end (-1 = last block,
+    /// -2 = the penultimate one that LLaVA feeds its projector).
+    pub layers: Vec<i64>,
+    /// Return the final token sequence, split into prefix (CLS/register) and patch tokens.
+    pub tokens: bool,
+}
+
+/// What an image encoder returns for a batch of B images.
+#[derive(Debug, Clone)]
+pub struct ImageFeatures {
+    /// The pooled embedding before any projection or classifier: timm's `pre_logits`, HF's
+    /// `pooler_output` for CLIP/SigLIP/DINOv2, the normed CLS token for ViT. [B, D]
+    pub pooled: Tensor,
+    /// The image-text embedding where the checkpoint has a projection (CLIP, SigLIP). [B, P]
+    pub projected: Option<Tensor>,
+    /// Classifier logits where the checkpoint has a head. [B, C]
+    pub logits: Option<Tensor>,
+    /// Prefix tokens (CLS, registers) of the final sequence, when asked for. [B, R, D]
+    pub prefix_tokens: Option<Tensor>,
+    /// Patch tokens of the final sequence in row-major grid order, when asked for. [B, N, D]
+    pub patch_tokens: Option<Tensor>,
+    /// The patch grid (rows, columns) of this batch.
+    pub grid: (usize, usize),
+    /// The requested hidden states, as (index asked for, [B, S, D] with prefix tokens first).
+    pub hidden_states: Vec<(i64, Tensor)>,
+}
+
+impl ImageFeatures {
+    /// The embedding to compare with text or other images: projected if there is a projection.
+    pub fn embedding(&self) -> &Tensor {
+        self.projected.as_ref().unwrap_or(&self.pooled)
+    }
+}
+
+/// What a text tower returns for a batch of T texts.
+#[derive(Debug, Clone)]
+pub struct TextFeatures {
+    /// The pooled text feature before projection (EOS token for CLIP, last token for SigLIP). [T, D]
+    pub pooled: Tensor,
+    /// The projected text embedding, in the image embedding space. [T, P]
+    pub projected: Tensor,
+}
+
+/// How an image-text model turns cosine similarities into probabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Scoring {
+    /// CLIP: `softmax(exp(logit_scale) * cos)` over the labels.
+    Softmax { logit_scale: f32 },
+    /// SigLIP: `sigmoid(exp(logit_scale) * cos + logit_bias)`, each label on its own.
+    Sigmoid { logit_scale: f32, logit_bias: f32 },
+}
+
+impl Scoring {
+    /// Logits from L2-normalised image [B, P] and text [T, P] embeddings: [B, T].
+    pub fn logits(&self, image: &Tensor, text: &Tensor) -> Result<Tensor> {
+        let cos = image.matmul(&text.t()?)?;
+        Ok(match *self {
+            Self::Softmax { logit_scale } => (cos * (logit_scale as f64).exp())?,
+            Self::Sigmoid { logit_scale, logit_bias } => ((cos * (logit_scale as f64).exp())? + logit_bias as f64)?,
+        })
+    }
+
+    /// Probabilities from logits [B, T].
+    pub fn probabilities(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Softmax { .. } => candle_nn::ops::softmax_last_dim(logits)?,
+            Self::Sigmoid { .. } => candle_nn::ops::sigmoid(logits)?,
+        })
+    }
+}
+
+/// Facts about a loaded model, for `visenc info` and for callers.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ModelInfo {
+    /// The architecture as the checkpoint names it (e.g. `CLIPModel`, `vit_base_patch16_224`).
+    pub architecture: String,
+    /// The visenc family that runs it.
+    pub family: &'static str,
+    /// Trained input size (height, width).
+    pub image_size: (usize, usize),
+    pub patch_size: usize,
+    pub num_layers: usize,
+    /// Width of `pooled` and of the tokens.
+    pub hidden_size: usize,
+    /// Width of `projected`, if any.
+    pub projection_dim: Option<usize>,
+    /// Prefix tokens before the patch tokens (CLS + registers).
+    pub prefix_tokens: usize,
+    /// Class names of the classifier head, if any.
+    pub labels: Option<Vec<String>>,
+    /// Parameters in the vision tower (and text tower, if any).
+    pub parameters: usize,
+    pub scoring: Option<Scoring>,
+    pub text_context_length: Option<usize>,
+}
+
+/// An image encoder of any family.
+pub trait ImageEncoder: Send + Sync {
+    /// Encodes normalised pixels [B, 3, H, W]. Any H, W that are at least one patch work.
+    fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures>;
+}
+
+/// A text tower of an image-text model.
+pub trait TextEncoder: Send + Sync {
+    /// Encodes token ids [T, L] (u32) with an attention mask [T, L] (1 = token, 0 = padding).
+    fn encode_text(&self, ids: &Tensor, mask: &Tensor) -> Result<TextFeatures>;
+    /// The sequence length the tower was trained with.
+    fn context_length(&self) -> usize;
+}

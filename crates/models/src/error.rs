@@ -1,0 +1,25 @@
+use visenc_weights::WeightsError;
+
+/// Errors from building or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A config value we cannot honour; `what` names the option.
+    #[error("config `{what}`: {reason}")]
+    Config { what: String, reason: String },
+    /// An architecture or variant visenc does not implement.
+    #[error("unsupported {what}: {name}")]
+    Unsupported { what: &'static str, name: String },
+    /// Input tensors of the wrong shape or type.
+    #[error("bad input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+pub(crate) fn config_err(what: impl Into<String>, reason: impl Into<String>) -> ModelError {
+    ModelError::Config { what: what.into(), reason: reason.into() }
+}

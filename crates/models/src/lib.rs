@@ -1,0 +1,73 @@
+//! Encoder families behind one API ([`ImageEncoder`], [`TextEncoder`]).
+//!
+//! One file per family; each mirrors its reference's state-dict keys through a small key table, so a
+//! port reads side by side with the PyTorch file it came from.
+
+pub mod api;
+pub mod clip;
+pub mod dinov2;
+mod error;
+pub mod interpolate;
+pub mod nn;
+pub mod siglip;
+pub mod text_transformer;
+pub mod vision_transformer;
+pub mod vit;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, Weights};
+
+pub use api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo, Scoring, TextEncoder, TextFeatures};
+pub use error::{ModelError, Result};
+
+/// A model ready to run: its image encoder, its text tower if it has one, and what it is.
+pub struct LoadedModel {
+    pub image: Box<dyn ImageEncoder>,
+    pub text: Option<Box<dyn TextEncoder>>,
+    pub info: ModelInfo,
+}
+
+/// Parses a config section, naming the section in the error.
+pub(crate) fn parse<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
+    let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
+    serde_json::from_value(v).map_err(|e| error::config_err(what, e.to_string()))
+}
+
+/// Builds the model a checkpoint describes from its weights, then checks the load report under
+/// `policy`. Returns the model and the report (non-empty only under [`LoadPolicy::AllowMismatch`]).
+pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(LoadedModel, LoadReport)> {
+    let cfg = &ckpt.config;
+    let mut model = match ckpt.layout {
+        Layout::OpenClip => clip::load_open_clip(cfg, w)?,
+        Layout::Timm => {
+            let arch = cfg["architecture"].as_str().unwrap_or_default();
+            vit::load_timm(arch, cfg, w)?
+        }
+        Layout::Transformers => {
+            let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or_default();
+            let arch = cfg
+                .get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(Value::as_str)
+                .unwrap_or(model_type)
+                .to_string();
+            match model_type {
+                "clip" | "clip_vision_model" => clip::load_hf(cfg, w, &arch)?,
+                "siglip" | "siglip_vision_model" => siglip::load_hf(cfg, w, &arch)?,
+                "vit" => vit::load_hf(cfg, w, &arch)?,
+                "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
+                other => {
+                    return Err(ModelError::Unsupported {
+                        what: "architecture (config.json model_type)",
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers"),
+                    })
+                }
+            }
+        }
+    };
+    let report = w.finish(policy)?;
+    model.info.parameters = w.used_parameters();
+    model.info.text_context_length = model.text.as_ref().map(|t| t.context_length());
+    Ok((model, report))
+}

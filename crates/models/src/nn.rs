@@ -1,0 +1,296 @@
+//! Building blocks shared by the transformer families: linear layers, norms, activations, attention
+//! and the pre-norm transformer block. Key names are passed in by each family's table so weight paths
+//! stay exactly the reference's state-dict keys.
+
+use candle_core::{DType, Module, Tensor, D};
+use visenc_weights::Scope;
+
+use crate::error::{config_err, Result};
+
+/// Loads `name.weight` [out, in] and, if `bias`, `name.bias` [out].
+pub fn linear(s: &Scope, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<candle_nn::Linear> {
+    let s = s.pp(name);
+    let w = s.get((out_dim, in_dim), "weight")?;
+    let b = if bias { Some(s.get(out_dim, "bias")?) } else { None };
+    Ok(candle_nn::Linear::new(w, b))
+}
+
+/// Loads a LayerNorm `name.{weight,bias}` of width `dim`.
+pub fn layer_norm(s: &Scope, name: &str, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+    let s = s.pp(name);
+    Ok(candle_nn::LayerNorm::new(s.get(dim, "weight")?, s.get(dim, "bias")?, eps))
+}
+
+/// Activation functions by their names in HF configs (`hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub enum Activation {
+    /// `x * sigmoid(1.702 x)`, OpenAI CLIP.
+    #[serde(rename = "quick_gelu")]
+    QuickGelu,
+    /// Exact GELU with erf (`nn.GELU()`).
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`, `gelu_new`), SigLIP.
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_new", rename = "gelu_tanh")]
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(name.to_string()))
+            .map_err(|_| config_err("hidden_act", format!("unsupported activation {name:?}")))
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+            Self::Gelu => x.gelu_erf()?,
+            Self::GeluTanh => x.gelu()?,
+        })
+    }
+}
+
+/// Where the query/key/value projections live in a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub enum QkvKeys {
+    /// Three linear modules (HF).
+    Separate { q: &'static str, k: &'static str, v: &'static str },
+    /// One `[3D, D]` weight and `[3D]` bias (timm `attn.qkv.*`, `nn.MultiheadAttention.in_proj_*`).
+    Fused { weight: &'static str, bias: &'static str },
+}
+
+/// Key names of one pre-norm transformer block, relative to the block.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockKeys {
+    pub norm1: &'static str,
+    pub qkv: QkvKeys,
+    pub out: &'static str,
+    pub norm2: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+    /// LayerScale vectors (DINOv2 `layer_scale1.lambda1`, timm `ls1.gamma`), when present.
+    pub ls1: Option<&'static str>,
+    pub ls2: Option<&'static str>,
+}
+
+/// Sizes and options of a transformer stack.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    pub dim: usize,
+    pub heads: usize,
+    pub mlp_dim: usize,
+    pub eps: f64,
+    pub act: Activation,
+    pub qkv_bias: bool,
+    pub layer_scale: bool,
+}
+
+/// Multi-head self-attention with separate projections after loading.
+pub struct Attention {
+    q: candle_nn::Linear,
+    k: candle_nn::Linear,
+    v: candle_nn::Linear,
+    out: candle_nn::Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn load(s: &Scope, qkv: QkvKeys, out: &str, dim: usize, heads: usize, qkv_bias: bool) -> Result<Self> {
+        if heads == 0 || dim % heads != 0 {
+            return Err(config_err("num_attention_heads", format!("{heads} heads do not divide width {dim}")));
+        }
+        let (q, k, v) = match qkv {
+            QkvKeys::Separate { q, k, v } => (
+                linear(s, q, dim, dim, qkv_bias)?,
+                linear(s, k, dim, dim, qkv_bias)?,
+                linear(s, v, dim, dim, qkv_bias)?,
+            ),
+            QkvKeys::Fused { weight, bias } => {
+                let w = s.get((3 * dim, dim), weight)?;
+                let b = if qkv_bias { Some(s.get(3 * dim, bias)?) } else { None };
+                let part = |i: usize| -> Result<candle_nn::Linear> {
+                    let b = b.as_ref().map(|b| b.narrow(0, i * dim, dim)).transpose()?;
+                    Ok(candle_nn::Linear::new(w.narrow(0, i * dim, dim)?.contiguous()?, b))
+                };
+                (part(0)?, part(1)?, part(2)?)
+            }
+        };
+        Ok(Self { q, k, v, out: linear(s, out, dim, dim, true)?, heads })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, d / self.heads))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// `x`: [B, N, D] queries; `kv`: keys/values source (self-attention when `None`);
+    /// `bias`: additive mask broadcastable to [B, H, N, M].
+    pub fn forward(&self, x: &Tensor, kv: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, d) = x.dims3()?;
+        let kv = kv.unwrap_or(x);
+        let hd = d / self.heads;
+        let q = (self.split_heads(&self.q.forward(x)?)? * (hd as f64).powf(-0.5))?;
+        let k = self.split_heads(&self.k.forward(kv)?)?;
+        let v = self.split_heads(&self.v.forward(kv)?)?;
+        let mut att = q.matmul(&k.t()?)?;
+        if let Some(bias) = bias {
+            att = att.broadcast_add(bias)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        Ok(self.out.forward(&y)?)
+    }
+}
+
+/// Two-layer MLP with an activation in between.
+pub struct Mlp {
+    fc1: candle_nn::Linear,
+    fc2: candle_nn::Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    pub fn load(s: &Scope, fc1: &str, fc2: &str, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
+        Ok(Self { fc1: linear(s, fc1, dim, hidden, true)?, fc2: linear(s, fc2, hidden, dim, true)?, act })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)?)
+    }
+}
+
+/// Pre-norm transformer block: `x + ls1*attn(norm1(x))`, then `x + ls2*mlp(norm2(x))`.
+// Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/clip/modeling_clip.py#L585
+pub struct Block {
+    norm1: candle_nn::LayerNorm,
+    attn: Attention,
+    ls1: Option<Tensor>,
+    norm2: candle_nn::LayerNorm,
+    mlp: Mlp,
+    ls2: Option<Tensor>,
+}
+
+impl Block {
+    pub fn load(s: &Scope, keys: &BlockKeys, c: &BlockConfig) -> Result<Self> {
+        let ls = |k: Option<&str>| -> Result<Option<Tensor>> {
+            match (c.layer_scale, k) {
+                (true, Some(k)) => Ok(Some(s.get(c.dim, k)?)),
+                (true, None) => Err(config_err("layer_scale", "this layout has no LayerScale weights")),
+                (false, _) => Ok(None),
+            }
+        };
+        Ok(Self {
+            norm1: layer_norm(s, keys.norm1, c.dim, c.eps)?,
+            attn: Attention::load(s, keys.qkv, keys.out, c.dim, c.heads, c.qkv_bias)?,
+            ls1: ls(keys.ls1)?,
+            norm2: layer_norm(s, keys.norm2, c.dim, c.eps)?,
+            mlp: Mlp::load(s, keys.fc1, keys.fc2, c.dim, c.mlp_dim, c.act)?,
+            ls2: ls(keys.ls2)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let scale = |y: Tensor, g: &Option<Tensor>| -> Result<Tensor> {
+            Ok(match g {
+                Some(g) => y.broadcast_mul(g)?,
+                None => y,
+            })
+        };
+        let x = (x + scale(self.attn.forward(&self.norm1.forward(x)?, None, mask)?, &self.ls1)?)?;
+        Ok((&x + scale(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.ls2)?)?)
+    }
+}
+
+/// A stack of blocks that can hand out the hidden state after any block.
+pub struct Encoder {
+    blocks: Vec<Block>,
+}
+
+impl Encoder {
+    /// Loads `prefix.{0..n}` blocks.
+    pub fn load(s: &Scope, prefix: &str, n: usize, keys: &BlockKeys, c: &BlockConfig) -> Result<Self> {
+        let s = s.pp(prefix);
+        let blocks = (0..n).map(|i| Block::load(&s.pp(i), keys, c)).collect::<Result<_>>()?;
+        Ok(Self { blocks })
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Runs the blocks. `keep` lists hidden-state indices in HF's convention (0 = the encoder input,
+    /// i = output of block i); those states are returned in the order asked. Blocks after the last
+    /// state needed are skipped when `need_last` is false.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        keep: &[usize],
+        need_last: bool,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let stop = if need_last { self.blocks.len() } else { keep.iter().copied().max().unwrap_or(0) };
+        let mut states: Vec<Option<Tensor>> = vec![None; self.blocks.len() + 1];
+        let mut x = x.clone();
+        if keep.contains(&0) {
+            states[0] = Some(x.clone());
+        }
+        for (i, block) in self.blocks.iter().take(stop).enumerate() {
+            x = block.forward(&x, mask)?;
+            if keep.contains(&(i + 1)) {
+                states[i + 1] = Some(x.clone());
+            }
+        }
+        let kept = keep.iter().filter_map(|&i| states.get(i).cloned().flatten()).collect();
+        Ok((x, kept))
+    }
+}
+
+/// Resolves HF-style hidden-state indices (negative counts from the end of `0..=n`) to `0..=n`.
+pub fn resolve_layers(layers: &[i64], n: usize) -> Result<Vec<usize>> {
+    layers
+        .iter()
+        .map(|&l| {
+            let i = if l < 0 { n as i64 + 1 + l } else { l };
+            if (0..=n as i64).contains(&i) {
+                Ok(i as usize)
+            } else {
+                Err(config_err("layers", format!("layer {l} is out of range for {n} blocks (valid: -{} ..= {n})", n + 1)))
+            }
+        })
+        .collect()
+}
+
+/// An additive causal mask [1, 1, N, N] (0 on and below the diagonal, -inf above).
+pub fn causal_mask(n: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (1, 1, n, n), device)?.to_dtype(dtype)?)
+}
+
+/// L2-normalises the last dimension.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    Ok(x.broadcast_div(&n)?)
+}
+
+/// A projection into the joint image-text space, stored either as a linear layer's `weight` [P, D]
+/// (HF `visual_projection`, SigLIP text `head`) or as a bare matrix [D, P] used as `x @ proj`
+/// (open_clip `visual.proj`, `text_projection`).
+pub enum Projection {
+    Linear(candle_nn::Linear),
+    Matrix(Tensor),
+}
+
+impl Projection {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Linear(l) => l.forward(x)?,
+            Self::Matrix(m) => x.matmul(m)?,
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! What a model specification names: a local directory (or a file inside one) in one of the published
+//! layouts, or a Hugging Face hub id.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::error::WeightsError;
+use crate::store::Weights;
+
+/// How the files of a checkpoint are laid out on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    /// Hugging Face transformers: `config.json` with `model_type`, `model.safetensors` (or shards).
+    Transformers,
+    /// open_clip: `open_clip_config.json` + `open_clip_model.safetensors`.
+    OpenClip,
+    /// timm on the hub: `config.json` with `architecture` and `pretrained_cfg`, `model.safetensors`.
+    Timm,
+}
+
+/// A located checkpoint: its directory, layout, parsed configs and weight files.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// What the user asked for (a path or a hub id).
+    pub spec: String,
+    pub dir: PathBuf,
+    pub layout: Layout,
+    /// `config.json`, or `open_clip_config.json` for [`Layout::OpenClip`].
+    pub config: Value,
+    pub config_path: PathBuf,
+    /// HF `preprocessor_config.json`, if present.
+    pub preprocessor: Option<Value>,
+    /// `tokenizer.json`, if present.
+    pub tokenizer_file: Option<PathBuf>,
+    /// `tokenizer_config.json` merged over `special_tokens_map.json`, if present.
+    pub tokenizer_config: Option<Value>,
+    pub weight_files: Vec<PathBuf>,
+}
+
+fn read_json(path: &Path) -> Result<Value, WeightsError> {
+    let text = std::fs::read_to_string(path).map_err(|e| WeightsError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| WeightsError::Config {
+        path: path.to_path_buf(),
+        what: "JSON",
+        reason: e.to_string(),
+    })
+}
+
+fn read_json_opt(path: &Path) -> Result<Option<Value>, WeightsError> {
+    path.is_file().then(|| read_json(path)).transpose()
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`.
+pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, WeightsError> {
+    let v = read_json(index)?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| WeightsError::Config {
+        path: index.to_path_buf(),
+        what: "safetensors index",
+        reason: "no `weight_map` object".into(),
+    })?;
+    let files: BTreeSet<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+    Ok(files.into_iter().collect())
+}
+
+fn looks_like_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with('.')
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+impl Checkpoint {
+    /// Opens a local directory, a file inside a checkpoint directory, or a hub id such as
+    /// `openai/clip-vit-base-patch32` (downloaded into the hub cache, or taken from it offline).
+    pub fn open(spec: &str) -> Result<Self, WeightsError> {
+        let path = Path::new(spec);
+        if path.exists() {
+            let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")) } else { path };
+            return Self::from_dir(spec, dir);
+        }
+        if !looks_like_hub_id(spec) {
+            return Err(WeightsError::NotFound {
+                spec: spec.to_string(),
+                reason: "no such file or directory, and not a hub id (owner/name)".into(),
+            });
+        }
+        let dir = crate::hub::fetch(spec)?;
+        Self::from_dir(spec, &dir)
+    }
+
+    /// Reads a checkpoint directory and decides its layout.
+    pub fn from_dir(spec: &str, dir: &Path) -> Result<Self, WeightsError> {
+        let not_found = |reason: String| WeightsError::NotFound { spec: spec.to_string(), reason };
+        let open_clip_cfg = dir.join("open_clip_config.json");
+        let hf_cfg = dir.join("config.json");
+        let tokenizer_file = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
+        let tokenizer_config = match (
+            read_json_opt(&dir.join("special_tokens_map.json"))?,
+            read_json_opt(&dir.join("tokenizer_config.json"))?,
+        ) {
+            (Some(Value::Object(mut a)), Some(Value::Object(b))) => {
+                a.extend(b);
+                Some(Value::Object(a))
+            }
+            (a, b) => b.or(a),
+        };
+        let preprocessor = read_json_opt(&dir.join("preprocessor_config.json"))?;
+        let weights = |names: &[&str]| -> Result<Vec<PathBuf>, WeightsError> {
+            for n in names {
+                let p = dir.join(n);
+                if p.is_file() {
+                    return Ok(vec![p]);
+                }
+            }
+            let index = dir.join("model.safetensors.index.json");
+            if index.is_file() {
+                return Ok(shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect());
+            }
+            Err(not_found(format!("{} holds no {} or sharded index", dir.display(), names.join(" / "))))
+        };
+        let (layout, config_path) = if hf_cfg.is_file() {
+            let cfg = read_json(&hf_cfg)?;
+            if cfg.get("architecture").is_some() {
+                (Layout::Timm, hf_cfg)
+            } else if cfg.get("model_type").is_some() || cfg.get("architectures").is_some() {
+                (Layout::Transformers, hf_cfg)
+            } else if open_clip_cfg.is_file() {
+                (Layout::OpenClip, open_clip_cfg)
+            } else {
+                return Err(WeightsError::Config {
+                    path: hf_cfg,
+                    what: "config",
+                    reason: "neither `model_type` (transformers) nor `architecture` (timm)".into(),
+                });
+            }
+        } else if open_clip_cfg.is_file() {
+            (Layout::OpenClip, open_clip_cfg)
+        } else {
+            return Err(not_found(format!(
+                "{} has no config.json or open_clip_config.json",
+                dir.display()
+            )));
+        };
+        let weight_files = match layout {
+            Layout::OpenClip => weights(&["open_clip_model.safetensors", "model.safetensors"])?,
+            _ => weights(&["model.safetensors"])?,
+        };
+        Ok(Self {
+            spec: spec.to_string(),
+            dir: dir.to_path_buf(),
+            layout,
+            config: read_json(&config_path)?,
+            config_path,
+            preprocessor,
+            tokenizer_file,
+            tokenizer_config,
+            weight_files,
+        })
+    }
+
+    /// Reads every weight file; tensors keep their stored dtype until a model takes them as `dtype`.
+    pub fn load_weights(&self, dtype: DType, device: &Device) -> Result<Weights, WeightsError> {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for f in &self.weight_files {
+            if !f.is_file() {
+                return Err(WeightsError::Read { path: f.clone(), reason: "file is missing".into() });
+            }
+            let part = candle_core::safetensors::load(f, device)
+                .map_err(|e| WeightsError::Read { path: f.clone(), reason: e.to_string() })?;
+            tensors.extend(part);
+        }
+        Ok(Weights::new(tensors, &self.dir, dtype, device))
+    }
+}

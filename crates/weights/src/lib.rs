@@ -1,0 +1,11 @@
+//! Finding checkpoints (local directories in Hugging Face, open_clip and timm layouts, or hub ids) and
+//! loading their tensors with a strict report of what did not match.
+
+mod checkpoint;
+mod error;
+mod hub;
+mod store;
+
+pub use checkpoint::{Checkpoint, Layout};
+pub use error::WeightsError;
+pub use store::{LoadPolicy, LoadReport, Scope, Weights};
