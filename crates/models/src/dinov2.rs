@@ -108,7 +108,8 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         registers: c.num_register_tokens,
         // Registers are inserted after the position embeddings are added: only CLS has one.
         pos_prefix: 1,
-        interp: PosInterp::Bicubic,
+        // The two reference classes differ here: only the registers variant antialiases.
+        interp: if with_registers { PosInterp::BicubicAntialias } else { PosInterp::Bicubic },
     };
     let trunk = VisionTransformer::load(&s, &TRUNK, trunk_cfg)?;
     let head = match root.shape_of("classifier.weight") {

@@ -204,7 +204,7 @@ const TIMM_BLOCK: BlockKeys = BlockKeys {
 /// name's preset and the checkpoint's `model_args`.
 #[derive(Debug, Deserialize)]
 struct TimmArgs {
-    img_size: usize,
+    img_size: ImgSize,
     patch_size: usize,
     in_chans: usize,
     num_classes: usize,
@@ -226,11 +226,28 @@ struct TimmArgs {
     other: serde_json::Map<String, Value>,
 }
 
+/// timm accepts `img_size` as one number or as `[height, width]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ImgSize {
+    Square(usize),
+    Rect([usize; 2]),
+}
+
+impl ImgSize {
+    fn hw(&self) -> (usize, usize) {
+        match *self {
+            Self::Square(s) => (s, s),
+            Self::Rect([h, w]) => (h, w),
+        }
+    }
+}
+
 /// The preset of a timm ViT architecture name: `vit_{tiny,small,base,large,huge}_patch{P}_..._{S}`.
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.11/timm/models/vision_transformer.py#L2100
 fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
     let unsupported = || ModelError::Unsupported { what: "timm architecture", name: arch.to_string() };
-    if !arch.starts_with("vit_") || ["siglip", "dinov2", "_map", "_gap", "rope", "_reg"].iter().any(|s| arch.contains(s)) {
+    if !arch.starts_with("vit_") || ["siglip", "dinov2", "_map", "rope", "_mae"].iter().any(|s| arch.contains(s)) {
         return Err(unsupported());
     }
     let parts: Vec<&str> = arch.split(['_', '.']).collect();
@@ -245,10 +262,15 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
     let patch = parts.iter().find_map(|p| p.strip_prefix("patch")?.parse::<usize>().ok()).ok_or_else(unsupported)?;
     let img = parts.iter().rev().find_map(|p| p.parse::<usize>().ok()).unwrap_or(224);
     let clip = arch.contains("_clip_");
+    // `_reg{N}` adds register tokens; `_gap` means no class token, average pooling, no position
+    // embedding for prefix tokens (e.g. `vit_base_patch16_reg4_gap_256`).
+    let reg = parts.iter().find_map(|p| p.strip_prefix("reg")?.parse::<usize>().ok()).unwrap_or(0);
+    let gap = parts.contains(&"gap");
     let mut m = serde_json::json!({
-        "img_size": img, "patch_size": patch, "in_chans": 3, "num_classes": 1000, "global_pool": "token",
+        "img_size": img, "patch_size": patch, "in_chans": 3, "num_classes": 1000,
+        "global_pool": if gap { "avg" } else { "token" },
         "embed_dim": dim, "depth": depth, "num_heads": heads, "mlp_ratio": 4.0, "qkv_bias": true,
-        "init_values": null, "class_token": true, "reg_tokens": 0, "no_embed_class": false,
+        "init_values": null, "class_token": !gap, "reg_tokens": reg, "no_embed_class": gap,
         "pre_norm": clip, "final_norm": true, "fc_norm": null,
         "act_layer": if arch.contains("quickgelu") { Value::from("quick_gelu") } else { Value::Null },
     });
@@ -320,7 +342,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         layers: a.depth,
         patch: a.patch_size,
         patch_bias: !a.pre_norm,
-        image_size: (a.img_size, a.img_size),
+        image_size: a.img_size.hw(),
         channels: a.in_chans,
         class_token: a.class_token,
         registers: a.reg_tokens,
@@ -340,7 +362,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let info = ModelInfo {
         architecture: arch.to_string(),
         family: "vit",
-        image_size: (a.img_size, a.img_size),
+        image_size: a.img_size.hw(),
         patch_size: a.patch_size,
         num_layers: a.depth,
         hidden_size: a.embed_dim,

@@ -1,0 +1,185 @@
+//! Parity with the reference implementations on stored tensors.
+//!
+//! Each fixture under `fixtures/models/` holds a tiny random-initialised model saved by its own
+//! library (transformers, open_clip, timm) and `expected.safetensors` with inputs and the reference's
+//! outputs (`scripts/fixtures/models.py` writes them). The checkpoint is loaded exactly as a user's
+//! would be: `Checkpoint::open` on the directory, strict load report.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use visenc_models::{load, EncodeOptions, LoadedModel};
+use visenc_weights::{Checkpoint, LoadPolicy};
+
+/// Max relative error allowed in f32: max|ours - reference| / max|reference|.
+const F32_TOL: f32 = 1e-4;
+/// A batch of one must give the batch's row (only summation order may differ).
+const BATCH_TOL: f32 = 1e-5;
+
+struct Fixture {
+    name: &'static str,
+    model: LoadedModel,
+    expected: HashMap<String, Tensor>,
+}
+
+fn fixture(name: &'static str) -> Fixture {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name);
+    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let (model, report) = load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(report.is_clean());
+    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    Fixture { name, model, expected }
+}
+
+fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shape");
+    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / scale.max(1e-12)
+}
+
+impl Fixture {
+    fn get(&self, k: &str) -> &Tensor {
+        self.expected.get(k).unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
+    }
+
+    fn check(&self, what: &str, ours: &Tensor, key: &str) {
+        let e = rel_err(ours, self.get(key));
+        assert!(e <= F32_TOL, "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}", self.name);
+    }
+
+    /// Pooled, projected, tokens, every hidden state, logits at the trained size; pooled, tokens and
+    /// logits at the alternative size; and batched == single.
+    fn check_vision(&self) {
+        let layers: Vec<i64> = (0..).take_while(|i| self.expected.contains_key(&format!("hidden_states.{i}"))).collect();
+        assert!(layers.len() >= 3, "{}: hidden states", self.name);
+        let opts = EncodeOptions { layers: layers.clone(), tokens: true };
+        let px = self.get("pixel_values");
+        let f = self.model.image.encode(px, &opts).unwrap();
+        self.check("pooled", &f.pooled, "pooled");
+        if let Some(p) = &f.projected {
+            self.check("projected", p, "image_embeds");
+        }
+        if let Some(l) = &f.logits {
+            self.check("logits", l, "logits");
+        }
+        let tokens = match &f.prefix_tokens {
+            Some(p) => Tensor::cat(&[p, f.patch_tokens.as_ref().unwrap()], 1).unwrap(),
+            None => f.patch_tokens.clone().unwrap(),
+        };
+        self.check("tokens", &tokens, "last_hidden_state");
+        for (i, h) in &f.hidden_states {
+            self.check("hidden state", h, &format!("hidden_states.{i}"));
+        }
+        // Negative indices count from the end, as in HF's hidden_states tuple.
+        let last = f.hidden_states.last().unwrap().1.clone();
+        let neg = self.model.image.encode(px, &EncodeOptions { layers: vec![-1], tokens: false }).unwrap();
+        assert!(rel_err(&neg.hidden_states[0].1, &last) < BATCH_TOL);
+
+        if let Some(alt) = self.expected.get("alt_pixel_values") {
+            let g = self.model.image.encode(alt, &EncodeOptions { layers: vec![], tokens: true }).unwrap();
+            self.check("alt pooled", &g.pooled, "alt_pooled");
+            let tokens = match &g.prefix_tokens {
+                Some(p) => Tensor::cat(&[p, g.patch_tokens.as_ref().unwrap()], 1).unwrap(),
+                None => g.patch_tokens.clone().unwrap(),
+            };
+            self.check("alt tokens", &tokens, "alt_last_hidden_state");
+            if let (Some(l), true) = (&g.logits, self.expected.contains_key("alt_logits")) {
+                self.check("alt logits", l, "alt_logits");
+            }
+            if let (Some(p), true) = (&g.projected, self.expected.contains_key("alt_image_embeds")) {
+                self.check("alt projected", p, "alt_image_embeds");
+            }
+        }
+
+        for i in 0..px.dim(0).unwrap() {
+            let one = self.model.image.encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default()).unwrap();
+            let e = rel_err(&one.pooled, &f.pooled.narrow(0, i, 1).unwrap());
+            assert!(e <= BATCH_TOL, "{}: single image {i} differs from its batch row by {e:e}", self.name);
+        }
+    }
+
+    /// Text embeddings and image-text logits from the fixture's token ids.
+    fn check_text(&self, ids_key: &str, text_key: &str, logits_key: &str) {
+        let text = self.model.text.as_ref().expect("text tower");
+        let ids = self.get(ids_key).to_dtype(DType::U32).unwrap();
+        let mask = Tensor::ones_like(&ids).unwrap();
+        let t = text.encode_text(&ids, &mask).unwrap();
+        self.check("text embeds", &t.projected, text_key);
+        if let Some(p) = self.expected.get("text_pooled") {
+            let e = rel_err(&t.pooled, p);
+            assert!(e <= F32_TOL, "{}: text pooled {e:e}", self.name);
+        }
+        let img = self.model.image.encode(self.get("pixel_values"), &EncodeOptions::default()).unwrap();
+        let scoring = self.model.info.scoring.expect("scoring");
+        let norm = visenc_models::nn::l2_normalize;
+        let logits = scoring.logits(&norm(img.embedding()).unwrap(), &norm(&t.projected).unwrap()).unwrap();
+        self.check("logits_per_image", &logits, logits_key);
+    }
+}
+
+#[test]
+fn clip_transformers_quick_gelu() {
+    let f = fixture("clip_hf_quickgelu");
+    f.check_vision();
+    f.check_text("input_ids", "text_embeds", "logits_per_image");
+}
+
+#[test]
+fn clip_transformers_gelu() {
+    let f = fixture("clip_hf_gelu");
+    f.check_vision();
+    f.check_text("input_ids", "text_embeds", "logits_per_image");
+}
+
+#[test]
+fn clip_open_clip_layout() {
+    let f = fixture("clip_open_clip");
+    f.check_vision();
+    f.check_text("input_ids", "text_embeds", "logits_per_image");
+    // The transformers-style padding (end-of-text instead of 0) gives the same embeddings.
+    f.check_text("hf_input_ids", "text_embeds", "logits_per_image");
+}
+
+#[test]
+fn siglip_transformers() {
+    let f = fixture("siglip_hf");
+    f.check_vision();
+    // SigLIP was trained attending to its padding (big_vision); visenc follows that convention.
+    f.check_text("input_ids", "text_embeds_no_mask", "logits_per_image_no_mask");
+}
+
+#[test]
+fn vit_transformers_classifier() {
+    let f = fixture("vit_hf_classifier");
+    f.check_vision();
+    let labels = f.model.info.labels.clone().unwrap();
+    assert_eq!(labels[2], "espresso");
+}
+
+#[test]
+fn vit_timm() {
+    let f = fixture("vit_timm");
+    f.check_vision();
+}
+
+#[test]
+fn vit_timm_registers_avg_pool_layer_scale() {
+    let f = fixture("vit_timm_reg");
+    f.check_vision();
+    assert_eq!(f.model.info.prefix_tokens, 2);
+}
+
+#[test]
+fn dinov2_transformers() {
+    fixture("dinov2_hf").check_vision();
+}
+
+#[test]
+fn dinov2_with_registers_transformers() {
+    let f = fixture("dinov2_reg_hf");
+    f.check_vision();
+    assert_eq!(f.model.info.prefix_tokens, 5);
+}
