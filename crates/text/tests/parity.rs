@@ -46,3 +46,20 @@ fn builtin_clip_bpe_matches_transformers_and_open_clip() {
         assert_eq!(oc.ids[i], oc_ids[i], "open_clip ids differ for {t:?}");
     }
 }
+
+#[test]
+fn siglip_sentencepiece_tokenizer_json_matches_slow_reference() {
+    let f = read("siglip_ids.json");
+    let texts: Vec<String> = serde_json::from_value(f["texts"].clone()).unwrap();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/siglip_hf");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let ctx = f["max_length"].as_u64().unwrap() as usize;
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), Some(&cfg), ctx, 0).unwrap();
+    let enc = tok.encode(&texts).unwrap();
+    let want = rows(&f["input_ids"]);
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(enc.ids[i], want[i], "ids differ for {t:?}");
+    }
+    assert_eq!(enc.mask, rows(&f["attention_mask"]));
+}

@@ -1,0 +1,223 @@
+//! visenc: load a vision encoder as published and turn images (and text) into vectors.
+//!
+//! ```no_run
+//! use visenc::{Encoder, LoadOptions, EncodeOptions};
+//! let enc = Encoder::load("openai/clip-vit-base-patch32", &LoadOptions::default())?;
+//! let px = enc.load_image("cat.jpg".as_ref())?;
+//! let features = enc.encode_pixels(&[px], &EncodeOptions::default())?;
+//! let probs = enc.zero_shot(features.embedding(), &["cat", "dog"], "a photo of a {}.")?;
+//! # Ok::<(), visenc::Error>(())
+//! ```
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use visenc_image::{ImageError, Limits, Preprocess};
+use visenc_text::{TextError, TextTokenizer};
+use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, WeightsError};
+
+pub use visenc_image as image;
+pub use visenc_models::{nn::l2_normalize, EncodeOptions, ImageFeatures, ModelError, ModelInfo, Scoring, TextFeatures};
+pub use visenc_weights as weights;
+
+/// Every error visenc's library can return.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+    /// Text was given to a model without a text tower.
+    #[error("{spec}: this model has no text tower (it is image-only)")]
+    NoTextTower { spec: String },
+    #[error("{spec}: no usable tokenizer: {reason}")]
+    NoTokenizer { spec: String, reason: String },
+    #[error("{spec}: no usable preprocessing config: {reason}")]
+    NoPreprocess { spec: String, reason: String },
+    #[error("the label list is empty")]
+    EmptyLabels,
+    #[error("bad input: {0}")]
+    Input(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    /// Strict by default: missing, unexpected or mis-shaped tensors fail the load.
+    pub policy: LoadPolicy,
+    /// Guards for decoding untrusted images.
+    pub limits: Limits,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, policy: LoadPolicy::Strict, limits: Limits::default() }
+    }
+}
+
+/// A loaded model with the preprocessing and tokenizer its checkpoint prescribes.
+pub struct Encoder {
+    spec: String,
+    model: visenc_models::LoadedModel,
+    preprocess: Preprocess,
+    tokenizer: Option<TextTokenizer>,
+    report: LoadReport,
+    device: Device,
+    limits: Limits,
+}
+
+/// The preprocessing a checkpoint ships with, in its own library's convention.
+fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
+    let no = |reason: String| Error::NoPreprocess { spec: ckpt.spec.clone(), reason };
+    Ok(match ckpt.layout {
+        Layout::Transformers => match &ckpt.preprocessor {
+            Some(p) => Preprocess::from_hf_processor_json(p)?,
+            None => return Err(no(format!("{} has no preprocessor_config.json", ckpt.dir.display()))),
+        },
+        Layout::Timm => match ckpt.config.get("pretrained_cfg") {
+            Some(p) => Preprocess::from_timm_pretrained_cfg(p)?,
+            None => return Err(no("config.json has no pretrained_cfg".into())),
+        },
+        Layout::OpenClip => {
+            let cfg = ckpt.config.get("preprocess_cfg").cloned().unwrap_or(Value::Object(Default::default()));
+            Preprocess::from_open_clip(&cfg, info.image_size.0 as u32)?
+        }
+    })
+}
+
+fn tokenizer_for(ckpt: &Checkpoint, context_length: usize) -> Result<TextTokenizer> {
+    if let Some(file) = &ckpt.tokenizer_file {
+        return Ok(TextTokenizer::from_file(file, ckpt.tokenizer_config.as_ref(), context_length, 0)?);
+    }
+    match ckpt.layout {
+        // open_clip checkpoints rely on the BPE vocabulary that ships with open_clip itself.
+        Layout::OpenClip => Ok(TextTokenizer::clip_builtin(context_length, 0)?),
+        _ => Err(Error::NoTokenizer {
+            spec: ckpt.spec.clone(),
+            reason: format!(
+                "{} has no tokenizer.json (a sentencepiece-only checkpoint must be converted first, e.g. \
+                 AutoTokenizer.from_pretrained(dir).save_pretrained(dir) in transformers)",
+                ckpt.dir.display()
+            ),
+        }),
+    }
+}
+
+impl Encoder {
+    /// Loads a local checkpoint directory or a Hugging Face hub id.
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let ckpt = Checkpoint::open(spec)?;
+        let weights = ckpt.load_weights(opts.dtype, &opts.device)?;
+        let (model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
+        let preprocess = preprocess_for(&ckpt, &model.info)?;
+        let tokenizer = match &model.text {
+            Some(t) => Some(tokenizer_for(&ckpt, t.context_length())?),
+            None => None,
+        };
+        Ok(Self { spec: spec.to_string(), model, preprocess, tokenizer, report, device: opts.device.clone(), limits: opts.limits })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.model.info
+    }
+
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
+    /// What the strict loader tolerated (non-empty only with `LoadPolicy::AllowMismatch`).
+    pub fn load_report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    pub fn has_text(&self) -> bool {
+        self.model.text.is_some()
+    }
+
+    /// Decodes and preprocesses an image file into normalised CHW pixels.
+    pub fn load_image(&self, path: &Path) -> Result<Pixels> {
+        let img = visenc_image::open_with(path, &self.limits, self.preprocess.alpha)?;
+        self.pixels(&img)
+    }
+
+    /// Decodes and preprocesses encoded image bytes; `name` appears in errors.
+    pub fn decode_image(&self, bytes: &[u8], name: &str) -> Result<Pixels> {
+        let img = visenc_image::decode_with(bytes, name, &self.limits, self.preprocess.alpha)?;
+        self.pixels(&img)
+    }
+
+    fn pixels(&self, img: &visenc_image::RgbImage) -> Result<Pixels> {
+        let data = self.preprocess.apply(img)?;
+        let (h, w) = self.preprocess.output_size(img.height(), img.width());
+        Ok(Pixels { data, height: h as usize, width: w as usize })
+    }
+
+    /// Encodes preprocessed images of equal size as one batch.
+    pub fn encode_pixels(&self, batch: &[Pixels], opts: &EncodeOptions) -> Result<ImageFeatures> {
+        let first = batch.first().ok_or_else(|| Error::Input("empty image batch".into()))?;
+        if let Some(p) = batch.iter().find(|p| (p.height, p.width) != (first.height, first.width)) {
+            return Err(Error::Input(format!(
+                "images of one batch must have one size: {}x{} and {}x{}",
+                first.height, first.width, p.height, p.width
+            )));
+        }
+        let data: Vec<f32> = batch.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let t = Tensor::from_vec(data, (batch.len(), 3, first.height, first.width), &self.device)?;
+        Ok(self.model.image.encode(&t, opts)?)
+    }
+
+    /// Tokenizes and encodes texts with the text tower.
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<TextFeatures> {
+        let (Some(text), Some(tok)) = (&self.model.text, &self.tokenizer) else {
+            return Err(Error::NoTextTower { spec: self.spec.clone() });
+        };
+        if texts.is_empty() {
+            return Err(Error::Input("no texts to encode".into()));
+        }
+        let enc = tok.encode(texts)?;
+        let n = tok.context_length();
+        let ids = Tensor::from_vec(enc.ids.concat(), (texts.len(), n), &self.device)?;
+        let mask = Tensor::from_vec(enc.mask.concat(), (texts.len(), n), &self.device)?;
+        Ok(text.encode_text(&ids, &mask)?)
+    }
+
+    /// Zero-shot label probabilities [B, L] for image embeddings [B, P] (`ImageFeatures::embedding`):
+    /// each label is put into `template` (`{}` marks the spot), and probabilities are computed as the
+    /// reference does (softmax over labels for CLIP, an independent sigmoid per label for SigLIP).
+    pub fn zero_shot(&self, image_embeddings: &Tensor, labels: &[&str], template: &str) -> Result<Tensor> {
+        if labels.is_empty() || labels.iter().all(|l| l.trim().is_empty()) {
+            return Err(Error::EmptyLabels);
+        }
+        let scoring = self.model.info.scoring.ok_or_else(|| Error::NoTextTower { spec: self.spec.clone() })?;
+        let prompts: Vec<String> = labels.iter().map(|l| template.replace("{}", l)).collect();
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let text = self.encode_texts(&prompts)?;
+        let logits = scoring.logits(&l2_normalize(image_embeddings)?, &l2_normalize(&text.projected)?)?;
+        Ok(scoring.probabilities(&logits)?)
+    }
+
+    /// Cosine similarity [B, T] between image embeddings and texts.
+    pub fn similarity(&self, image_embeddings: &Tensor, texts: &[&str]) -> Result<Tensor> {
+        let text = self.encode_texts(texts)?;
+        Ok(l2_normalize(image_embeddings)?.matmul(&l2_normalize(&text.projected)?.t()?)?)
+    }
+}
+
+/// One preprocessed image: normalised pixels, channel-major.
+#[derive(Debug, Clone)]
+pub struct Pixels {
+    pub data: Vec<f32>,
+    pub height: usize,
+    pub width: usize,
+}
