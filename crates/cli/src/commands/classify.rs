@@ -1,0 +1,97 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use visenc::EncodeOptions;
+
+use crate::{batch, inputs, ModelArgs, RunArgs};
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Comma-separated labels for zero-shot classification with the text tower. Without it the
+    /// checkpoint's own classifier head is used.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Prompt template; `{}` is replaced by each label.
+    #[arg(long, default_value = "a photo of a {}.")]
+    template: String,
+    /// A file with one class name per line, for a classifier head whose checkpoint has no names.
+    #[arg(long)]
+    class_names: Option<PathBuf>,
+    /// How many classes to print per image.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+    /// Print one JSON object per image instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Image files and directories.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+}
+
+pub fn run(a: ClassifyArgs) -> Result<usize> {
+    let labels: Option<Vec<String>> = a
+        .labels
+        .as_ref()
+        .map(|l| l.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    if labels.as_ref().is_some_and(Vec::is_empty) {
+        bail!("--labels is empty: give at least one label, e.g. --labels \"cat,dog\"");
+    }
+    let paths = inputs::collect(&a.inputs)?;
+    let enc = batch::load_encoder(&a.model)?;
+    let names: Vec<String> = match (&labels, &a.class_names) {
+        (Some(l), _) => {
+            if !enc.has_text() {
+                bail!("{} has no text tower: drop --labels to use its classifier head", a.model.model);
+            }
+            l.clone()
+        }
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("{}: cannot read class names", f.display()))?
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        (None, None) => match &enc.info().labels {
+            Some(l) => l.clone(),
+            None if enc.has_text() => bail!("give --labels for zero-shot classification"),
+            None => bail!("{} has no classifier head with class names; give --labels or --class-names", a.model.model),
+        },
+    };
+    let label_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let failed = batch::run_images(&enc, &paths, &a.run, &EncodeOptions::default(), |path, f| {
+        let probs = match (&labels, &f.logits) {
+            (Some(_), _) => enc.zero_shot(f.embedding(), &label_refs, &a.template)?,
+            (None, Some(logits)) => {
+                if logits.dim(1)? != names.len() {
+                    bail!("the head has {} classes but {} class names were given", logits.dim(1)?, names.len());
+                }
+                candle_nn_softmax(logits)?
+            }
+            (None, None) => bail!("{} has no classifier head", a.model.model),
+        };
+        let p = batch::vec1(&probs)?;
+        let mut order: Vec<usize> = (0..p.len()).collect();
+        order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
+        order.truncate(a.top.max(1));
+        if a.json {
+            let top: Vec<_> = order.iter().map(|&i| json!({"label": names[i], "index": i, "probability": p[i]})).collect();
+            println!("{}", json!({"path": path.display().to_string(), "top": top}));
+        } else {
+            let top: Vec<String> = order.iter().map(|&i| format!("{} ({:.4})", names[i], p[i])).collect();
+            println!("{}\t{}", path.display(), top.join(", "));
+        }
+        Ok(())
+    })?;
+    Ok(failed)
+}
+
+fn candle_nn_softmax(logits: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    let max = logits.max_keepdim(1)?;
+    let e = logits.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(1)?)?)
+}

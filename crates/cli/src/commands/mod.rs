@@ -1,0 +1,4 @@
+pub mod classify;
+pub mod embed;
+pub mod info;
+pub mod similarity;
