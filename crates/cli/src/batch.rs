@@ -36,6 +36,11 @@ pub fn row(f: &ImageFeatures, i: usize) -> Result<ImageFeatures> {
         patch_tokens: opt(&f.patch_tokens)?,
         grid: f.grid,
         hidden_states: f.hidden_states.iter().map(|(k, t)| Ok((*k, take(t)?))).collect::<Result<_>>()?,
+        feature_maps: f
+            .feature_maps
+            .iter()
+            .map(|m| Ok(visenc::FeatureMap { reduction: m.reduction, map: take(&m.map)? }))
+            .collect::<Result<_>>()?,
     })
 }
 

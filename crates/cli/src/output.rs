@@ -19,6 +19,7 @@ use crate::batch::vec1;
 pub struct Selection {
     pub normalize: bool,
     pub tokens: bool,
+    pub features: bool,
 }
 
 pub trait Sink {
@@ -37,8 +38,8 @@ pub fn open(out: Option<&Path>, sel: Selection, layers: bool) -> Result<Box<dyn 
         "jsonl" | "json" | "ndjson" => Box::new(Jsonl { w: BufWriter::new(Box::new(create()?)), sel }),
         "npy" => Box::new(Npy { out: out.to_path_buf(), sel, paths: vec![], embeddings: vec![], dim: 0, extra: vec![] }),
         "parquet" => {
-            if layers || sel.tokens {
-                bail!("--layers and --tokens are written to .jsonl or .npy outputs, not .parquet");
+            if layers || sel.tokens || sel.features {
+                bail!("--layers, --tokens and --features are written to .jsonl or .npy outputs, not .parquet");
             }
             Box::new(Parquet { out: out.to_path_buf(), sel, paths: vec![], embeddings: vec![], dim: 0 })
         }
@@ -75,6 +76,16 @@ struct JsonRecord {
     prefix_tokens: Option<Vec<Vec<f32>>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     patch_tokens: Option<Vec<Vec<f32>>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    feature_maps: Vec<JsonMap>,
+}
+
+/// A feature map in JSON: its reduction, its [C, H, W] shape and the values in that order.
+#[derive(serde::Serialize)]
+struct JsonMap {
+    reduction: usize,
+    shape: Vec<usize>,
+    data: Vec<f32>,
 }
 
 impl Sink for Jsonl {
@@ -90,6 +101,11 @@ impl Sink for Jsonl {
             grid: self.sel.tokens.then_some([f.grid.0, f.grid.1]),
             prefix_tokens: tokens(&f.prefix_tokens)?,
             patch_tokens: tokens(&f.patch_tokens)?,
+            feature_maps: f
+                .feature_maps
+                .iter()
+                .map(|m| Ok(JsonMap { reduction: m.reduction, shape: m.map.dims()[1..].to_vec(), data: vec1(&m.map)? }))
+                .collect::<Result<_>>()?,
         };
         serde_json::to_writer(&mut self.w, &rec)?;
         self.w.write_all(b"\n")?;
@@ -166,6 +182,9 @@ impl Sink for Npy {
         self.paths.push(path.display().to_string());
         for (k, t) in &f.hidden_states {
             self.stack(format!("layer{k}.npy"), t, path)?;
+        }
+        for (i, m) in f.feature_maps.iter().enumerate() {
+            self.stack(format!("features{i}.npy"), &m.map, path)?;
         }
         if self.sel.tokens {
             if let Some(p) = &f.prefix_tokens {

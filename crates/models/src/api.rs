@@ -15,6 +15,19 @@ pub struct EncodeOptions {
     pub layers: Vec<i64>,
     /// Return the final token sequence, split into prefix (CLS/register) and patch tokens.
     pub tokens: bool,
+    /// Return the multi-scale feature maps of hierarchical models (CNNs, Swin, ConvNeXt, MaxViT):
+    /// the stages timm's `features_only` returns for timm checkpoints, the HF backbone stages
+    /// (`stem`, `stage1`..) for transformers checkpoints.
+    pub features: bool,
+}
+
+/// One map of a multi-scale feature pyramid.
+#[derive(Debug, Clone)]
+pub struct FeatureMap {
+    /// How much smaller than the input this map is (4, 8, 16, 32, ...).
+    pub reduction: usize,
+    /// [B, C, H, W]
+    pub map: Tensor,
 }
 
 /// What an image encoder returns for a batch of B images.
@@ -35,6 +48,8 @@ pub struct ImageFeatures {
     pub grid: (usize, usize),
     /// The requested hidden states, as (index asked for, [B, S, D] with prefix tokens first).
     pub hidden_states: Vec<(i64, Tensor)>,
+    /// Multi-scale feature maps, when asked for and the family is hierarchical.
+    pub feature_maps: Vec<FeatureMap>,
 }
 
 impl ImageFeatures {

@@ -105,6 +105,7 @@ impl ImageEncoder for ClipVision {
             patch_tokens,
             grid: out.grid,
             hidden_states: out.hidden_states,
+            feature_maps: vec![],
         })
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod clip;
+pub mod conv;
 pub mod dinov2;
 mod error;
 pub mod interpolate;
@@ -18,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, Weights};
 
-pub use api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo, Scoring, TextEncoder, TextFeatures};
+pub use api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo, Scoring, TextEncoder, TextFeatures};
 pub use error::{ModelError, Result};
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.

@@ -33,6 +33,14 @@ pub enum Activation {
     /// GELU with the tanh approximation (`gelu_pytorch_tanh`, `gelu_new`), SigLIP.
     #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_new", rename = "gelu_tanh")]
     GeluTanh,
+    #[serde(rename = "relu")]
+    Relu,
+    /// `min(max(x, 0), 6)` (MobileNet, EfficientNet-Lite).
+    #[serde(rename = "relu6")]
+    Relu6,
+    /// `x * sigmoid(x)` (EfficientNet).
+    #[serde(alias = "swish", rename = "silu")]
+    Silu,
 }
 
 impl Activation {
@@ -46,6 +54,9 @@ impl Activation {
             Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Self::Gelu => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
+            Self::Relu => x.relu()?,
+            Self::Relu6 => x.clamp(0f32, 6f32)?,
+            Self::Silu => x.silu()?,
         })
     }
 }

@@ -98,6 +98,7 @@ impl ImageEncoder for SiglipVision {
             patch_tokens,
             grid: out.grid,
             hidden_states: out.hidden_states,
+            feature_maps: vec![],
         })
     }
 }

@@ -68,6 +68,7 @@ impl ImageEncoder for ViT {
             patch_tokens,
             grid: out.grid,
             hidden_states: out.hidden_states,
+            feature_maps: vec![],
         })
     }
 }

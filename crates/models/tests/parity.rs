@@ -55,7 +55,7 @@ impl Fixture {
     fn check_vision(&self) {
         let layers: Vec<i64> = (0..).take_while(|i| self.expected.contains_key(&format!("hidden_states.{i}"))).collect();
         assert!(layers.len() >= 3, "{}: hidden states", self.name);
-        let opts = EncodeOptions { layers: layers.clone(), tokens: true };
+        let opts = EncodeOptions { layers: layers.clone(), tokens: true, ..Default::default() };
         let px = self.get("pixel_values");
         let f = self.model.image.encode(px, &opts).unwrap();
         self.check("pooled", &f.pooled, "pooled");
@@ -75,11 +75,11 @@ impl Fixture {
         }
         // Negative indices count from the end, as in HF's hidden_states tuple.
         let last = f.hidden_states.last().unwrap().1.clone();
-        let neg = self.model.image.encode(px, &EncodeOptions { layers: vec![-1], tokens: false }).unwrap();
+        let neg = self.model.image.encode(px, &EncodeOptions { layers: vec![-1], ..Default::default() }).unwrap();
         assert!(rel_err(&neg.hidden_states[0].1, &last) < BATCH_TOL);
 
         if let Some(alt) = self.expected.get("alt_pixel_values") {
-            let g = self.model.image.encode(alt, &EncodeOptions { layers: vec![], tokens: true }).unwrap();
+            let g = self.model.image.encode(alt, &EncodeOptions { tokens: true, ..Default::default() }).unwrap();
             self.check("alt pooled", &g.pooled, "alt_pooled");
             let tokens = match &g.prefix_tokens {
                 Some(p) => Tensor::cat(&[p, g.patch_tokens.as_ref().unwrap()], 1).unwrap(),

@@ -25,6 +25,9 @@ pub struct EmbedArgs {
     /// Add the final patch tokens (and CLS/register tokens) with the patch grid.
     #[arg(long)]
     tokens: bool,
+    /// Add the multi-scale feature maps (CNN and hierarchical models), NCHW per stage.
+    #[arg(long)]
+    features: bool,
     /// L2-normalise the embeddings.
     #[arg(long)]
     normalize: bool,
@@ -33,8 +36,9 @@ pub struct EmbedArgs {
 pub fn run(a: EmbedArgs) -> Result<usize> {
     let paths = inputs::collect(&a.inputs)?;
     let enc = batch::load_encoder(&a.model)?;
-    let opts = EncodeOptions { layers: a.layers.clone(), tokens: a.tokens };
-    let mut sink = output::open(a.out.as_deref(), Selection { normalize: a.normalize, tokens: a.tokens }, !a.layers.is_empty())?;
+    let opts = EncodeOptions { layers: a.layers.clone(), tokens: a.tokens, features: a.features };
+    let sel = Selection { normalize: a.normalize, tokens: a.tokens, features: a.features };
+    let mut sink = output::open(a.out.as_deref(), sel, !a.layers.is_empty())?;
     let failed = batch::run_images(&enc, &paths, &a.run, &opts, |p, f| sink.push(p, f))?;
     sink.finish()?;
     Ok(failed)
