@@ -10,6 +10,7 @@ pub mod dinov2;
 mod error;
 pub mod interpolate;
 pub mod nn;
+pub mod resnet;
 pub mod siglip;
 pub mod text_transformer;
 pub mod vision_transformer;
@@ -43,7 +44,15 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
         Layout::OpenClip => clip::load_open_clip(cfg, w)?,
         Layout::Timm => {
             let arch = cfg["architecture"].as_str().unwrap_or_default();
-            vit::load_timm(arch, cfg, w)?
+            // The name before the pretrained tag picks the family (e.g. `resnet50.a1_in1k`).
+            let base = arch.split('.').next().unwrap_or_default();
+            if base.starts_with("vit_") {
+                vit::load_timm(arch, cfg, w)?
+            } else if base.starts_with("resnet") {
+                resnet::load_timm(base, cfg, w)?
+            } else {
+                return Err(ModelError::Unsupported { what: "timm architecture", name: arch.to_string() });
+            }
         }
         Layout::Transformers => {
             let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or_default();
@@ -57,11 +66,12 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
                 "clip" | "clip_vision_model" => clip::load_hf(cfg, w, &arch)?,
                 "siglip" | "siglip_vision_model" => siglip::load_hf(cfg, w, &arch)?,
                 "vit" => vit::load_hf(cfg, w, &arch)?,
+                "resnet" => resnet::load_hf(cfg, w, &arch)?,
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
-                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers"),
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet"),
                     })
                 }
             }
