@@ -46,7 +46,7 @@ impl Block {
 /// Where the pyramid levels are taken, per reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Features {
-    /// HF backbone: `stem` (after the max-pool, reduction 4), then every stage.
+    /// HF backbone `out_features=["stage1", ..]`: every stage.
     Hf,
     /// timm `features_only`: `act1` (the stem before the max-pool, reduction 2), then every stage.
     Timm,
@@ -68,9 +68,6 @@ impl ImageEncoder for ResNet {
             maps.push(FeatureMap { reduction: 2, map: stem.clone() });
         }
         let mut x = max_pool_3x3_s2_p1(&stem)?;
-        if opts.features && self.features == Features::Hf {
-            maps.push(FeatureMap { reduction: 4, map: x.clone() });
-        }
         let mut reduction = 4;
         for (i, stage) in self.stages.iter().enumerate() {
             for b in stage {
@@ -198,7 +195,6 @@ struct TimmArgs {
     in_chans: usize,
     cardinality: usize,
     base_width: usize,
-    stem_width: usize,
     global_pool: String,
     #[serde(flatten)]
     other: serde_json::Map<String, Value>,
@@ -239,6 +235,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
             || v.is_null()
             || v == &Value::Bool(false)
             || (k == "stem_type" && v == "")
+            || k == "stem_width"
             || (k == "output_stride" && v == 32);
         if !harmless {
             return Err(ModelError::Unsupported { what: "timm ResNet argument", name: format!("{k} = {v}") });
@@ -249,8 +246,10 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     }
     let bottleneck = a.block == "bottleneck";
     let root = w.root();
-    let stem = conv_bn(&root, "conv1", "bn1", ConvSpec::new(a.in_chans, a.stem_width, 7, 2))?;
-    let mut cin = a.stem_width;
+    // `stem_width` only sizes the deep stems (`stem_type="deep"`), which are refused above; the
+    // plain 7x7 stem always has 64 channels.
+    let stem = conv_bn(&root, "conv1", "bn1", ConvSpec::new(a.in_chans, 64, 7, 2))?;
+    let mut cin = 64;
     let mut stages = Vec::new();
     for (i, (&planes, &depth)) in a.channels.iter().zip(&a.layers).enumerate() {
         let mut blocks = Vec::new();
