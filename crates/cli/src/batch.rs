@@ -41,6 +41,20 @@ pub fn row(f: &ImageFeatures, i: usize) -> Result<ImageFeatures> {
             .iter()
             .map(|m| Ok(visenc::FeatureMap { reduction: m.reduction, map: take(&m.map)? }))
             .collect::<Result<_>>()?,
+        latents: f
+            .latents
+            .as_ref()
+            .map(|l| -> Result<visenc::Latents> {
+                Ok(visenc::Latents {
+                    mean: take(&l.mean)?,
+                    logvar: opt(&l.logvar)?,
+                    scaling_factor: l.scaling_factor,
+                    shift_factor: l.shift_factor,
+                    codes: opt(&l.codes)?,
+                    quantized: opt(&l.quantized)?,
+                })
+            })
+            .transpose()?,
     })
 }
 

@@ -50,6 +50,35 @@ pub struct ImageFeatures {
     pub hidden_states: Vec<(i64, Tensor)>,
     /// Multi-scale feature maps, when asked for and the family is hierarchical.
     pub feature_maps: Vec<FeatureMap>,
+    /// The latent code of generative encoders (VAE, VQGAN); `pooled` is then its spatial mean.
+    pub latents: Option<Latents>,
+}
+
+/// What a generative encoder (Stable-Diffusion VAE, VQGAN) produces for a batch.
+#[derive(Debug, Clone)]
+pub struct Latents {
+    /// VAE: the posterior mean; VQGAN: the pre-quantisation latents (encoder + quant_conv). [B, C, h, w]
+    pub mean: Tensor,
+    /// VAE: the posterior log-variance (clamped to [-30, 20] as diffusers does). [B, C, h, w]
+    pub logvar: Option<Tensor>,
+    /// Multiply latents by this (after subtracting `shift_factor`) before a diffusion model uses them.
+    pub scaling_factor: f32,
+    pub shift_factor: f32,
+    /// VQGAN: codebook indices, a token grid [B, h, w] (u32); flatten row-major for a token sequence.
+    pub codes: Option<Tensor>,
+    /// VQGAN: the quantized latents (codebook vectors at `codes`). [B, C, h, w]
+    pub quantized: Option<Tensor>,
+}
+
+impl Latents {
+    /// A posterior sample `mean + exp(logvar / 2) * noise` for given standard-normal `noise`
+    /// (diffusers `DiagonalGaussianDistribution.sample`); the mean itself without a logvar.
+    pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
+        Ok(match &self.logvar {
+            Some(lv) => (&self.mean + (lv * 0.5)?.exp()?.mul(noise)?)?,
+            None => self.mean.clone(),
+        })
+    }
 }
 
 impl ImageFeatures {

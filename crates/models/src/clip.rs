@@ -106,6 +106,7 @@ impl ImageEncoder for ClipVision {
             grid: out.grid,
             hidden_states: out.hidden_states,
             feature_maps: vec![],
+            latents: None,
         })
     }
 }

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, Weights};
 
-pub use api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo, Scoring, TextEncoder, TextFeatures};
+pub use api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, Scoring, TextEncoder, TextFeatures};
 pub use error::{ModelError, Result};
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.

@@ -92,6 +92,7 @@ impl ImageEncoder for ResNet {
             grid,
             hidden_states: vec![],
             feature_maps: maps,
+            latents: None,
         })
     }
 }

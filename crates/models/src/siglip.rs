@@ -99,6 +99,7 @@ impl ImageEncoder for SiglipVision {
             grid: out.grid,
             hidden_states: out.hidden_states,
             feature_maps: vec![],
+            latents: None,
         })
     }
 }

@@ -69,6 +69,7 @@ impl ImageEncoder for ViT {
             grid: out.grid,
             hidden_states: out.hidden_states,
             feature_maps: vec![],
+            latents: None,
         })
     }
 }

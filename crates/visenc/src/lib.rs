@@ -18,7 +18,7 @@ use visenc_text::{TextError, TextTokenizer};
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, WeightsError};
 
 pub use visenc_image as image;
-pub use visenc_models::{nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, ModelError, ModelInfo, Scoring, TextFeatures};
+pub use visenc_models::{nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo, Scoring, TextFeatures};
 pub use visenc_weights as weights;
 
 /// Every error visenc's library can return.
