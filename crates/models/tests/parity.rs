@@ -183,3 +183,29 @@ fn dinov2_with_registers_transformers() {
     f.check_vision();
     assert_eq!(f.model.info.prefix_tokens, 5);
 }
+
+/// Checkpoints stored in f16 or bf16 load into an f32 model; the outputs differ from the f32
+/// reference only by the rounding of the stored weights.
+#[test]
+fn half_precision_checkpoints_load() {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/vit_hf_classifier");
+    let f32_model = fixture("vit_hf_classifier");
+    let px = f32_model.get("pixel_values");
+    let want = f32_model.model.image.encode(px, &EncodeOptions::default()).unwrap().pooled;
+    for (dtype, tol) in [(DType::F16, 2e-2), (DType::BF16, 1e-1)] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "preprocessor_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        let cast: HashMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (k, t.to_dtype(dtype).unwrap())).collect();
+        candle_core::safetensors::save(&cast, dir.path().join("model.safetensors")).unwrap();
+        let ckpt = Checkpoint::open(dir.path().to_str().unwrap()).unwrap();
+        let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+        let (model, _) = load(&ckpt, &w, LoadPolicy::Strict).unwrap();
+        let got = model.image.encode(px, &EncodeOptions::default()).unwrap().pooled;
+        assert_eq!(got.dtype(), DType::F32);
+        let e = rel_err(&got, &want);
+        assert!(e > 0.0 && e < tol, "{dtype:?}: relative error {e:e}");
+    }
+}

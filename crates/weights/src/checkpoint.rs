@@ -112,7 +112,8 @@ impl Checkpoint {
             (a, b) => b.or(a),
         };
         let preprocessor = read_json_opt(&dir.join("preprocessor_config.json"))?;
-        let weights = |names: &[&str]| -> Result<Vec<PathBuf>, WeightsError> {
+        // `fallback` files (PyTorch pickles) count only when there is no safetensors file or index at all.
+        let weights = |names: &[&str], fallback: &[&str]| -> Result<Vec<PathBuf>, WeightsError> {
             for n in names {
                 let p = dir.join(n);
                 if p.is_file() {
@@ -123,7 +124,11 @@ impl Checkpoint {
             if index.is_file() {
                 return Ok(shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect());
             }
-            Err(not_found(format!("{} holds no {} or sharded index", dir.display(), names.join(" / "))))
+            if let Some(p) = fallback.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+                return Ok(vec![p]);
+            }
+            let all: Vec<&str> = names.iter().chain(fallback).copied().collect();
+            Err(not_found(format!("{} holds no {} or sharded index", dir.display(), all.join(" / "))))
         };
         let (layout, config_path) = if hf_cfg.is_file() {
             let cfg = read_json(&hf_cfg)?;
@@ -149,8 +154,9 @@ impl Checkpoint {
             )));
         };
         let weight_files = match layout {
-            Layout::OpenClip => weights(&["open_clip_model.safetensors", "model.safetensors"])?,
-            _ => weights(&["model.safetensors"])?,
+            Layout::OpenClip => weights(&["open_clip_model.safetensors", "model.safetensors"], &[])?,
+            Layout::Transformers => weights(&["model.safetensors"], &["pytorch_model.bin"])?,
+            Layout::Timm => weights(&["model.safetensors"], &[])?,
         };
         Ok(Self {
             spec: spec.to_string(),
@@ -172,8 +178,14 @@ impl Checkpoint {
             if !f.is_file() {
                 return Err(WeightsError::Read { path: f.clone(), reason: "file is missing".into() });
             }
-            let part = candle_core::safetensors::load(f, device)
-                .map_err(|e| WeightsError::Read { path: f.clone(), reason: e.to_string() })?;
+            let ext = f.extension().and_then(|e| e.to_str());
+            let pickled = ext.is_some_and(|e| matches!(e, "pth" | "pt" | "bin"));
+            let part = if pickled {
+                crate::pth::load_pth(f, device)?
+            } else {
+                candle_core::safetensors::load(f, device)
+                    .map_err(|e| WeightsError::Read { path: f.clone(), reason: e.to_string() })?
+            };
             tensors.extend(part);
         }
         Ok(Weights::new(tensors, &self.dir, dtype, device))
