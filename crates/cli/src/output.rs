@@ -30,27 +30,61 @@ pub trait Sink {
 /// Picks the writer from `--out`'s extension; no `--out` means JSON lines on stdout.
 pub fn open(out: Option<&Path>, sel: Selection, layers: bool) -> Result<Box<dyn Sink>> {
     let Some(out) = out else {
-        return Ok(Box::new(Jsonl { w: BufWriter::new(Box::new(std::io::stdout())), sel }));
+        return Ok(Box::new(Jsonl {
+            w: BufWriter::new(Box::new(std::io::stdout())),
+            sel,
+        }));
     };
-    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
-    let create = || File::create(out).with_context(|| format!("{}: cannot create output file", out.display()));
+    let ext = out
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let create = || {
+        File::create(out).with_context(|| format!("{}: cannot create output file", out.display()))
+    };
     Ok(match ext.as_str() {
-        "jsonl" | "json" | "ndjson" => Box::new(Jsonl { w: BufWriter::new(Box::new(create()?)), sel }),
-        "npy" => Box::new(Npy { out: out.to_path_buf(), sel, arrays: Arrays::default() }),
-        "safetensors" => Box::new(SafetensorsOut { out: out.to_path_buf(), sel, arrays: Arrays::default(), meta: HashMap::new() }),
+        "jsonl" | "json" | "ndjson" => Box::new(Jsonl {
+            w: BufWriter::new(Box::new(create()?)),
+            sel,
+        }),
+        "npy" => Box::new(Npy {
+            out: out.to_path_buf(),
+            sel,
+            arrays: Arrays::default(),
+        }),
+        "safetensors" => Box::new(SafetensorsOut {
+            out: out.to_path_buf(),
+            sel,
+            arrays: Arrays::default(),
+            meta: HashMap::new(),
+        }),
         "parquet" => {
             if layers || sel.tokens || sel.features {
                 bail!("--layers, --tokens and --features are written to .jsonl or .npy outputs, not .parquet");
             }
-            Box::new(Parquet { out: out.to_path_buf(), sel, paths: vec![], embeddings: vec![], dim: 0 })
+            Box::new(Parquet {
+                out: out.to_path_buf(),
+                sel,
+                paths: vec![],
+                embeddings: vec![],
+                dim: 0,
+            })
         }
-        other => bail!("{}: unknown output format {other:?} (use .jsonl, .npy, .safetensors or .parquet)", out.display()),
+        other => bail!(
+            "{}: unknown output format {other:?} (use .jsonl, .npy, .safetensors or .parquet)",
+            out.display()
+        ),
     })
 }
 
 fn embedding(f: &ImageFeatures, sel: Selection) -> Result<Vec<f32>> {
     let e = f.embedding();
-    vec1(&if sel.normalize { visenc::l2_normalize(e)? } else { e.clone() })
+    vec1(&if sel.normalize {
+        visenc::l2_normalize(e)?
+    } else {
+        e.clone()
+    })
 }
 
 fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
@@ -106,20 +140,34 @@ struct JsonMap {
 impl Sink for Jsonl {
     fn push(&mut self, path: &Path, f: &ImageFeatures) -> Result<()> {
         let tokens = |t: &Option<Tensor>| -> Result<Option<Vec<Vec<f32>>>> {
-            if self.sel.tokens { t.as_ref().map(rows).transpose() } else { Ok(None) }
+            if self.sel.tokens {
+                t.as_ref().map(rows).transpose()
+            } else {
+                Ok(None)
+            }
         };
         let rec = JsonRecord {
             path: path.display().to_string(),
             embedding: embedding(f, self.sel)?,
             pooled: f.projected.as_ref().map(|_| vec1(&f.pooled)).transpose()?,
-            layers: f.hidden_states.iter().map(|(k, t)| Ok((*k, rows(t)?))).collect::<Result<_>>()?,
+            layers: f
+                .hidden_states
+                .iter()
+                .map(|(k, t)| Ok((*k, rows(t)?)))
+                .collect::<Result<_>>()?,
             grid: self.sel.tokens.then_some([f.grid.0, f.grid.1]),
             prefix_tokens: tokens(&f.prefix_tokens)?,
             patch_tokens: tokens(&f.patch_tokens)?,
             feature_maps: f
                 .feature_maps
                 .iter()
-                .map(|m| Ok(JsonMap { reduction: m.reduction, shape: m.map.dims()[1..].to_vec(), data: vec1(&m.map)? }))
+                .map(|m| {
+                    Ok(JsonMap {
+                        reduction: m.reduction,
+                        shape: m.map.dims()[1..].to_vec(),
+                        data: vec1(&m.map)?,
+                    })
+                })
                 .collect::<Result<_>>()?,
             latents: f
                 .latents
@@ -130,7 +178,11 @@ impl Sink for Jsonl {
                         mean: vec1(&l.mean)?,
                         scaling_factor: l.scaling_factor,
                         shift_factor: l.shift_factor,
-                        codes: l.codes.as_ref().map(|c| c.flatten_all()?.to_vec1::<u32>()).transpose()?,
+                        codes: l
+                            .codes
+                            .as_ref()
+                            .map(|c| c.flatten_all()?.to_vec1::<u32>())
+                            .transpose()?,
                     })
                 })
                 .transpose()?,
@@ -171,13 +223,22 @@ impl Elem {
 /// Writes a little-endian array in NumPy's `.npy` format (version 1.0).
 pub fn write_npy(path: &Path, elem: Elem, shape: &[usize], data: &[u8]) -> Result<()> {
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}", elem.npy_descr());
+    let shape = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
+        elem.npy_descr()
+    );
     // magic (6) + version (2) + length (2) + header + '\n' must be a multiple of 64.
     let pad = 64 - (10 + header.len() + 1) % 64;
     header.push_str(&" ".repeat(pad % 64));
     header.push('\n');
-    let mut w = BufWriter::new(File::create(path).with_context(|| format!("{}: cannot create", path.display()))?);
+    let mut w = BufWriter::new(
+        File::create(path).with_context(|| format!("{}: cannot create", path.display()))?,
+    );
     w.write_all(b"\x93NUMPY\x01\x00")?;
     w.write_all(&(header.len() as u16).to_le_bytes())?;
     w.write_all(header.as_bytes())?;
@@ -206,9 +267,19 @@ impl Arrays {
     fn add(&mut self, name: String, t: &Tensor, path: &Path) -> Result<()> {
         let shape = t.dims()[1..].to_vec();
         let (elem, data): (Elem, Vec<u8>) = if t.dtype() == candle_core::DType::U32 {
-            (Elem::U32, t.flatten_all()?.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            (
+                Elem::U32,
+                t.flatten_all()?
+                    .to_vec1::<u32>()?
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            )
         } else {
-            (Elem::F32, vec1(t)?.iter().flat_map(|v| v.to_le_bytes()).collect())
+            (
+                Elem::F32,
+                vec1(t)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
         };
         match self.arrays.iter_mut().find(|a| a.name == name) {
             Some(a) if a.shape != shape => bail!(
@@ -225,7 +296,11 @@ impl Arrays {
     fn push(&mut self, path: &Path, f: &ImageFeatures, sel: Selection) -> Result<()> {
         let e = embedding(f, sel)?;
         let n = e.len();
-        self.add("embedding".into(), &Tensor::from_vec(e, (1, n), &candle_core::Device::Cpu)?, path)?;
+        self.add(
+            "embedding".into(),
+            &Tensor::from_vec(e, (1, n), &candle_core::Device::Cpu)?,
+            path,
+        )?;
         for (k, t) in &f.hidden_states {
             self.add(format!("layer{k}"), t, path)?;
         }
@@ -233,7 +308,10 @@ impl Arrays {
             self.add(format!("features{i}"), &m.map, path)?;
         }
         if sel.tokens {
-            for (name, t) in [("prefix_tokens", &f.prefix_tokens), ("patch_tokens", &f.patch_tokens)] {
+            for (name, t) in [
+                ("prefix_tokens", &f.prefix_tokens),
+                ("patch_tokens", &f.patch_tokens),
+            ] {
                 if let Some(t) = t {
                     self.add(name.into(), t, path)?;
                 }
@@ -241,7 +319,11 @@ impl Arrays {
         }
         if let Some(l) = &f.latents {
             self.add("latent_mean".into(), &l.mean, path)?;
-            for (name, t) in [("latent_logvar", &l.logvar), ("codes", &l.codes), ("quantized", &l.quantized)] {
+            for (name, t) in [
+                ("latent_logvar", &l.logvar),
+                ("codes", &l.codes),
+                ("quantized", &l.quantized),
+            ] {
                 if let Some(t) = t {
                     self.add(name.into(), t, path)?;
                 }
@@ -252,7 +334,9 @@ impl Arrays {
     }
 
     fn full_shape(&self, a: &Array) -> Vec<usize> {
-        std::iter::once(self.paths.len()).chain(a.shape.iter().copied()).collect()
+        std::iter::once(self.paths.len())
+            .chain(a.shape.iter().copied())
+            .collect()
     }
 }
 
@@ -275,13 +359,24 @@ impl Sink for Npy {
 
     fn finish(self: Box<Self>) -> Result<()> {
         let index = sibling(&self.out, "paths.txt");
-        std::fs::write(&index, self.arrays.paths.iter().map(|p| format!("{p}\n")).collect::<String>())
-            .with_context(|| format!("{}: cannot write", index.display()))?;
+        std::fs::write(
+            &index,
+            self.arrays
+                .paths
+                .iter()
+                .map(|p| format!("{p}\n"))
+                .collect::<String>(),
+        )
+        .with_context(|| format!("{}: cannot write", index.display()))?;
         if self.arrays.paths.is_empty() {
             return write_npy(&self.out, Elem::F32, &[0, 0], &[]);
         }
         for a in &self.arrays.arrays {
-            let file = if a.name == "embedding" { self.out.clone() } else { sibling(&self.out, &format!("{}.npy", a.name)) };
+            let file = if a.name == "embedding" {
+                self.out.clone()
+            } else {
+                sibling(&self.out, &format!("{}.npy", a.name))
+            };
             write_npy(&file, a.elem, &self.arrays.full_shape(a), &a.data)?;
         }
         Ok(())
@@ -300,19 +395,31 @@ struct SafetensorsOut {
 impl Sink for SafetensorsOut {
     fn push(&mut self, path: &Path, f: &ImageFeatures) -> Result<()> {
         if let Some(l) = &f.latents {
-            self.meta.insert("scaling_factor".into(), l.scaling_factor.to_string());
-            self.meta.insert("shift_factor".into(), l.shift_factor.to_string());
+            self.meta
+                .insert("scaling_factor".into(), l.scaling_factor.to_string());
+            self.meta
+                .insert("shift_factor".into(), l.shift_factor.to_string());
         }
         self.arrays.push(path, f, self.sel)
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        self.meta.insert("paths".into(), serde_json::to_string(&self.arrays.paths)?);
+        self.meta
+            .insert("paths".into(), serde_json::to_string(&self.arrays.paths)?);
         let views: Vec<(String, safetensors::tensor::TensorView)> = self
             .arrays
             .arrays
             .iter()
-            .map(|a| Ok((a.name.clone(), safetensors::tensor::TensorView::new(a.elem.safetensors(), self.arrays.full_shape(a), &a.data)?)))
+            .map(|a| {
+                Ok((
+                    a.name.clone(),
+                    safetensors::tensor::TensorView::new(
+                        a.elem.safetensors(),
+                        self.arrays.full_shape(a),
+                        &a.data,
+                    )?,
+                ))
+            })
             .collect::<Result<_>>()?;
         safetensors::serialize_to_file(views, Some(self.meta), &self.out)
             .with_context(|| format!("{}: cannot write", self.out.display()))?;
@@ -344,10 +451,14 @@ impl Sink for Parquet {
         let values = Arc::new(Float32Array::from(self.embeddings));
         let emb = FixedSizeListArray::try_new(item, self.dim as i32, values, None)?;
         let batch = RecordBatch::try_from_iter([
-            ("image_path", Arc::new(StringArray::from(self.paths)) as ArrayRef),
+            (
+                "image_path",
+                Arc::new(StringArray::from(self.paths)) as ArrayRef,
+            ),
             ("embedding", Arc::new(emb) as ArrayRef),
         ])?;
-        let file = File::create(&self.out).with_context(|| format!("{}: cannot create", self.out.display()))?;
+        let file = File::create(&self.out)
+            .with_context(|| format!("{}: cannot create", self.out.display()))?;
         let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
         w.write(&batch)?;
         w.close()?;

@@ -20,7 +20,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, Weights};
 
-pub use api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, Scoring, TextEncoder, TextFeatures};
+pub use api::{
+    EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, Scoring,
+    TextEncoder, TextFeatures,
+};
 pub use error::{ModelError, Result};
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.
@@ -32,13 +35,21 @@ pub struct LoadedModel {
 
 /// Parses a config section, naming the section in the error.
 pub(crate) fn parse<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
-    let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
+    let v = if v.is_null() {
+        Value::Object(Default::default())
+    } else {
+        v.clone()
+    };
     serde_json::from_value(v).map_err(|e| error::config_err(what, e.to_string()))
 }
 
 /// Builds the model a checkpoint describes from its weights, then checks the load report under
 /// `policy`. Returns the model and the report (non-empty only under [`LoadPolicy::AllowMismatch`]).
-pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(LoadedModel, LoadReport)> {
+pub fn load(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    policy: LoadPolicy,
+) -> Result<(LoadedModel, LoadReport)> {
     let cfg = &ckpt.config;
     let mut model = match ckpt.layout {
         Layout::OpenClip => clip::load_open_clip(cfg, w)?,
@@ -51,11 +62,17 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
             } else if base.starts_with("resnet") {
                 resnet::load_timm(base, cfg, w)?
             } else {
-                return Err(ModelError::Unsupported { what: "timm architecture", name: arch.to_string() });
+                return Err(ModelError::Unsupported {
+                    what: "timm architecture",
+                    name: arch.to_string(),
+                });
             }
         }
         Layout::Transformers => {
-            let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or_default();
+            let model_type = cfg
+                .get("model_type")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let arch = cfg
                 .get("architectures")
                 .and_then(|a| a.get(0))

@@ -20,54 +20,105 @@ struct Fixture {
 }
 
 fn fixture(name: &'static str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/families").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/families")
+        .join(name);
     let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
     let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
-    let (model, report) = load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (model, report) =
+        load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(report.is_clean());
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    Fixture { name, model, expected }
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    Fixture {
+        name,
+        model,
+        expected,
+    }
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shape");
-    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale.max(1e-12)
 }
 
 impl Fixture {
     fn get(&self, k: &str) -> &Tensor {
-        self.expected.get(k).unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
+        self.expected
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
     }
 
     fn check(&self, what: &str, ours: &Tensor, key: &str) {
         let e = rel_err(ours, self.get(key));
-        assert!(e <= F32_TOL, "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}", self.name);
+        assert!(
+            e <= F32_TOL,
+            "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}",
+            self.name
+        );
     }
 
     /// Pooled, logits and every feature map, at the trained size and at `alt_` size; batched == single.
     fn check_image(&self) {
         for prefix in ["", "alt_"] {
-            let Some(px) = self.expected.get(&format!("{prefix}pixel_values")) else { continue };
-            let opts = EncodeOptions { features: true, ..Default::default() };
+            let Some(px) = self.expected.get(&format!("{prefix}pixel_values")) else {
+                continue;
+            };
+            let opts = EncodeOptions {
+                features: true,
+                ..Default::default()
+            };
             let f = self.model.image.encode(px, &opts).unwrap();
             self.check("pooled", &f.pooled, &format!("{prefix}pooled"));
             if let Some(l) = &f.logits {
                 self.check("logits", l, &format!("{prefix}logits"));
             }
-            let n = (0..).take_while(|i| self.expected.contains_key(&format!("{prefix}features.{i}"))).count();
-            assert_eq!(f.feature_maps.len(), n, "{}: number of feature maps", self.name);
+            let n = (0..)
+                .take_while(|i| self.expected.contains_key(&format!("{prefix}features.{i}")))
+                .count();
+            assert_eq!(
+                f.feature_maps.len(),
+                n,
+                "{}: number of feature maps",
+                self.name
+            );
             for (i, m) in f.feature_maps.iter().enumerate() {
                 self.check("feature map", &m.map, &format!("{prefix}features.{i}"));
             }
         }
         let px = self.get("pixel_values");
-        let batch = self.model.image.encode(px, &EncodeOptions::default()).unwrap();
+        let batch = self
+            .model
+            .image
+            .encode(px, &EncodeOptions::default())
+            .unwrap();
         for i in 0..px.dim(0).unwrap() {
-            let one = self.model.image.encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default()).unwrap();
+            let one = self
+                .model
+                .image
+                .encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default())
+                .unwrap();
             let e = rel_err(&one.pooled, &batch.pooled.narrow(0, i, 1).unwrap());
-            assert!(e <= BATCH_TOL, "{}: single image {i} differs from its batch row by {e:e}", self.name);
+            assert!(
+                e <= BATCH_TOL,
+                "{}: single image {i} differs from its batch row by {e:e}",
+                self.name
+            );
         }
     }
 }

@@ -57,12 +57,19 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>, WeightsError> {
 /// The shard file names listed by a `model.safetensors.index.json`.
 pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, WeightsError> {
     let v = read_json(index)?;
-    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| WeightsError::Config {
-        path: index.to_path_buf(),
-        what: "safetensors index",
-        reason: "no `weight_map` object".into(),
-    })?;
-    let files: BTreeSet<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| WeightsError::Config {
+            path: index.to_path_buf(),
+            what: "safetensors index",
+            reason: "no `weight_map` object".into(),
+        })?;
+    let files: BTreeSet<String> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
     Ok(files.into_iter().collect())
 }
 
@@ -72,7 +79,8 @@ fn looks_like_hub_id(spec: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -82,7 +90,11 @@ impl Checkpoint {
     pub fn open(spec: &str) -> Result<Self, WeightsError> {
         let path = Path::new(spec);
         if path.exists() {
-            let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")) } else { path };
+            let dir = if path.is_file() {
+                path.parent().unwrap_or(Path::new("."))
+            } else {
+                path
+            };
             return Self::from_dir(spec, dir);
         }
         if !looks_like_hub_id(spec) {
@@ -97,7 +109,10 @@ impl Checkpoint {
 
     /// Reads a checkpoint directory and decides its layout.
     pub fn from_dir(spec: &str, dir: &Path) -> Result<Self, WeightsError> {
-        let not_found = |reason: String| WeightsError::NotFound { spec: spec.to_string(), reason };
+        let not_found = |reason: String| WeightsError::NotFound {
+            spec: spec.to_string(),
+            reason,
+        };
         let open_clip_cfg = dir.join("open_clip_config.json");
         let hf_cfg = dir.join("config.json");
         let tokenizer_file = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
@@ -122,13 +137,20 @@ impl Checkpoint {
             }
             let index = dir.join("model.safetensors.index.json");
             if index.is_file() {
-                return Ok(shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect());
+                return Ok(shard_files(&index)?
+                    .into_iter()
+                    .map(|f| dir.join(f))
+                    .collect());
             }
             if let Some(p) = fallback.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
                 return Ok(vec![p]);
             }
             let all: Vec<&str> = names.iter().chain(fallback).copied().collect();
-            Err(not_found(format!("{} holds no {} or sharded index", dir.display(), all.join(" / "))))
+            Err(not_found(format!(
+                "{} holds no {} or sharded index",
+                dir.display(),
+                all.join(" / ")
+            )))
         };
         let (layout, config_path) = if hf_cfg.is_file() {
             let cfg = read_json(&hf_cfg)?;
@@ -154,7 +176,9 @@ impl Checkpoint {
             )));
         };
         let weight_files = match layout {
-            Layout::OpenClip => weights(&["open_clip_model.safetensors", "model.safetensors"], &[])?,
+            Layout::OpenClip => {
+                weights(&["open_clip_model.safetensors", "model.safetensors"], &[])?
+            }
             Layout::Transformers => weights(&["model.safetensors"], &["pytorch_model.bin"])?,
             Layout::Timm => weights(&["model.safetensors"], &[])?,
         };
@@ -176,15 +200,20 @@ impl Checkpoint {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &self.weight_files {
             if !f.is_file() {
-                return Err(WeightsError::Read { path: f.clone(), reason: "file is missing".into() });
+                return Err(WeightsError::Read {
+                    path: f.clone(),
+                    reason: "file is missing".into(),
+                });
             }
             let ext = f.extension().and_then(|e| e.to_str());
             let pickled = ext.is_some_and(|e| matches!(e, "pth" | "pt" | "bin"));
             let part = if pickled {
                 crate::pth::load_pth(f, device)?
             } else {
-                candle_core::safetensors::load(f, device)
-                    .map_err(|e| WeightsError::Read { path: f.clone(), reason: e.to_string() })?
+                candle_core::safetensors::load(f, device).map_err(|e| WeightsError::Read {
+                    path: f.clone(),
+                    reason: e.to_string(),
+                })?
             };
             tensors.extend(part);
         }

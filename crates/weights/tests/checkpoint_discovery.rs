@@ -7,7 +7,9 @@ use candle_core::{DType, Device};
 use visenc_weights::{Checkpoint, Layout, WeightsError};
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name)
 }
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
@@ -27,7 +29,11 @@ fn open(dir: &Path) -> Result<Checkpoint, WeightsError> {
 fn header(path: &Path) -> Vec<(String, Vec<usize>)> {
     let bytes = std::fs::read(path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let mut v: Vec<_> = meta.tensors().into_iter().map(|(n, i)| (n, i.shape.clone())).collect();
+    let mut v: Vec<_> = meta
+        .tensors()
+        .into_iter()
+        .map(|(n, i)| (n, i.shape.clone()))
+        .collect();
     v.sort();
     v
 }
@@ -35,24 +41,54 @@ fn header(path: &Path) -> Vec<(String, Vec<usize>)> {
 #[test]
 fn each_fixture_layout_is_recognised_and_every_tensor_read() {
     let cases = [
-        ("clip_hf_gelu", Layout::Transformers, "model.safetensors", true),
+        (
+            "clip_hf_gelu",
+            Layout::Transformers,
+            "model.safetensors",
+            true,
+        ),
         ("siglip_hf", Layout::Transformers, "model.safetensors", true),
-        ("vit_hf_classifier", Layout::Transformers, "model.safetensors", false),
-        ("dinov2_reg_hf", Layout::Transformers, "model.safetensors", false),
+        (
+            "vit_hf_classifier",
+            Layout::Transformers,
+            "model.safetensors",
+            false,
+        ),
+        (
+            "dinov2_reg_hf",
+            Layout::Transformers,
+            "model.safetensors",
+            false,
+        ),
         ("vit_timm", Layout::Timm, "model.safetensors", false),
         ("vit_timm_reg", Layout::Timm, "model.safetensors", false),
-        ("clip_open_clip", Layout::OpenClip, "open_clip_model.safetensors", true),
+        (
+            "clip_open_clip",
+            Layout::OpenClip,
+            "open_clip_model.safetensors",
+            true,
+        ),
     ];
     for (name, layout, weights, tokenizer) in cases {
         let dir = fixture_dir(name);
         let ckpt = open(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(ckpt.layout, layout, "{name}");
         assert_eq!(ckpt.weight_files, [dir.join(weights)], "{name}");
-        assert_eq!(ckpt.tokenizer_file.is_some(), tokenizer, "{name}: tokenizer.json");
-        assert_eq!(ckpt.preprocessor.is_some(), dir.join("preprocessor_config.json").is_file(), "{name}");
+        assert_eq!(
+            ckpt.tokenizer_file.is_some(),
+            tokenizer,
+            "{name}: tokenizer.json"
+        );
+        assert_eq!(
+            ckpt.preprocessor.is_some(),
+            dir.join("preprocessor_config.json").is_file(),
+            "{name}"
+        );
         let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
-        let mut got: Vec<(String, Vec<usize>)> =
-            w.names().map(|n| (n.to_string(), w.shape_of(n).unwrap())).collect();
+        let mut got: Vec<(String, Vec<usize>)> = w
+            .names()
+            .map(|n| (n.to_string(), w.shape_of(n).unwrap()))
+            .collect();
         got.sort();
         assert_eq!(got, header(&dir.join(weights)), "{name}: tensors read");
     }
@@ -74,8 +110,14 @@ fn missing_config_json_names_the_directory() {
     let err = open(tmp.path()).unwrap_err();
     assert!(matches!(err, WeightsError::NotFound { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains(&tmp.path().display().to_string()), "must name the directory: {msg}");
-    assert!(msg.contains("config.json"), "must say what is missing: {msg}");
+    assert!(
+        msg.contains(&tmp.path().display().to_string()),
+        "must name the directory: {msg}"
+    );
+    assert!(
+        msg.contains("config.json"),
+        "must say what is missing: {msg}"
+    );
 }
 
 #[test]
@@ -84,7 +126,11 @@ fn invalid_config_json_names_the_file() {
     let cfg = tmp.path().join("config.json");
     std::fs::write(&cfg, "{\"model_type\": \"clip\",").unwrap();
     let msg = open(tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains(&cfg.display().to_string()), "must name {}: {msg}", cfg.display());
+    assert!(
+        msg.contains(&cfg.display().to_string()),
+        "must name {}: {msg}",
+        cfg.display()
+    );
 }
 
 #[test]
@@ -93,8 +139,15 @@ fn config_without_model_type_or_architecture_names_the_file() {
     let cfg = tmp.path().join("config.json");
     std::fs::write(&cfg, r#"{"hidden_size": 32}"#).unwrap();
     let msg = open(tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains(&cfg.display().to_string()), "must name {}: {msg}", cfg.display());
-    assert!(msg.contains("model_type") && msg.contains("architecture"), "must say what it looked for: {msg}");
+    assert!(
+        msg.contains(&cfg.display().to_string()),
+        "must name {}: {msg}",
+        cfg.display()
+    );
+    assert!(
+        msg.contains("model_type") && msg.contains("architecture"),
+        "must say what it looked for: {msg}"
+    );
 }
 
 #[test]
@@ -112,13 +165,23 @@ fn truncated_or_corrupt_weights_name_the_file() {
     let file = tmp.path().join("model.safetensors");
     let good = std::fs::read(&file).unwrap();
     let garbage = b"PK\x03\x04 this is a zip (a torch .bin renamed), not safetensors".to_vec();
-    for (what, bytes) in [("half", good[..good.len() / 2].to_vec()), ("empty", vec![]), ("garbage", garbage)] {
+    for (what, bytes) in [
+        ("half", good[..good.len() / 2].to_vec()),
+        ("empty", vec![]),
+        ("garbage", garbage),
+    ] {
         std::fs::write(&file, &bytes).unwrap();
         // Discovery only looks at names; reading the tensors must fail, naming the file.
         let ckpt = open(tmp.path()).unwrap();
-        let err = ckpt.load_weights(DType::F32, &Device::Cpu).err().unwrap_or_else(|| panic!("{what}: loaded"));
+        let err = ckpt
+            .load_weights(DType::F32, &Device::Cpu)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: loaded"));
         assert!(matches!(err, WeightsError::Read { .. }), "{what}: {err:?}");
-        assert!(err.to_string().contains(&file.display().to_string()), "{what}: must name the file: {err}");
+        assert!(
+            err.to_string().contains(&file.display().to_string()),
+            "{what}: must name the file: {err}"
+        );
     }
 }
 
@@ -129,15 +192,29 @@ fn shard_index_without_weight_map_names_the_index() {
     let index = tmp.path().join("model.safetensors.index.json");
     std::fs::write(&index, r#"{"metadata": {}}"#).unwrap();
     let msg = open(tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains(&index.display().to_string()) && msg.contains("weight_map"), "{msg}");
+    assert!(
+        msg.contains(&index.display().to_string()) && msg.contains("weight_map"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_path_that_is_neither_a_directory_nor_a_hub_id_is_not_found() {
-    for spec in ["/definitely/not/here", "../not-here", "too/many/parts", "bad id!"] {
+    for spec in [
+        "/definitely/not/here",
+        "../not-here",
+        "too/many/parts",
+        "bad id!",
+    ] {
         let err = Checkpoint::open(spec).unwrap_err();
-        assert!(matches!(err, WeightsError::NotFound { .. }), "{spec}: {err:?}");
+        assert!(
+            matches!(err, WeightsError::NotFound { .. }),
+            "{spec}: {err:?}"
+        );
         let msg = err.to_string();
-        assert!(msg.contains(spec) && msg.contains("hub id"), "{spec}: {msg}");
+        assert!(
+            msg.contains(spec) && msg.contains("hub id"),
+            "{spec}: {msg}"
+        );
     }
 }

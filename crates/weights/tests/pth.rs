@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use visenc_weights::{load_pth, Checkpoint, WeightsError};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pth").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/pth")
+        .join(name)
 }
 
 fn load(path: &Path) -> HashMap<String, Tensor> {
@@ -109,8 +111,16 @@ fn legacy_format_gives_the_tensors_torch_load_gives() {
 #[test]
 fn newer_pickle_protocols_give_the_same_tensors() {
     // Protocol 4/5 opcodes: FRAME, MEMOIZE, STACK_GLOBAL, SHORT_BINUNICODE.
-    assert_state_dict("state_zip_proto5.pt", &load(&fixture("state_zip_proto5.pt")), false);
-    assert_state_dict("state_legacy_proto4.pt", &load(&fixture("state_legacy_proto4.pt")), true);
+    assert_state_dict(
+        "state_zip_proto5.pt",
+        &load(&fixture("state_zip_proto5.pt")),
+        false,
+    );
+    assert_state_dict(
+        "state_legacy_proto4.pt",
+        &load(&fixture("state_legacy_proto4.pt")),
+        true,
+    );
 }
 
 #[test]
@@ -118,7 +128,11 @@ fn nested_checkpoints_return_the_inner_state_dict() {
     // {"state_dict": sd, "epoch": 3, "blob": b"..", "args": argparse.Namespace}: the Namespace is an
     // unknown global outside the state dict, so it is ignored; keys are not prefixed.
     assert_state_dict("nested_zip.pth", &load(&fixture("nested_zip.pth")), false);
-    assert_state_dict("nested_legacy.pth", &load(&fixture("nested_legacy.pth")), true);
+    assert_state_dict(
+        "nested_legacy.pth",
+        &load(&fixture("nested_legacy.pth")),
+        true,
+    );
 }
 
 #[test]
@@ -139,7 +153,10 @@ fn a_pickled_module_is_refused_naming_its_class() {
     match load_pth(&path, &Device::Cpu) {
         Err(WeightsError::Read { path: p, reason }) => {
             assert_eq!(p, path);
-            assert!(reason.contains("torch.nn.modules.linear.Linear"), "{reason}");
+            assert!(
+                reason.contains("torch.nn.modules.linear.Linear"),
+                "{reason}"
+            );
         }
         Err(e) => panic!("wrong error kind: {e}"),
         Ok(_) => panic!("a pickled nn.Module loaded as a state dict"),
@@ -161,7 +178,10 @@ fn not_a_checkpoint_is_a_read_error() {
         assert!(matches!(err, WeightsError::Read { .. }), "{name}: {err}");
     }
     let missing = tmp.path().join("missing.pt");
-    assert!(matches!(load_pth(&missing, &Device::Cpu), Err(WeightsError::Io { .. })));
+    assert!(matches!(
+        load_pth(&missing, &Device::Cpu),
+        Err(WeightsError::Io { .. })
+    ));
 }
 
 const SMALL_FIXTURES: [&str; 8] = [
@@ -187,7 +207,11 @@ fn truncated_files_are_errors_not_panics() {
                 Err(WeightsError::Read { .. }) => {}
                 Err(e) => panic!("{name} cut at {len}: wrong error kind: {e}"),
                 Ok(t) => {
-                    panic!("{name} cut at {len} of {} loaded {} tensors", bytes.len(), t.len())
+                    panic!(
+                        "{name} cut at {len} of {} loaded {} tensors",
+                        bytes.len(),
+                        t.len()
+                    )
                 }
             }
         }
@@ -219,7 +243,11 @@ fn corrupted_bytes_never_panic() {
 fn efficientnet_lite0_real_legacy_checkpoint() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let path = root.join("assets/weights/efficientnet-lite0-57934424.pth");
-    assert!(path.is_file(), "{} is missing: run scripts/fetch-assets.sh", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-assets.sh",
+        path.display()
+    );
     let spot: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture("efficientnet_lite0_spot.json")).unwrap(),
     )
@@ -229,24 +257,44 @@ fn efficientnet_lite0_real_legacy_checkpoint() {
     assert_eq!(got.len(), 296);
     let mut dtypes: HashMap<String, u64> = HashMap::new();
     for t in got.values() {
-        *dtypes.entry(format!("{:?}", t.dtype()).to_lowercase()).or_default() += 1;
+        *dtypes
+            .entry(format!("{:?}", t.dtype()).to_lowercase())
+            .or_default() += 1;
     }
     let want_dtypes: HashMap<String, u64> = spot["dtypes"]
         .as_object()
         .unwrap()
         .iter()
-        .map(|(k, v)| (k.replace("float32", "f32").replace("int64", "i64"), v.as_u64().unwrap()))
+        .map(|(k, v)| {
+            (
+                k.replace("float32", "f32").replace("int64", "i64"),
+                v.as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(dtypes, want_dtypes);
     // Every entry: shape and sum (in f64; only the summation order differs from torch).
     for (name, v) in spot["shapes_and_sums"].as_object().unwrap() {
         let t = got.get(name).unwrap_or_else(|| panic!("{name} missing"));
-        let shape: Vec<usize> =
-            v[0].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = v[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(t.dims(), &shape[..], "{name}");
         let want = v[1].as_f64().unwrap();
-        let sum = t.to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        assert!((sum - want).abs() <= 1e-9 * want.abs().max(1.0), "{name}: sum {sum} != {want}");
+        let sum = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            (sum - want).abs() <= 1e-9 * want.abs().max(1.0),
+            "{name}: sum {sum} != {want}"
+        );
     }
     // A few entries value by value (the stem conv is stored non-contiguous).
     for (name, s) in spot["spot"].as_object().unwrap() {
@@ -259,10 +307,18 @@ fn efficientnet_lite0_real_legacy_checkpoint() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let first: Vec<f32> =
-            s["first"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let first: Vec<f32> = s["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(&t[..first.len()], &first[..], "{name}");
-        assert_eq!(*t.last().unwrap(), s["last"].as_f64().unwrap() as f32, "{name}");
+        assert_eq!(
+            *t.last().unwrap(),
+            s["last"].as_f64().unwrap() as f32,
+            "{name}"
+        );
     }
     assert_eq!(got["_conv_stem.weight"].dims(), &[32, 3, 3, 3]);
     assert_eq!(got["_conv_stem.weight"].dtype(), DType::F32);
@@ -271,7 +327,18 @@ fn efficientnet_lite0_real_legacy_checkpoint() {
     let bytes = std::fs::read(&path).unwrap();
     let tmp = scratch();
     let p = tmp.path().join("cut.pth");
-    for len in [0, 1, 2, 12, 100, 300, 5_000, 60_000, bytes.len() / 2, bytes.len() - 1] {
+    for len in [
+        0,
+        1,
+        2,
+        12,
+        100,
+        300,
+        5_000,
+        60_000,
+        bytes.len() / 2,
+        bytes.len() - 1,
+    ] {
         std::fs::write(&p, &bytes[..len]).unwrap();
         assert!(
             matches!(load_pth(&p, &Device::Cpu), Err(WeightsError::Read { .. })),
@@ -293,7 +360,11 @@ fn transformers_dir_falls_back_to_pytorch_model_bin() {
     assert_eq!(w.names().count(), expected().len());
 
     // model.safetensors wins when both are there.
-    std::fs::copy(fixture("expected.safetensors"), dir.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        fixture("expected.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
     let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
     assert_eq!(ckpt.weight_files, vec![dir.join("model.safetensors")]);
 }

@@ -62,11 +62,20 @@ const MAX_EXPANSION: u64 = 64;
 /// checkpoints, skipped entries and dtype mapping. A corrupt or truncated file is a
 /// [`WeightsError::Read`] naming the file and what was wrong.
 pub fn load_pth(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, WeightsError> {
-    let fail = |reason: String| WeightsError::Read { path: path.to_path_buf(), reason };
+    let fail = |reason: String| WeightsError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| WeightsError::io(path, e))?.len();
+    let file_len = file
+        .metadata()
+        .map_err(|e| WeightsError::io(path, e))?
+        .len();
     let mut head = Vec::new();
-    (&mut file).take(512).read_to_end(&mut head).map_err(|e| WeightsError::io(path, e))?;
+    (&mut file)
+        .take(512)
+        .read_to_end(&mut head)
+        .map_err(|e| WeightsError::io(path, e))?;
     let max_out = file_len.max(1 << 24).saturating_mul(MAX_EXPANSION);
 
     if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
@@ -83,8 +92,9 @@ pub fn load_pth(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>,
             max_out,
             |key, dtype, numel| {
                 let name = format!("data/{key}");
-                let nbytes =
-                    numel.checked_mul(dtype.size() as u64).ok_or("storage size overflows")?;
+                let nbytes = numel
+                    .checked_mul(dtype.size() as u64)
+                    .ok_or("storage size overflows")?;
                 let have = archive
                     .size_of(&name)
                     .ok_or_else(|| format!("storage record `{name}` is missing"))?;
@@ -133,7 +143,7 @@ type Records = HashMap<Rc<str>, (usize, usize)>;
 fn legacy_layout(data: &[u8]) -> Result<(Selected, Records), String> {
     if data.first() != Some(&0x80) {
         return Err(
-            "neither a zip archive nor a pickle stream, so not a torch.save checkpoint".into()
+            "neither a zip archive nor a pickle stream, so not a torch.save checkpoint".into(),
         );
     }
     let mut table = StorageTable::new();
@@ -145,7 +155,10 @@ fn legacy_layout(data: &[u8]) -> Result<(Selected, Records), String> {
     let (version, pos) =
         pickle::load(data, pos, &mut table).map_err(|e| format!("protocol version: {e}"))?;
     if !matches!(version, Value::Int(LEGACY_PROTOCOL)) {
-        return Err(format!("unsupported legacy protocol version ({})", version.kind()));
+        return Err(format!(
+            "unsupported legacy protocol version ({})",
+            version.kind()
+        ));
     }
     // sys_info: endianness and type sizes of the writer; the storage data is little-endian regardless.
     let (_sys_info, pos) =
@@ -155,25 +168,33 @@ fn legacy_layout(data: &[u8]) -> Result<(Selected, Records), String> {
         pickle::load(data, pos, &mut table).map_err(|e| format!("main pickle: {e}"))?;
     let (keys, mut pos) =
         pickle::load(data, pos, &mut table).map_err(|e| format!("storage keys: {e}"))?;
-    let keys = keys.items().ok_or_else(|| format!("storage key list is a {}", keys.kind()))?;
+    let keys = keys
+        .items()
+        .ok_or_else(|| format!("storage key list is a {}", keys.kind()))?;
     let mut records = HashMap::with_capacity(keys.len().min(table.len()));
     for key in keys {
         let key = key.as_str().ok_or("storage key is not a string")?;
-        let (dtype, numel) =
-            *table.get(&key).ok_or_else(|| format!("storage `{key}` is listed but never used"))?;
-        let count_bytes =
-            data.get(pos..pos + 8).ok_or_else(|| format!("truncated before storage `{key}`"))?;
+        let (dtype, numel) = *table
+            .get(&key)
+            .ok_or_else(|| format!("storage `{key}` is listed but never used"))?;
+        let count_bytes = data
+            .get(pos..pos + 8)
+            .ok_or_else(|| format!("truncated before storage `{key}`"))?;
         let count = u64::from_le_bytes(count_bytes.try_into().unwrap_or_default());
         if count != numel {
             return Err(format!(
                 "storage `{key}`: the file holds {count} elements, the pickle says {numel}"
             ));
         }
-        let len = count.checked_mul(dtype.size() as u64).ok_or("storage size overflows")?;
+        let len = count
+            .checked_mul(dtype.size() as u64)
+            .ok_or("storage size overflows")?;
         let start = pos + 8;
         let left = (data.len() - start) as u64;
         if len > left {
-            return Err(format!("truncated in storage `{key}`: needs {len} bytes, {left} left"));
+            return Err(format!(
+                "truncated in storage `{key}`: needs {len} bytes, {left} left"
+            ));
         }
         records.insert(key, (start, len as usize));
         pos = start + len as usize;
@@ -186,8 +207,11 @@ fn select(root: &Value) -> Result<Selected, String> {
     let mut cur = root.clone();
     let mut path = String::new();
     for _ in 0..NESTED_KEYS.len() * 2 {
-        let where_ =
-            if path.is_empty() { "the file".to_string() } else { format!("entry `{path}`") };
+        let where_ = if path.is_empty() {
+            "the file".to_string()
+        } else {
+            format!("entry `{path}`")
+        };
         let dict = match &cur {
             Value::Dict(d) => d.clone(),
             Value::Object(g) => {
@@ -220,7 +244,11 @@ fn select(root: &Value) -> Result<Selected, String> {
                     .filter(|(_, v)| matches!(v, Value::Dict(_) | Value::Object(_)))
             });
             if let Some((k, v)) = nested {
-                path = if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+                path = if path.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{path}.{k}")
+                };
                 cur = v.clone();
                 continue;
             }
@@ -239,7 +267,10 @@ fn select(root: &Value) -> Result<Selected, String> {
         }
         if out.is_empty() {
             let keys: Vec<&str> = entries.iter().take(10).map(|(k, _)| &**k).collect();
-            return Err(format!("{where_} holds no tensors (keys: {})", keys.join(", ")));
+            return Err(format!(
+                "{where_} holds no tensors (keys: {})",
+                keys.join(", ")
+            ));
         }
         return Ok(out);
     }
@@ -256,7 +287,10 @@ fn materialize<'a>(
 ) -> Result<HashMap<String, Tensor>, String> {
     let mut by_storage: HashMap<Rc<str>, Vec<(String, Rc<TensorRef>)>> = HashMap::new();
     for (name, t) in selected {
-        by_storage.entry(t.storage.key.clone()).or_default().push((name, t));
+        by_storage
+            .entry(t.storage.key.clone())
+            .or_default()
+            .push((name, t));
     }
     let mut out = HashMap::new();
     for (key, tensors) in by_storage {
@@ -275,16 +309,21 @@ fn materialize<'a>(
 /// Bytes a storage must provide: the largest view end among the tensors that use it, at least the root.
 fn root_extent(tensors: &[(String, Rc<TensorRef>)]) -> (TorchDtype, u64) {
     let s = &tensors[0].1.storage;
-    if tensors.iter().all(|(_, t)| t.storage.view_offset_bytes == 0) {
+    if tensors
+        .iter()
+        .all(|(_, t)| t.storage.view_offset_bytes == 0)
+    {
         return (s.dtype, s.numel);
     }
     // Legacy view storages: request everything up to the furthest view, counted in bytes.
     let end = tensors
         .iter()
         .map(|(_, t)| {
-            t.storage
-                .view_offset_bytes
-                .saturating_add(t.storage.numel.saturating_mul(t.storage.dtype.size() as u64))
+            t.storage.view_offset_bytes.saturating_add(
+                t.storage
+                    .numel
+                    .saturating_mul(t.storage.dtype.size() as u64),
+            )
         })
         .max()
         .unwrap_or(0);
@@ -319,7 +358,7 @@ fn build(
         .ok_or_else(|| format!("dtype {} is not supported", t.dtype.name()))?;
     if t.lazy_bits {
         return Err(
-            "has its conj/neg bit set (call .resolve_conj()/.resolve_neg() before saving)".into()
+            "has its conj/neg bit set (call .resolve_conj()/.resolve_neg() before saving)".into(),
         );
     }
     let shape: Vec<usize> = t
@@ -350,8 +389,11 @@ fn build(
 /// Copies a tensor's elements out of its storage in row-major order.
 fn gather(storage: &[u8], t: &TensorRef, max_out: u64) -> Result<Vec<u8>, String> {
     let e = t.dtype.size() as u64;
-    let n =
-        t.size.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or("element count overflows")?;
+    let n = t
+        .size
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or("element count overflows")?;
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -362,7 +404,10 @@ fn gather(storage: &[u8], t: &TensorRef, max_out: u64) -> Result<Vec<u8>, String
     let overflow = || "storage offset/stride overflows".to_string();
     let mut last = t.offset;
     for (&d, &s) in t.size.iter().zip(&t.stride) {
-        last = (d - 1).checked_mul(s).and_then(|x| last.checked_add(x)).ok_or_else(overflow)?;
+        last = (d - 1)
+            .checked_mul(s)
+            .and_then(|x| last.checked_add(x))
+            .ok_or_else(overflow)?;
     }
     let base = t.storage.view_offset_bytes;
     let end = last

@@ -237,7 +237,10 @@ impl Value {
         match self {
             Value::Int(i) if *i >= 0 => Ok(*i as u64),
             Value::Bool(b) => Ok(*b as u64),
-            v => Err(format!("{what}: expected a non-negative int, got {}", v.kind())),
+            v => Err(format!(
+                "{what}: expected a non-negative int, got {}",
+                v.kind()
+            )),
         }
     }
 
@@ -254,19 +257,33 @@ impl Value {
 /// The persistent-id hook: the legacy and the zip format name storages alike, but the legacy format has a
 /// sixth element (view metadata).
 fn persistent_load(pid: Value, storages: &mut StorageTable) -> Result<Value, String> {
-    let items =
-        pid.items().ok_or_else(|| format!("persistent id is a {}, not a tuple", pid.kind()))?;
-    let typename = items.first().and_then(Value::as_str).unwrap_or_else(|| Rc::from(""));
+    let items = pid
+        .items()
+        .ok_or_else(|| format!("persistent id is a {}, not a tuple", pid.kind()))?;
+    let typename = items
+        .first()
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| Rc::from(""));
     match &*typename {
         "storage" if items.len() == 5 || items.len() == 6 => {
             let Value::StorageType(dtype) = items[1] else {
-                return Err(format!("persistent id: storage type is a {}", items[1].kind()));
+                return Err(format!(
+                    "persistent id: storage type is a {}",
+                    items[1].kind()
+                ));
             };
-            let key = items[2].as_str().ok_or("persistent id: storage key is not a string")?;
+            let key = items[2]
+                .as_str()
+                .ok_or("persistent id: storage key is not a string")?;
             let numel = items[4].as_u64("persistent id numel")?;
             // torch keeps the first dtype a key was seen with (`deserialized_objects[root_key]`).
             let (root_dtype, _) = *storages.entry(key.clone()).or_insert((dtype, numel));
-            let mut storage = StorageRef { key, dtype: root_dtype, numel, view_offset_bytes: 0 };
+            let mut storage = StorageRef {
+                key,
+                dtype: root_dtype,
+                numel,
+                view_offset_bytes: 0,
+            };
             if let Some(view) = items.get(5).filter(|v| !matches!(v, Value::None)) {
                 // (view_key, offset, view_size), offset in elements of `dtype` (pre-1.0 files).
                 let v = view
@@ -274,8 +291,9 @@ fn persistent_load(pid: Value, storages: &mut StorageTable) -> Result<Value, Str
                     .filter(|v| v.len() == 3)
                     .ok_or("persistent id: bad view metadata")?;
                 let offset = v[1].as_u64("view offset")?;
-                storage.view_offset_bytes =
-                    offset.checked_mul(dtype.size() as u64).ok_or("view offset overflows")?;
+                storage.view_offset_bytes = offset
+                    .checked_mul(dtype.size() as u64)
+                    .ok_or("view offset overflows")?;
                 storage.numel = v[2].as_u64("view size")?;
                 storage.dtype = dtype;
             }
@@ -283,7 +301,10 @@ fn persistent_load(pid: Value, storages: &mut StorageTable) -> Result<Value, Str
         }
         // ('module', type, source_file, source): a pickled nn.Module class; the value is the class.
         "module" if items.len() >= 2 => Ok(items[1].clone()),
-        _ => Err(format!("unknown persistent id type `{typename}` ({} fields)", items.len())),
+        _ => Err(format!(
+            "unknown persistent id type `{typename}` ({} fields)",
+            items.len()
+        )),
     }
 }
 
@@ -295,14 +316,19 @@ fn storage_arg(v: &Value, what: &str) -> Result<StorageRef, String> {
 }
 
 fn dims(v: &Value, what: &str) -> Result<Vec<u64>, String> {
-    let items = v.items().ok_or_else(|| format!("{what}: expected a tuple, got {}", v.kind()))?;
+    let items = v
+        .items()
+        .ok_or_else(|| format!("{what}: expected a tuple, got {}", v.kind()))?;
     items.iter().map(|d| d.as_u64(what)).collect()
 }
 
 /// `metadata` of `_rebuild_tensor_v2/v3`: a dict of conj/neg flags; any true flag changes the values.
 fn has_lazy_bits(v: Option<&Value>) -> bool {
     match v {
-        Some(Value::Dict(d)) => d.borrow().iter().any(|(_, v)| matches!(v, Value::Bool(true))),
+        Some(Value::Dict(d)) => d
+            .borrow()
+            .iter()
+            .any(|(_, v)| matches!(v, Value::Bool(true))),
         _ => false,
     }
 }
@@ -331,7 +357,11 @@ fn rebuild_tensor(name: &str, args: &[Value]) -> Result<Value, String> {
     let size = dims(&args[2], name)?;
     let stride = dims(&args[3], name)?;
     if size.len() != stride.len() {
-        return Err(format!("{name}: {} sizes but {} strides", size.len(), stride.len()));
+        return Err(format!(
+            "{name}: {} sizes but {} strides",
+            size.len(),
+            stride.len()
+        ));
     }
     Ok(Value::Tensor(Rc::new(TensorRef {
         storage,
@@ -369,16 +399,18 @@ fn call(func: &Value, args: Vec<Value>) -> Result<Value, String> {
         | "torch._utils._rebuild_tensor_v2"
         | "torch._utils._rebuild_tensor_v3" => rebuild_tensor(short, &args),
         // (data, requires_grad, backward_hooks[, state]): the parameter is its data.
-        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
-            args.into_iter().next().ok_or_else(|| format!("{name}: no arguments"))
-        }
+        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => args
+            .into_iter()
+            .next()
+            .ok_or_else(|| format!("{name}: no arguments")),
         // (func, new_type, args, state): a tensor subclass; the subclass and its state are dropped.
         "torch._tensor._rebuild_from_type_v2" | "torch._tensor._rebuild_from_type" => {
             let [f, _, inner, ..] = args.as_slice() else {
                 return Err(format!("{name}: {} arguments", args.len()));
             };
-            let inner =
-                inner.items().ok_or_else(|| format!("{name}: args is a {}", inner.kind()))?;
+            let inner = inner
+                .items()
+                .ok_or_else(|| format!("{name}: args is a {}", inner.kind()))?;
             // One level only: a chain of these from a corrupt file must not recurse without bound.
             if matches!(f, Value::Global(g) if g.starts_with("torch._tensor._rebuild_from_type")) {
                 return Err(format!("{name}: nested {name}"));
@@ -388,19 +420,23 @@ fn call(func: &Value, args: Vec<Value>) -> Result<Value, String> {
         // Protocol 2 pickles `bytes` as `_codecs.encode(str, 'latin1')`.
         "_codecs.encode" => match args.as_slice() {
             [Value::Str(s), enc]
-                if enc.as_str().is_some_and(|e| e.eq_ignore_ascii_case("latin1")) =>
+                if enc
+                    .as_str()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("latin1")) =>
             {
                 let bytes: Option<Vec<u8>> =
                     s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect();
-                Ok(Value::Bytes(bytes.ok_or("_codecs.encode: not latin-1")?.into()))
+                Ok(Value::Bytes(
+                    bytes.ok_or("_codecs.encode: not latin-1")?.into(),
+                ))
             }
             [Value::Str(s), ..] => Ok(Value::Bytes(s.as_bytes().into())),
             _ => Err("_codecs.encode: bad arguments".into()),
         },
         "torch.Size" | "builtins.tuple" | "__builtin__.tuple" => match args.first() {
-            Some(v) if v.items().is_some() => {
-                Ok(Value::Tuple(Rc::new(RefCell::new(v.items().unwrap_or_default()))))
-            }
+            Some(v) if v.items().is_some() => Ok(Value::Tuple(Rc::new(RefCell::new(
+                v.items().unwrap_or_default(),
+            )))),
             _ => Ok(Value::Tuple(Rc::default())),
         },
         _ => Ok(Value::Object(name.clone())),
@@ -429,7 +465,10 @@ impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64) -> Result<&'a [u8], String> {
         let left = (self.data.len() - self.pos) as u64;
         if n > left {
-            return Err(format!("truncated: needs {n} bytes at offset {}, {left} left", self.pos));
+            return Err(format!(
+                "truncated: needs {n} bytes at offset {}, {left} left",
+                self.pos
+            ));
         }
         let s = &self.data[self.pos..self.pos + n as usize];
         self.pos += n as usize;
@@ -455,7 +494,10 @@ impl<'a> Cursor<'a> {
     /// A text line without its `\n` (protocol 0 opcodes).
     fn line(&mut self) -> Result<&'a str, String> {
         let rest = &self.data[self.pos..];
-        let n = rest.iter().position(|&b| b == b'\n').ok_or("truncated: unterminated text line")?;
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("truncated: unterminated text line")?;
         self.pos += n + 1;
         std::str::from_utf8(&rest[..n]).map_err(|_| "text line is not UTF-8".to_string())
     }
@@ -475,7 +517,11 @@ fn long(b: &[u8]) -> Value {
     if b.is_empty() {
         return Value::Int(0);
     }
-    let mut buf = if b[b.len() - 1] & 0x80 != 0 { [0xffu8; 8] } else { [0u8; 8] };
+    let mut buf = if b[b.len() - 1] & 0x80 != 0 {
+        [0xffu8; 8]
+    } else {
+        [0u8; 8]
+    };
     buf[..b.len()].copy_from_slice(b);
     Value::Int(i64::from_le_bytes(buf))
 }
@@ -496,7 +542,9 @@ pub(crate) fn load(
         stack.pop().ok_or_else(|| "stack underflow".to_string())
     }
     fn top(stack: &mut [Value]) -> Result<&mut Value, String> {
-        stack.last_mut().ok_or_else(|| "stack underflow".to_string())
+        stack
+            .last_mut()
+            .ok_or_else(|| "stack underflow".to_string())
     }
     fn pop_mark(stack: &mut Vec<Value>, marks: &mut Vec<usize>) -> Result<Vec<Value>, String> {
         let m = marks.pop().ok_or("MARK missing")?;
@@ -608,7 +656,10 @@ pub(crate) fn load(
                 stack.push(match s {
                     "01" => Value::Bool(true),
                     "00" => Value::Bool(false),
-                    _ => s.parse::<i64>().map(Value::Int).unwrap_or(Value::BigInt(Rc::default())),
+                    _ => s
+                        .parse::<i64>()
+                        .map(Value::Int)
+                        .unwrap_or(Value::BigInt(Rc::default())),
                 });
             }
             b'L' => {
@@ -791,8 +842,9 @@ pub(crate) fn load(
                     b'j' => c.u32()?,
                     _ => c.line()?.parse::<u32>().map_err(|_| "bad GET index")?,
                 };
-                let v =
-                    memo.get(&i).ok_or_else(|| format!("memo key {i} missing (offset {at})"))?;
+                let v = memo
+                    .get(&i)
+                    .ok_or_else(|| format!("memo key {i} missing (offset {at})"))?;
                 stack.push(v.clone());
             }
             b'0' => {
@@ -805,7 +857,11 @@ pub(crate) fn load(
                 let v = top(&mut stack)?.clone();
                 stack.push(v);
             }
-            _ => return Err(format!("unsupported pickle opcode 0x{op:02x} at offset {at}")),
+            _ => {
+                return Err(format!(
+                    "unsupported pickle opcode 0x{op:02x} at offset {at}"
+                ))
+            }
         }
     }
 }

@@ -24,8 +24,11 @@ impl Archive {
     pub fn open(file: File, file_len: u64) -> Result<Self, String> {
         let zip = ZipArchive::new(BufReader::new(file))
             .map_err(|e| format!("not a valid zip archive: {e}"))?;
-        let names: Vec<String> =
-            zip.file_names().filter_map(Result::ok).map(|n| n.into_owned()).collect();
+        let names: Vec<String> = zip
+            .file_names()
+            .filter_map(Result::ok)
+            .map(|n| n.into_owned())
+            .collect();
         // `<prefix>/data.pkl` with a one-level prefix; a flat `data.pkl` is accepted too.
         let pkl = names
             .iter()
@@ -48,10 +51,15 @@ impl Archive {
             *n == format!("{prefix}constants.pkl") || n.starts_with(&format!("{prefix}code/"))
         }) {
             return Err(
-                "a TorchScript archive (torch.jit.save), not a torch.save checkpoint".into()
+                "a TorchScript archive (torch.jit.save), not a torch.save checkpoint".into(),
             );
         }
-        let mut archive = Self { zip, prefix, file_len, big_endian: false };
+        let mut archive = Self {
+            zip,
+            prefix,
+            file_len,
+            big_endian: false,
+        };
         let record = format!("{}byteorder", archive.prefix);
         if archive.zip.index_for_name(&record).is_some() {
             let order = archive.read("byteorder", 16)?;
@@ -74,7 +82,10 @@ impl Archive {
     pub fn read(&mut self, name: &str, limit: u64) -> Result<Vec<u8>, String> {
         let full = format!("{}{name}", self.prefix);
         let file_len = self.file_len;
-        let mut f = self.zip.by_name(&full).map_err(|e| format!("record `{full}`: {e}"))?;
+        let mut f = self
+            .zip
+            .by_name(&full)
+            .map_err(|e| format!("record `{full}`: {e}"))?;
         let declared = f.size();
         let bound = match f.compression() {
             CompressionMethod::Stored => file_len,
@@ -87,9 +98,15 @@ impl Archive {
         }
         let want = declared.min(limit);
         let mut buf = Vec::with_capacity(want.min(file_len) as usize);
-        (&mut f).take(want).read_to_end(&mut buf).map_err(|e| format!("record `{full}`: {e}"))?;
+        (&mut f)
+            .take(want)
+            .read_to_end(&mut buf)
+            .map_err(|e| format!("record `{full}`: {e}"))?;
         if (buf.len() as u64) < want {
-            return Err(format!("record `{full}` is truncated: {} of {want} bytes", buf.len()));
+            return Err(format!(
+                "record `{full}` is truncated: {} of {want} bytes",
+                buf.len()
+            ));
         }
         Ok(buf)
     }
