@@ -6,12 +6,14 @@
 pub mod api;
 pub mod clip;
 pub mod conv;
+pub mod convnext;
 pub mod dinov2;
 mod error;
 pub mod interpolate;
 pub mod nn;
 pub mod resnet;
 pub mod siglip;
+pub mod swin;
 pub mod text_transformer;
 pub mod vision_transformer;
 pub mod vit;
@@ -61,6 +63,8 @@ pub fn load(
                 vit::load_timm(arch, cfg, w)?
             } else if base.starts_with("resnet") {
                 resnet::load_timm(base, cfg, w)?
+            } else if base.starts_with("convnext") {
+                convnext::load_timm(base, cfg, w)?
             } else {
                 return Err(ModelError::Unsupported {
                     what: "timm architecture",
@@ -84,11 +88,14 @@ pub fn load(
                 "siglip" | "siglip_vision_model" => siglip::load_hf(cfg, w, &arch)?,
                 "vit" => vit::load_hf(cfg, w, &arch)?,
                 "resnet" => resnet::load_hf(cfg, w, &arch)?,
+                "convnext" => convnext::load_hf(cfg, w, &arch)?,
+                "convnextv2" => convnext::load_hf_v2(cfg, w, &arch)?,
+                "swin" => swin::load_hf(cfg, w, &arch)?,
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
-                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet"),
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, convnext, convnextv2, swin"),
                     })
                 }
             }
