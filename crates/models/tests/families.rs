@@ -143,15 +143,34 @@ fn resnet_timm() {
 /// The final token sequence (`patch_tokens`, [B, N, C]) against a stored `last_hidden_state`, given
 /// as [B, N, C] (Swin) or as the NCHW map (ConvNeXt).
 fn check_tokens(f: &Fixture, prefix: &str) {
-    let opts = EncodeOptions { tokens: true, ..Default::default() };
-    let tokens = f.model.image.encode(f.get(&format!("{prefix}pixel_values")), &opts).unwrap().patch_tokens.unwrap();
+    let opts = EncodeOptions {
+        tokens: true,
+        ..Default::default()
+    };
+    let tokens = f
+        .model
+        .image
+        .encode(f.get(&format!("{prefix}pixel_values")), &opts)
+        .unwrap()
+        .patch_tokens
+        .unwrap();
     let reference = f.get(&format!("{prefix}last_hidden_state"));
     let reference = match reference.rank() {
-        4 => reference.flatten_from(2).unwrap().transpose(1, 2).unwrap().contiguous().unwrap(),
+        4 => reference
+            .flatten_from(2)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap(),
         _ => reference.clone(),
     };
     let e = rel_err(&tokens, &reference);
-    assert!(e <= F32_TOL, "{}: {prefix}last_hidden_state: relative error {e:e} > {F32_TOL:e}", f.name);
+    assert!(
+        e <= F32_TOL,
+        "{}: {prefix}last_hidden_state: relative error {e:e} > {F32_TOL:e}",
+        f.name
+    );
 }
 
 #[test]
@@ -177,9 +196,20 @@ fn convnext_timm() {
     f.check_image();
     check_tokens(&f, "");
     assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
-    let opts = EncodeOptions { features: true, ..Default::default() };
-    let maps = f.model.image.encode(f.get("pixel_values"), &opts).unwrap().feature_maps;
-    assert_eq!(maps.iter().map(|m| m.reduction).collect::<Vec<_>>(), [4, 8, 16, 32]);
+    let opts = EncodeOptions {
+        features: true,
+        ..Default::default()
+    };
+    let maps = f
+        .model
+        .image
+        .encode(f.get("pixel_values"), &opts)
+        .unwrap()
+        .feature_maps;
+    assert_eq!(
+        maps.iter().map(|m| m.reduction).collect::<Vec<_>>(),
+        [4, 8, 16, 32]
+    );
 }
 
 #[test]
@@ -190,8 +220,15 @@ fn swin_transformers() {
     check_tokens(&f, "");
     check_tokens(&f, "alt_");
     // 16x24: the last stage's 4x6 grid is no larger than the window, which then covers it unshifted.
-    let opts = EncodeOptions { features: true, ..Default::default() };
-    let out = f.model.image.encode(f.get("small_pixel_values"), &opts).unwrap();
+    let opts = EncodeOptions {
+        features: true,
+        ..Default::default()
+    };
+    let out = f
+        .model
+        .image
+        .encode(f.get("small_pixel_values"), &opts)
+        .unwrap();
     f.check("pooled", &out.pooled, "small_pooled");
     f.check("logits", out.logits.as_ref().unwrap(), "small_logits");
     assert_eq!(out.feature_maps.len(), 2);
@@ -202,6 +239,9 @@ fn swin_transformers() {
     // A grid smaller than the window fails in transformers too; it is refused with a typed error.
     let tiny = Tensor::zeros((1, 3, 12, 12), DType::F32, &Device::Cpu).unwrap();
     let err = f.model.image.encode(&tiny, &EncodeOptions::default()).err();
-    assert!(matches!(err, Some(visenc_models::ModelError::Input(_))), "{err:?}");
+    assert!(
+        matches!(err, Some(visenc_models::ModelError::Input(_))),
+        "{err:?}"
+    );
     assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
 }

@@ -100,9 +100,11 @@ impl Preprocess {
                 pre.pad_fill = mean.map(|m| (255.0 * m).round_ties_even().clamp(0.0, 255.0) as u8);
                 ResizeMode::LongestEdge(scale_h)
             }
-            other => return Err(ImageError::config(format!(
+            other => {
+                return Err(ImageError::config(format!(
                 "unknown timm crop_mode {other:?} (expected center, squash, border or tf_center)"
-            ))),
+            )))
+            }
         });
         Ok(pre)
     }
