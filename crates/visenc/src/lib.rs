@@ -144,8 +144,17 @@ impl Encoder {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         let ckpt = Checkpoint::open(spec)?;
         let weights = ckpt.load_weights(opts.dtype, &opts.device)?;
-        let (model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
+        let (mut model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
         let preprocess = preprocess_for(&ckpt, &model.info)?;
+        if model.info.image_size == (0, 0) {
+            // Convolutional families take any size; report the one their preprocessing produces.
+            let (h, w) = match (preprocess.crop, preprocess.resize) {
+                (Some(c), _) => c,
+                (None, Some(visenc_image::ResizeMode::Exact { height, width })) => (height, width),
+                _ => (0, 0),
+            };
+            model.info.image_size = (h as usize, w as usize);
+        }
         let tokenizer = match &model.text {
             Some(t) => Some(tokenizer_for(&ckpt, t.context_length())?),
             None => None,

@@ -43,11 +43,11 @@ pub fn run(a: InfoArgs) -> Result<usize> {
         info.parameters,
         info.parameters as f64 / 1e6
     )?;
-    writeln!(
-        out,
-        "image size     {}x{}, patch {}",
-        info.image_size.0, info.image_size.1, info.patch_size
-    )?;
+    let (h, w) = info.image_size;
+    match info.patch_size {
+        0 => writeln!(out, "image size     {h}x{w} (any size works)")?,
+        p => writeln!(out, "image size     {h}x{w}, patch {p}")?,
+    }
     writeln!(out, "layers         {}", info.num_layers)?;
     writeln!(
         out,
