@@ -13,8 +13,10 @@ pub mod nn;
 pub mod resnet;
 pub mod siglip;
 pub mod text_transformer;
+pub mod vae;
 pub mod vision_transformer;
 pub mod vit;
+pub mod vqgan;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -54,6 +56,16 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
                 return Err(ModelError::Unsupported { what: "timm architecture", name: arch.to_string() });
             }
         }
+        Layout::Diffusers => match cfg.get("_class_name").and_then(Value::as_str).unwrap_or_default() {
+            "AutoencoderKL" => vae::load(cfg, w)?,
+            "VQModel" => vqgan::load(cfg, w)?,
+            other => {
+                return Err(ModelError::Unsupported {
+                    what: "diffusers model (config.json _class_name)",
+                    name: format!("{other:?}; supported: AutoencoderKL, VQModel"),
+                })
+            }
+        },
         Layout::Transformers => {
             let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or_default();
             let arch = cfg
