@@ -55,6 +55,8 @@ enum Command {
     Similarity(commands::similarity::SimilarityArgs),
     /// Describe a model: architecture, sizes, preprocessing, parameters.
     Info(commands::info::InfoArgs),
+    /// Time a model's forward pass (img/s, latency, peak RSS) or the kernel micro-benchmarks.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Command::Classify(a) => commands::classify::run(a),
         Command::Similarity(a) => commands::similarity::run(a),
         Command::Info(a) => commands::info::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

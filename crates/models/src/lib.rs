@@ -15,8 +15,10 @@ pub mod resnet;
 pub mod siglip;
 pub mod swin;
 pub mod text_transformer;
+pub mod vae;
 pub mod vision_transformer;
 pub mod vit;
+pub mod vqgan;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -72,6 +74,20 @@ pub fn load(
                 });
             }
         }
+        Layout::Diffusers => match cfg
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+        {
+            "AutoencoderKL" => vae::load(cfg, w)?,
+            "VQModel" => vqgan::load(cfg, w)?,
+            other => {
+                return Err(ModelError::Unsupported {
+                    what: "diffusers model (config.json _class_name)",
+                    name: format!("{other:?}; supported: AutoencoderKL, VQModel"),
+                })
+            }
+        },
         Layout::Transformers => {
             let model_type = cfg
                 .get("model_type")

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use visenc_models::{load, EncodeOptions, LoadedModel};
+use visenc_models::{load, EncodeOptions, ImageFeatures, LoadedModel};
 use visenc_weights::{Checkpoint, LoadPolicy};
 
 /// Max relative error allowed in f32: max|ours - reference| / max|reference|.
@@ -244,4 +244,222 @@ fn swin_transformers() {
         "{err:?}"
     );
     assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+}
+
+impl Fixture {
+    /// Generative encoders: every `(ours, key)` pair `parts` extracts from the features, at the trained
+    /// size and at `alt_` size (references cast to our dtype, so u32 codes compare as values); `pooled`
+    /// against the spatial mean of the reference `mean_key`; then each single image against its batch row.
+    fn check_latents(
+        &self,
+        mean_key: &str,
+        parts: impl Fn(&ImageFeatures) -> Vec<(Tensor, &'static str)>,
+    ) {
+        for prefix in ["", "alt_"] {
+            let px = self.get(&format!("{prefix}pixel_values"));
+            let f = self
+                .model
+                .image
+                .encode(px, &EncodeOptions::default())
+                .unwrap();
+            for (ours, key) in parts(&f) {
+                let reference = self
+                    .get(&format!("{prefix}{key}"))
+                    .to_dtype(ours.dtype())
+                    .unwrap();
+                let e = rel_err(
+                    &ours.to_dtype(DType::F32).unwrap(),
+                    &reference.to_dtype(DType::F32).unwrap(),
+                );
+                assert!(
+                    e <= F32_TOL,
+                    "{}: {prefix}{key}: relative error {e:e} > {F32_TOL:e}",
+                    self.name
+                );
+            }
+            let mean = self
+                .get(&format!("{prefix}{mean_key}"))
+                .mean(3)
+                .unwrap()
+                .mean(2)
+                .unwrap();
+            let e = rel_err(&f.pooled, &mean);
+            assert!(
+                e <= F32_TOL,
+                "{}: {prefix}pooled vs spatial mean of {mean_key}: {e:e}",
+                self.name
+            );
+        }
+        let px = self.get("pixel_values");
+        let batch = parts(
+            &self
+                .model
+                .image
+                .encode(px, &EncodeOptions::default())
+                .unwrap(),
+        );
+        for i in 0..px.dim(0).unwrap() {
+            let one = parts(
+                &self
+                    .model
+                    .image
+                    .encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default())
+                    .unwrap(),
+            );
+            for ((o, key), (b, _)) in one.iter().zip(&batch) {
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let e = rel_err(&f32(o), &f32(&b.narrow(0, i, 1).unwrap()));
+                assert!(
+                    e <= BATCH_TOL,
+                    "{}: {key} of single image {i} differs from its batch row by {e:e}",
+                    self.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sd_vae() {
+    let f = fixture("sd_vae");
+    f.check_latents("latent_mean", |out| {
+        let l = out.latents.as_ref().expect("latents");
+        vec![
+            (l.mean.clone(), "latent_mean"),
+            (l.logvar.clone().expect("logvar"), "latent_logvar"),
+        ]
+    });
+    let out = f
+        .model
+        .image
+        .encode(f.get("pixel_values"), &EncodeOptions::default())
+        .unwrap();
+    let l = out.latents.unwrap();
+    f.check(
+        "sample",
+        &l.sample(f.get("sample_noise")).unwrap(),
+        "latent_sample",
+    );
+    assert_eq!((l.scaling_factor, l.shift_factor), (0.18215, 0.0));
+    assert!(l.codes.is_none() && l.quantized.is_none());
+    assert_eq!(
+        (f.model.info.architecture.as_str(), f.model.info.hidden_size),
+        ("AutoencoderKL", 4)
+    );
+}
+
+#[test]
+fn vqgan() {
+    let f = fixture("vqgan");
+    let codes_of = |out: &ImageFeatures| {
+        let codes = out
+            .latents
+            .as_ref()
+            .and_then(|l| l.codes.clone())
+            .expect("codes");
+        assert_eq!(codes.dtype(), DType::U32);
+        codes
+    };
+    f.check_latents("pre_quant", |out| {
+        let l = out.latents.as_ref().expect("latents");
+        assert!(l.logvar.is_none());
+        let quantized = l.quantized.clone().expect("quantized");
+        vec![
+            (l.mean.clone(), "pre_quant"),
+            (quantized, "quantized"),
+            (codes_of(out), "indices"),
+        ]
+    });
+    // Codebook indices must be equal, not merely close.
+    for prefix in ["", "alt_"] {
+        let out = f
+            .model
+            .image
+            .encode(
+                f.get(&format!("{prefix}pixel_values")),
+                &EncodeOptions::default(),
+            )
+            .unwrap();
+        let ours = codes_of(&out).to_dtype(DType::I64).unwrap();
+        let reference = f.get(&format!("{prefix}indices"));
+        assert_eq!(ours.dims(), reference.dims(), "{prefix}indices shape");
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<i64>().unwrap();
+        assert_eq!(flat(&ours), flat(reference), "{prefix}indices");
+        assert_eq!(
+            flat(&ours),
+            flat(f.get(&format!("{prefix}indices_flat"))),
+            "{prefix}indices_flat"
+        );
+    }
+    assert_eq!(
+        (f.model.info.architecture.as_str(), f.model.info.hidden_size),
+        ("VQModel", 4)
+    );
+}
+
+/// Checkpoints saved before diffusers 0.14 name the mid-block attention `query`/`key`/`value`/
+/// `proj_attn`; diffusers renames them on load, and so must we.
+#[test]
+fn sd_vae_legacy_attention_keys() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/families/sd_vae");
+    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let file = dir.join("diffusion_pytorch_model.safetensors");
+    let tensors = candle_core::safetensors::load(file, &Device::Cpu).unwrap();
+    let renamed = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = k
+                .replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.");
+            (k.replace(".to_out.0.", ".proj_attn."), v)
+        })
+        .collect();
+    let w = visenc_weights::Weights::new(renamed, &ckpt.dir, DType::F32, &Device::Cpu);
+    let (model, _) = load(&ckpt, &w, LoadPolicy::Strict).unwrap();
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let out = model
+        .image
+        .encode(&expected["pixel_values"], &EncodeOptions::default())
+        .unwrap();
+    let e = rel_err(&out.latents.unwrap().mean, &expected["latent_mean"]);
+    assert!(e <= F32_TOL, "legacy keys: relative error {e:e}");
+}
+
+/// Options the encoder cannot honour are refused by name.
+#[test]
+fn diffusers_unsupported_options_are_named() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/families/sd_vae");
+    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    for (key, value, named) in [
+        (
+            "down_block_types",
+            serde_json::json!(["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]),
+            "down_block_types entry (only DownEncoderBlock2D): AttnDownEncoderBlock2D",
+        ),
+        (
+            "latents_mean",
+            serde_json::json!([0.1, 0.2, 0.3, 0.4]),
+            "latents_mean",
+        ),
+        ("act_fn", serde_json::json!("mish"), "act_fn"),
+        (
+            "some_new_option",
+            serde_json::json!(true),
+            "some_new_option",
+        ),
+    ] {
+        let mut c = ckpt.clone();
+        c.config[key] = value;
+        let err = load(&c, &w, LoadPolicy::Strict)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains(named),
+            "{key}: error {err:?} should name {named}"
+        );
+    }
 }

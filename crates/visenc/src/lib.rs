@@ -105,6 +105,13 @@ fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
             Some(p) => Preprocess::from_timm_pretrained_cfg(p)?,
             None => return Err(no("config.json has no pretrained_cfg".into())),
         },
+        // diffusers' VaeImageProcessor: pixels scaled to [-1, 1] (`2 * x - 1`), at the image's own size.
+        Layout::Diffusers => Preprocess {
+            rescale: Some(1.0 / 255.0),
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            ..Preprocess::default()
+        },
         Layout::OpenClip => {
             let cfg = ckpt
                 .config

@@ -20,6 +20,9 @@ pub enum Layout {
     OpenClip,
     /// timm on the hub: `config.json` with `architecture` and `pretrained_cfg`, `model.safetensors`.
     Timm,
+    /// diffusers: `config.json` with `_class_name` (e.g. `AutoencoderKL`),
+    /// `diffusion_pytorch_model.safetensors` (or shards).
+    Diffusers,
 }
 
 /// A located checkpoint: its directory, layout, parsed configs and weight files.
@@ -128,14 +131,17 @@ impl Checkpoint {
         };
         let preprocessor = read_json_opt(&dir.join("preprocessor_config.json"))?;
         // `fallback` files (PyTorch pickles) count only when there is no safetensors file or index at all.
-        let weights = |names: &[&str], fallback: &[&str]| -> Result<Vec<PathBuf>, WeightsError> {
+        let weights = |names: &[&str],
+                       index: &str,
+                       fallback: &[&str]|
+         -> Result<Vec<PathBuf>, WeightsError> {
             for n in names {
                 let p = dir.join(n);
                 if p.is_file() {
                     return Ok(vec![p]);
                 }
             }
-            let index = dir.join("model.safetensors.index.json");
+            let index = dir.join(index);
             if index.is_file() {
                 return Ok(shard_files(&index)?
                     .into_iter()
@@ -154,7 +160,9 @@ impl Checkpoint {
         };
         let (layout, config_path) = if hf_cfg.is_file() {
             let cfg = read_json(&hf_cfg)?;
-            if cfg.get("architecture").is_some() {
+            if cfg.get("_class_name").is_some() {
+                (Layout::Diffusers, hf_cfg)
+            } else if cfg.get("architecture").is_some() {
                 (Layout::Timm, hf_cfg)
             } else if cfg.get("model_type").is_some() || cfg.get("architectures").is_some() {
                 (Layout::Transformers, hf_cfg)
@@ -164,7 +172,8 @@ impl Checkpoint {
                 return Err(WeightsError::Config {
                     path: hf_cfg,
                     what: "config",
-                    reason: "neither `model_type` (transformers) nor `architecture` (timm)".into(),
+                    reason: "neither `model_type` (transformers), `architecture` (timm) nor `_class_name` (diffusers)"
+                        .into(),
                 });
             }
         } else if open_clip_cfg.is_file() {
@@ -176,11 +185,26 @@ impl Checkpoint {
             )));
         };
         let weight_files = match layout {
-            Layout::OpenClip => {
-                weights(&["open_clip_model.safetensors", "model.safetensors"], &[])?
-            }
-            Layout::Transformers => weights(&["model.safetensors"], &["pytorch_model.bin"])?,
-            Layout::Timm => weights(&["model.safetensors"], &[])?,
+            Layout::OpenClip => weights(
+                &["open_clip_model.safetensors", "model.safetensors"],
+                "model.safetensors.index.json",
+                &[],
+            )?,
+            Layout::Diffusers => weights(
+                &["diffusion_pytorch_model.safetensors"],
+                "diffusion_pytorch_model.safetensors.index.json",
+                &["diffusion_pytorch_model.bin"],
+            )?,
+            Layout::Transformers => weights(
+                &["model.safetensors"],
+                "model.safetensors.index.json",
+                &["pytorch_model.bin"],
+            )?,
+            Layout::Timm => weights(
+                &["model.safetensors"],
+                "model.safetensors.index.json",
+                &["pytorch_model.bin"],
+            )?,
         };
         Ok(Self {
             spec: spec.to_string(),
