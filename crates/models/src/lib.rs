@@ -10,6 +10,7 @@ pub mod convnext;
 pub mod dinov2;
 mod error;
 pub mod interpolate;
+pub mod maxvit;
 pub mod nn;
 pub mod resnet;
 pub mod siglip;
@@ -67,6 +68,8 @@ pub fn load(
                 resnet::load_timm(base, cfg, w)?
             } else if base.starts_with("convnext") {
                 convnext::load_timm(base, cfg, w)?
+            } else if base.starts_with("maxvit_") {
+                maxvit::load_timm(arch, cfg, w)?
             } else {
                 return Err(ModelError::Unsupported {
                     what: "timm architecture",

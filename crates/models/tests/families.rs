@@ -463,3 +463,52 @@ fn diffusers_unsupported_options_are_named() {
         );
     }
 }
+
+#[test]
+fn maxvit_timm() {
+    let f = fixture("maxvit_timm");
+    f.check_image();
+    assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+    assert_eq!(f.model.info.hidden_size, 16);
+    check_tokens(&f, "");
+    // The partitions (2x2 here) are fixed at load time; a map they do not divide is refused.
+    let odd = Tensor::zeros((1, 3, 72, 72), DType::F32, &Device::Cpu).unwrap();
+    let err = f.model.image.encode(&odd, &EncodeOptions::default()).err();
+    assert!(
+        matches!(err, Some(visenc_models::ModelError::Input(_))),
+        "{err:?}"
+    );
+    // The preprocessed photo.
+    let photo = f
+        .model
+        .image
+        .encode(f.get("photo_pixel_values"), &EncodeOptions::default())
+        .unwrap();
+    f.check("photo pooled", &photo.pooled, "photo_pooled");
+    f.check(
+        "photo logits",
+        photo.logits.as_ref().unwrap(),
+        "photo_logits",
+    );
+}
+
+#[test]
+fn maxvit_refuses_unimplemented_options() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/families/maxvit_timm");
+    for (key, value) in [
+        ("transformer_rel_pos_type", serde_json::json!("mlp")),
+        ("conv_attn_layer", serde_json::json!("eca")),
+        ("block_type", serde_json::json!(["C", "C", "T", "T"])),
+    ] {
+        let mut ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+        ckpt.config["model_args"][key] = value;
+        let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+        match load(&ckpt, &w, LoadPolicy::Strict) {
+            Err(visenc_models::ModelError::Unsupported { name, .. }) => {
+                assert!(name.starts_with(key), "{key}: {name}")
+            }
+            Err(e) => panic!("{key}: expected Unsupported, got {e}"),
+            Ok(_) => panic!("{key}: loaded"),
+        }
+    }
+}
