@@ -7,6 +7,7 @@ pub mod api;
 pub mod clip;
 pub mod conv;
 pub mod dinov2;
+pub mod efficientnet;
 mod error;
 pub mod interpolate;
 pub mod nn;
@@ -50,6 +51,8 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
                 vit::load_timm(arch, cfg, w)?
             } else if base.starts_with("resnet") {
                 resnet::load_timm(base, cfg, w)?
+            } else if base.starts_with("efficientnet_") || base.starts_with("tf_efficientnet_") || base == "test_efficientnet" {
+                efficientnet::load_timm(arch, cfg, w)?
             } else {
                 return Err(ModelError::Unsupported { what: "timm architecture", name: arch.to_string() });
             }
@@ -68,10 +71,11 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
                 "vit" => vit::load_hf(cfg, w, &arch)?,
                 "resnet" => resnet::load_hf(cfg, w, &arch)?,
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
+                "efficientnet" => efficientnet::load_hf(cfg, w, &arch)?,
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
-                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet"),
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, efficientnet"),
                     })
                 }
             }

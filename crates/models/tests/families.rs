@@ -88,3 +88,59 @@ fn resnet_transformers_basic() {
 fn resnet_timm() {
     fixture("resnet_timm").check_image();
 }
+
+#[test]
+fn efficientnet_timm() {
+    let f = fixture("efficientnet_timm");
+    f.check_image();
+    assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+}
+
+#[test]
+fn efficientnet_timm_tf_same_padding() {
+    fixture("efficientnet_timm_tf").check_image();
+}
+
+#[test]
+fn efficientnet_transformers() {
+    let f = fixture("efficientnet_hf");
+    f.check_image();
+    assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+}
+
+/// The full-size timm `efficientnet_b0` state dict (key names and shapes only, as zeros) loads
+/// strictly: every tensor is used and has the shape our block-string decoding predicts.
+#[test]
+fn efficientnet_timm_b0_full_size_keys() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/families/timm_efficientnet_b0_keys.json");
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tensors: HashMap<String, Tensor> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            let shape: Vec<usize> = serde_json::from_value(k["shape"].clone()).unwrap();
+            let dtype = if k["dtype"] == "int64" {
+                DType::I64
+            } else {
+                DType::F32
+            };
+            (
+                k["name"].as_str().unwrap().to_string(),
+                Tensor::zeros(shape, dtype, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let w = visenc_weights::Weights::new(tensors, "efficientnet_b0", DType::F32, &Device::Cpu);
+    let model = visenc_models::efficientnet::load_timm(
+        "efficientnet_b0.ra_in1k",
+        &serde_json::json!({}),
+        &w,
+    )
+    .unwrap();
+    w.finish(LoadPolicy::Strict)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((model.info.num_layers, model.info.hidden_size), (16, 1280));
+}
