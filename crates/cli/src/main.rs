@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "visenc", version, about = "Turn images (and text) into vectors with vision encoders, no Python needed")]
+#[command(
+    name = "visenc",
+    version,
+    about = "Turn images (and text) into vectors with vision encoders, no Python needed"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,6 +55,8 @@ enum Command {
     Similarity(commands::similarity::SimilarityArgs),
     /// Describe a model: architecture, sizes, preprocessing, parameters.
     Info(commands::info::InfoArgs),
+    /// Time a model's forward pass (img/s, latency, peak RSS) or the kernel micro-benchmarks.
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,8 +66,11 @@ fn main() -> ExitCode {
         Command::Classify(a) => commands::classify::run(a),
         Command::Similarity(a) => commands::similarity::run(a),
         Command::Info(a) => commands::info::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     match result {
+        // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(0) => ExitCode::SUCCESS,
         Ok(failed) => {
             eprintln!("visenc: {failed} input(s) failed (see the errors above)");
@@ -72,4 +81,16 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Whether writing the output failed because its reader went away (EPIPE).
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::BrokenPipe;
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .and_then(serde_json::Error::io_error_kind)
+                == Some(BrokenPipe)
+    })
 }

@@ -48,6 +48,11 @@ pub enum CropRounding {
 /// A complete eval-time image pipeline: resize, centre crop, rescale, normalise.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
+    /// Before resizing, cut a centred square of this fraction of the shorter side, as TensorFlow's
+    /// EfficientNet eval does (`_decode_and_center_crop`: side `int(f * short)`, offsets
+    /// `((size - side) + 1) // 2`). `None` in every PyTorch pipeline.
+    #[serde(default)]
+    pub pre_crop: Option<f64>,
     /// `None`: no resize.
     pub resize: Option<ResizeMode>,
     pub filter: Filter,
@@ -70,6 +75,7 @@ impl Default for Preprocess {
     /// The identity pipeline: no resize, no crop, no rescale, mean 0, std 1.
     fn default() -> Self {
         Preprocess {
+            pre_crop: None,
             resize: None,
             filter: Filter::Bicubic,
             crop: None,
@@ -167,9 +173,16 @@ impl Preprocess {
     /// The `(height, width)` of the output for an `input_h` x `input_w` image: the crop size
     /// when there is a crop, else the resize size (`(0, 0)` where [`Self::resized`] would fail).
     pub fn output_size(&self, input_h: u32, input_w: u32) -> (u32, u32) {
+        let (h, w) = match self.pre_crop {
+            Some(f) => {
+                let side = tf_crop_side(f, input_h, input_w);
+                (side, side)
+            }
+            None => (input_h, input_w),
+        };
         match self.crop {
             Some(crop) => crop,
-            None => self.resize_size(input_h, input_w).unwrap_or((0, 0)),
+            None => self.resize_size(h, w).unwrap_or((0, 0)),
         }
     }
 
@@ -186,6 +199,23 @@ impl Preprocess {
                 height: in_h,
                 reason: "the image is empty".to_string(),
             });
+        }
+        if let Some(f) = self.pre_crop {
+            let side = tf_crop_side(f, in_h, in_w);
+            if side == 0 {
+                return Err(ImageError::Geometry {
+                    width: in_w,
+                    height: in_h,
+                    reason: format!("a central crop of {f} of the shorter side is empty"),
+                });
+            }
+            let (x, y) = ((in_w - side).div_ceil(2), (in_h - side).div_ceil(2));
+            let square = image::imageops::crop_imm(img, x, y, side, side).to_image();
+            return Preprocess {
+                pre_crop: None,
+                ..self.clone()
+            }
+            .resized(&square);
         }
         let (rh, rw) = self.resize_size(in_h, in_w)?;
         let (ch, cw) = self.crop.unwrap_or((rh, rw));
@@ -243,6 +273,11 @@ impl Preprocess {
         }
         Ok(out)
     }
+}
+
+/// The side of TensorFlow's central crop: `int(fraction * min(height, width))`.
+fn tf_crop_side(fraction: f64, h: u32, w: u32) -> u32 {
+    ((fraction * f64::from(h.min(w))) as u32).min(h.min(w))
 }
 
 #[cfg(test)]

@@ -113,7 +113,10 @@ impl Scoring {
         let cos = image.matmul(&text.t()?)?;
         Ok(match *self {
             Self::Softmax { logit_scale } => (cos * (logit_scale as f64).exp())?,
-            Self::Sigmoid { logit_scale, logit_bias } => ((cos * (logit_scale as f64).exp())? + logit_bias as f64)?,
+            Self::Sigmoid {
+                logit_scale,
+                logit_bias,
+            } => ((cos * (logit_scale as f64).exp())? + logit_bias as f64)?,
         })
     }
 

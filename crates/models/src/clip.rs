@@ -17,7 +17,11 @@ use crate::{parse, LoadedModel};
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/clip/modeling_clip.py#L585
 const HF_BLOCK: BlockKeys = BlockKeys {
     norm1: "layer_norm1",
-    qkv: QkvKeys::Separate { q: "self_attn.q_proj", k: "self_attn.k_proj", v: "self_attn.v_proj" },
+    qkv: QkvKeys::Separate {
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+    },
     out: "self_attn.out_proj",
     norm2: "layer_norm2",
     fc1: "mlp.fc1",
@@ -49,7 +53,10 @@ const HF_TEXT: TextKeys = TextKeys {
 // Reference: https://github.com/mlfoundations/open_clip/blob/v2.29.0/src/open_clip/transformer.py#L194
 const OPEN_CLIP_BLOCK: BlockKeys = BlockKeys {
     norm1: "ln_1",
-    qkv: QkvKeys::Fused { weight: "attn.in_proj_weight", bias: "attn.in_proj_bias" },
+    qkv: QkvKeys::Fused {
+        weight: "attn.in_proj_weight",
+        bias: "attn.in_proj_bias",
+    },
     out: "attn.out_proj",
     norm2: "ln_2",
     fc1: "mlp.c_fc",
@@ -90,7 +97,11 @@ impl ImageEncoder for ClipVision {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         let out = self.trunk.forward(pixels, opts, true)?;
         let pooled = self.post_norm.forward(&out.last.i((.., 0))?)?;
-        let projected = self.projection.as_ref().map(|p| p.forward(&pooled)).transpose()?;
+        let projected = self
+            .projection
+            .as_ref()
+            .map(|p| p.forward(&pooled))
+            .transpose()?;
         let (prefix_tokens, patch_tokens) = if opts.tokens {
             let (p, t) = self.trunk.split_tokens(&out.last)?;
             (p, Some(t))
@@ -174,20 +185,44 @@ impl Default for HfTextConfig {
 }
 
 fn hf_block(d: usize, mlp: usize, heads: usize, eps: f64, act: &str) -> Result<BlockConfig> {
-    Ok(BlockConfig { dim: d, heads, mlp_dim: mlp, eps, act: Activation::from_name(act)?, qkv_bias: true, layer_scale: false })
+    Ok(BlockConfig {
+        dim: d,
+        heads,
+        mlp_dim: mlp,
+        eps,
+        act: Activation::from_name(act)?,
+        qkv_bias: true,
+        layer_scale: false,
+    })
 }
 
 /// Loads a transformers CLIP checkpoint (`model_type` `clip` or `clip_vision_model`).
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let vision_only = cfg.get("vision_config").is_none();
-    let vc: HfVisionConfig = parse(if vision_only { cfg } else { &cfg["vision_config"] }, "vision_config")?;
+    let vc: HfVisionConfig = parse(
+        if vision_only {
+            cfg
+        } else {
+            &cfg["vision_config"]
+        },
+        "vision_config",
+    )?;
     let root = w.root();
-    for k in ["vision_model.embeddings.position_ids", "text_model.embeddings.position_ids"] {
+    for k in [
+        "vision_model.embeddings.position_ids",
+        "text_model.embeddings.position_ids",
+    ] {
         w.ignore(k);
     }
     let vs = root.pp("vision_model");
     let trunk_cfg = TrunkConfig {
-        block: hf_block(vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.layer_norm_eps, &vc.hidden_act)?,
+        block: hf_block(
+            vc.hidden_size,
+            vc.intermediate_size,
+            vc.num_attention_heads,
+            vc.layer_norm_eps,
+            &vc.hidden_act,
+        )?,
         layers: vc.num_hidden_layers,
         patch: vc.patch_size,
         patch_bias: false,
@@ -200,28 +235,57 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
     };
     let trunk = VisionTransformer::load(&vs, &HF_VISION, trunk_cfg)?;
     let post_norm = layer_norm(&vs, "post_layernorm", vc.hidden_size, vc.layer_norm_eps)?;
-    let projection_dim: usize = cfg.get("projection_dim").and_then(Value::as_u64).map_or(vc.projection_dim, |v| v as usize);
+    let projection_dim: usize = cfg
+        .get("projection_dim")
+        .and_then(Value::as_u64)
+        .map_or(vc.projection_dim, |v| v as usize);
     let projection = if root.contains("visual_projection.weight") || !vision_only {
-        Some(Projection::Linear(linear(&root, "visual_projection", vc.hidden_size, projection_dim, false)?))
+        Some(Projection::Linear(linear(
+            &root,
+            "visual_projection",
+            vc.hidden_size,
+            projection_dim,
+            false,
+        )?))
     } else {
         None
     };
     let has_projection = projection.is_some();
-    let vision = ClipVision { trunk, post_norm, projection };
+    let vision = ClipVision {
+        trunk,
+        post_norm,
+        projection,
+    };
     let (text, scoring) = if vision_only {
         (None, None)
     } else {
         let tc: HfTextConfig = parse(&cfg["text_config"], "text_config")?;
         let text_cfg = TextConfig {
-            block: hf_block(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.layer_norm_eps, &tc.hidden_act)?,
+            block: hf_block(
+                tc.hidden_size,
+                tc.intermediate_size,
+                tc.num_attention_heads,
+                tc.layer_norm_eps,
+                &tc.hidden_act,
+            )?,
             layers: tc.num_hidden_layers,
             vocab_size: tc.vocab_size,
             context_length: tc.max_position_embeddings,
             causal: true,
             // The reference keeps the legacy argmax pooling for checkpoints whose config says eos 2.
-            pool: if tc.eos_token_id == 2 { TextPool::ArgMax } else { TextPool::FirstEos(tc.eos_token_id) },
+            pool: if tc.eos_token_id == 2 {
+                TextPool::ArgMax
+            } else {
+                TextPool::FirstEos(tc.eos_token_id)
+            },
         };
-        let proj = Projection::Linear(linear(&root, "text_projection", tc.hidden_size, projection_dim, false)?);
+        let proj = Projection::Linear(linear(
+            &root,
+            "text_projection",
+            tc.hidden_size,
+            projection_dim,
+            false,
+        )?);
         let text = TextTransformer::load(&root.pp("text_model"), &HF_TEXT, text_cfg, proj)?;
         let scale = scalar(&root, "logit_scale")?;
         (Some(text), Some(Scoring::Softmax { logit_scale: scale }))
@@ -238,7 +302,11 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         scoring,
         ..Default::default()
     };
-    Ok(LoadedModel { image: Box::new(vision), text: text.map(|t| Box::new(t) as _), info })
+    Ok(LoadedModel {
+        image: Box::new(vision),
+        text: text.map(|t| Box::new(t) as _),
+        info,
+    })
 }
 
 /// Reads a scalar parameter stored as `[]` or `[1]`.
@@ -266,7 +334,16 @@ struct OcVision {
 
 impl Default for OcVision {
     fn default() -> Self {
-        Self { image_size: 224, layers: 12, width: 768, head_width: 64, mlp_ratio: 4.0, patch_size: 16, ls_init_value: None, other: Default::default() }
+        Self {
+            image_size: 224,
+            layers: 12,
+            width: 768,
+            head_width: 64,
+            mlp_ratio: 4.0,
+            patch_size: 16,
+            ls_init_value: None,
+            other: Default::default(),
+        }
     }
 }
 
@@ -286,21 +363,48 @@ struct OcText {
 
 impl Default for OcText {
     fn default() -> Self {
-        Self { context_length: 77, vocab_size: 49408, width: 512, heads: 8, layers: 12, mlp_ratio: 4.0, ls_init_value: None, other: Default::default() }
+        Self {
+            context_length: 77,
+            vocab_size: 49408,
+            width: 512,
+            heads: 8,
+            layers: 12,
+            mlp_ratio: 4.0,
+            ls_init_value: None,
+            other: Default::default(),
+        }
     }
 }
 
 /// Options of open_clip towers that change the computation and that visenc does not implement yet;
 /// a config that sets any of them to a non-default value is refused rather than run wrongly.
-fn refuse_open_clip_options(tower: &str, other: &serde_json::Map<String, Value>, allowed_default: &[(&str, Value)]) -> Result<()> {
+fn refuse_open_clip_options(
+    tower: &str,
+    other: &serde_json::Map<String, Value>,
+    allowed_default: &[(&str, Value)],
+) -> Result<()> {
     for (k, v) in other {
         let ok = match allowed_default.iter().find(|(name, _)| name == k) {
             Some((_, default)) => v == default || v.is_null(),
-            None => matches!(k.as_str(), "output_tokens" | "patch_dropout" | "pad_id" | "proj_bias" | "hf_tokenizer_name" | "tokenizer_kwargs" | "norm_kwargs" | "act_kwargs")
-                && (k != "proj_bias" || v == &Value::Bool(false)),
+            None => {
+                matches!(
+                    k.as_str(),
+                    "output_tokens"
+                        | "patch_dropout"
+                        | "pad_id"
+                        | "proj_bias"
+                        | "hf_tokenizer_name"
+                        | "tokenizer_kwargs"
+                        | "norm_kwargs"
+                        | "act_kwargs"
+                ) && (k != "proj_bias" || v == &Value::Bool(false))
+            }
         };
         if !ok {
-            return Err(ModelError::Unsupported { what: "open_clip option", name: format!("{tower}.{k} = {v}") });
+            return Err(ModelError::Unsupported {
+                what: "open_clip option",
+                name: format!("{tower}.{k} = {v}"),
+            });
         }
     }
     Ok(())
@@ -309,21 +413,49 @@ fn refuse_open_clip_options(tower: &str, other: &serde_json::Map<String, Value>,
 /// Loads an open_clip checkpoint (`open_clip_config.json` + `open_clip_model.safetensors`).
 // Reference: https://github.com/mlfoundations/open_clip/blob/v2.29.0/src/open_clip/model.py#L220
 pub fn load_open_clip(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
-    let mc = cfg.get("model_cfg").ok_or_else(|| config_err("model_cfg", "missing in open_clip_config.json"))?;
-    let embed_dim = mc.get("embed_dim").and_then(Value::as_u64).ok_or_else(|| config_err("model_cfg.embed_dim", "missing"))? as usize;
-    let quick_gelu = mc.get("quick_gelu").and_then(Value::as_bool).unwrap_or(false);
-    let act = if quick_gelu { Activation::QuickGelu } else { Activation::Gelu };
+    let mc = cfg
+        .get("model_cfg")
+        .ok_or_else(|| config_err("model_cfg", "missing in open_clip_config.json"))?;
+    let embed_dim = mc
+        .get("embed_dim")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| config_err("model_cfg.embed_dim", "missing"))? as usize;
+    let quick_gelu = mc
+        .get("quick_gelu")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let act = if quick_gelu {
+        Activation::QuickGelu
+    } else {
+        Activation::Gelu
+    };
     let vc: OcVision = parse(mc.get("vision_cfg").unwrap_or(&Value::Null), "vision_cfg")?;
     let tc: OcText = parse(mc.get("text_cfg").unwrap_or(&Value::Null), "text_cfg")?;
-    refuse_open_clip_options("vision_cfg", &vc.other, &[
-        ("attentional_pool", Value::Bool(false)), ("no_ln_pre", Value::Bool(false)), ("pool_type", "tok".into()),
-        ("final_ln_after_pool", Value::Bool(false)), ("output_tokens", Value::Bool(false)), ("global_average_pool", Value::Bool(false)),
-        ("pos_embed_type", "learnable".into()), ("timm_model_name", Value::Null),
-    ])?;
-    refuse_open_clip_options("text_cfg", &tc.other, &[
-        ("pool_type", "argmax".into()), ("no_causal_mask", Value::Bool(false)), ("embed_cls", Value::Bool(false)),
-        ("final_ln_after_pool", Value::Bool(false)), ("hf_model_name", Value::Null),
-    ])?;
+    refuse_open_clip_options(
+        "vision_cfg",
+        &vc.other,
+        &[
+            ("attentional_pool", Value::Bool(false)),
+            ("no_ln_pre", Value::Bool(false)),
+            ("pool_type", "tok".into()),
+            ("final_ln_after_pool", Value::Bool(false)),
+            ("output_tokens", Value::Bool(false)),
+            ("global_average_pool", Value::Bool(false)),
+            ("pos_embed_type", "learnable".into()),
+            ("timm_model_name", Value::Null),
+        ],
+    )?;
+    refuse_open_clip_options(
+        "text_cfg",
+        &tc.other,
+        &[
+            ("pool_type", "argmax".into()),
+            ("no_causal_mask", Value::Bool(false)),
+            ("embed_cls", Value::Bool(false)),
+            ("final_ln_after_pool", Value::Bool(false)),
+            ("hf_model_name", Value::Null),
+        ],
+    )?;
     let block = |width: usize, heads: usize, mlp_ratio: f64, ls: Option<f64>| BlockConfig {
         dim: width,
         heads,
@@ -336,7 +468,12 @@ pub fn load_open_clip(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let root = w.root();
     let vs = root.pp("visual");
     let trunk_cfg = TrunkConfig {
-        block: block(vc.width, vc.width / vc.head_width.max(1), vc.mlp_ratio, vc.ls_init_value),
+        block: block(
+            vc.width,
+            vc.width / vc.head_width.max(1),
+            vc.mlp_ratio,
+            vc.ls_init_value,
+        ),
         layers: vc.layers,
         patch: vc.patch_size,
         patch_bias: false,
@@ -350,7 +487,11 @@ pub fn load_open_clip(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let trunk = VisionTransformer::load(&vs, &OPEN_CLIP_VISION, trunk_cfg)?;
     let post_norm = layer_norm(&vs, "ln_post", vc.width, 1e-5)?;
     let projection = Some(Projection::Matrix(vs.get((vc.width, embed_dim), "proj")?));
-    let vision = ClipVision { trunk, post_norm, projection };
+    let vision = ClipVision {
+        trunk,
+        post_norm,
+        projection,
+    };
     let text_cfg = TextConfig {
         block: block(tc.width, tc.heads, tc.mlp_ratio, tc.ls_init_value),
         layers: tc.layers,
@@ -363,7 +504,10 @@ pub fn load_open_clip(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let text = TextTransformer::load(&root, &OPEN_CLIP_TEXT, text_cfg, text_proj)?;
     let logit_scale = scalar(&root, "logit_scale")?;
     let scoring = if root.contains("logit_bias") {
-        Scoring::Sigmoid { logit_scale, logit_bias: scalar(&root, "logit_bias")? }
+        Scoring::Sigmoid {
+            logit_scale,
+            logit_bias: scalar(&root, "logit_bias")?,
+        }
     } else {
         Scoring::Softmax { logit_scale }
     };
@@ -379,5 +523,9 @@ pub fn load_open_clip(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         scoring: Some(scoring),
         ..Default::default()
     };
-    Ok(LoadedModel { image: Box::new(vision), text: Some(Box::new(text)), info })
+    Ok(LoadedModel {
+        image: Box::new(vision),
+        text: Some(Box::new(text)),
+        info,
+    })
 }

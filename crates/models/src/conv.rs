@@ -42,7 +42,15 @@ pub struct ConvSpec {
 impl ConvSpec {
     /// A k x k convolution with PyTorch's usual `padding = k / 2`.
     pub fn new(cin: usize, cout: usize, k: usize, stride: usize) -> Self {
-        Self { cin, cout, k, stride, padding: Padding::Symmetric(k / 2), groups: 1, bias: false }
+        Self {
+            cin,
+            cout,
+            k,
+            stride,
+            padding: Padding::Symmetric(k / 2),
+            groups: 1,
+            bias: false,
+        }
     }
 
     pub fn groups(mut self, g: usize) -> Self {
@@ -65,12 +73,29 @@ impl Conv {
     /// Loads `name.weight` [cout, cin/groups, k, k] (and `name.bias`).
     pub fn load(s: &Scope, name: &str, c: ConvSpec) -> Result<Self> {
         if c.groups == 0 || c.cin % c.groups != 0 || c.cout % c.groups != 0 {
-            return Err(config_err("groups", format!("{} groups do not divide {} -> {} channels", c.groups, c.cin, c.cout)));
+            return Err(config_err(
+                "groups",
+                format!(
+                    "{} groups do not divide {} -> {} channels",
+                    c.groups, c.cin, c.cout
+                ),
+            ));
         }
         let s = s.pp(name);
         let weight = s.get((c.cout, c.cin / c.groups, c.k, c.k), "weight")?;
-        let bias = if c.bias { Some(s.get(c.cout, "bias")?) } else { None };
-        Ok(Self { weight, bias, stride: c.stride, padding: c.padding, dilation: 1, groups: c.groups })
+        let bias = if c.bias {
+            Some(s.get(c.cout, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride: c.stride,
+            padding: c.padding,
+            dilation: 1,
+            groups: c.groups,
+        })
     }
 
     /// Folds the BatchNorm `name` (eval mode: running statistics) into this convolution:
@@ -120,13 +145,16 @@ pub fn pad_same(x: &Tensor, k: usize, stride: usize, dilation: usize) -> Result<
         ((out - 1) * stride + (k - 1) * dilation + 1).saturating_sub(size)
     };
     let (ph, pw) = (pad(h), pad(w));
-    Ok(x.pad_with_zeros(2, ph / 2, ph - ph / 2)?.pad_with_zeros(3, pw / 2, pw - pw / 2)?)
+    Ok(x.pad_with_zeros(2, ph / 2, ph - ph / 2)?
+        .pad_with_zeros(3, pw / 2, pw - pw / 2)?)
 }
 
 /// `nn.MaxPool2d(kernel_size=3, stride=2, padding=1)` (the ResNet stem), padding with -inf.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    let neg = |shape: (usize, usize, usize, usize)| Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype());
+    let neg = |shape: (usize, usize, usize, usize)| {
+        Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())
+    };
     let x = Tensor::cat(&[&neg((b, c, h, 1))?, x, &neg((b, c, h, 1))?], 3)?;
     let x = Tensor::cat(&[&neg((b, c, 1, w + 2))?, &x, &neg((b, c, 1, w + 2))?], 2)?;
     Ok(x.max_pool2d_with_stride(3, 2)?)
@@ -146,7 +174,8 @@ pub fn layer_norm_2d(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Re
     let var = xc.sqr()?.mean_keepdim(1)?;
     let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
     let c = weight.dim(0)?;
-    Ok(y.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?.broadcast_add(&bias.reshape((1, c, 1, 1))?)?)
+    Ok(y.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?)
 }
 
 #[cfg(test)]
@@ -170,8 +199,22 @@ mod tests {
     fn max_pool_matches_padded_definition() {
         let data: Vec<f32> = (0..25).map(|i| -(i as f32)).collect();
         let x = Tensor::from_vec(data, (1, 1, 5, 5), &Device::Cpu).unwrap();
-        let y: Vec<Vec<f32>> = max_pool_3x3_s2_p1(&x).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let y: Vec<Vec<f32>> = max_pool_3x3_s2_p1(&x)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         // Output 3x3; window of output (0,0) covers input rows/cols 0..=1 -> max is 0.
-        assert_eq!(y, vec![vec![0.0, -1.0, -3.0], vec![-5.0, -6.0, -8.0], vec![-15.0, -16.0, -18.0]]);
+        assert_eq!(
+            y,
+            vec![
+                vec![0.0, -1.0, -3.0],
+                vec![-5.0, -6.0, -8.0],
+                vec![-15.0, -16.0, -18.0]
+            ]
+        );
     }
 }

@@ -16,7 +16,11 @@ use crate::{parse, LoadedModel};
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/dinov2/modeling_dinov2.py#L366
 const BLOCK: BlockKeys = BlockKeys {
     norm1: "norm1",
-    qkv: QkvKeys::Separate { q: "attention.attention.query", k: "attention.attention.key", v: "attention.attention.value" },
+    qkv: QkvKeys::Separate {
+        q: "attention.attention.query",
+        k: "attention.attention.key",
+        v: "attention.attention.value",
+    },
     out: "attention.output.dense",
     norm2: "norm2",
     fc1: "mlp.fc1",
@@ -76,7 +80,8 @@ impl Default for Config {
 /// Loads a transformers DINOv2 checkpoint, with or without registers.
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let mut c: Config = parse(cfg, "config.json")?;
-    let with_registers = cfg.get("model_type").and_then(Value::as_str) == Some("dinov2_with_registers");
+    let with_registers =
+        cfg.get("model_type").and_then(Value::as_str) == Some("dinov2_with_registers");
     if with_registers && cfg.get("num_register_tokens").is_none() {
         c.num_register_tokens = 4;
     }
@@ -84,10 +89,17 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         c.patch_size = 16; // Dinov2WithRegistersConfig's default differs from Dinov2Config's
     }
     if c.use_swiglu_ffn {
-        return Err(ModelError::Unsupported { what: "DINOv2 option", name: "use_swiglu_ffn = true (giant models)".into() });
+        return Err(ModelError::Unsupported {
+            what: "DINOv2 option",
+            name: "use_swiglu_ffn = true (giant models)".into(),
+        });
     }
     let root = w.root();
-    let s = if root.contains("dinov2.embeddings.cls_token") { root.pp("dinov2") } else { root.clone() };
+    let s = if root.contains("dinov2.embeddings.cls_token") {
+        root.pp("dinov2")
+    } else {
+        root.clone()
+    };
     s.ignore("embeddings.mask_token"); // masked-image-modelling only
     let trunk_cfg = TrunkConfig {
         block: BlockConfig {
@@ -109,11 +121,21 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         // Registers are inserted after the position embeddings are added: only CLS has one.
         pos_prefix: 1,
         // The two reference classes differ here: only the registers variant antialiases.
-        interp: if with_registers { PosInterp::BicubicAntialias } else { PosInterp::Bicubic },
+        interp: if with_registers {
+            PosInterp::BicubicAntialias
+        } else {
+            PosInterp::Bicubic
+        },
     };
     let trunk = VisionTransformer::load(&s, &TRUNK, trunk_cfg)?;
     let head = match root.shape_of("classifier.weight") {
-        Some(shape) => Some(linear(&root, "classifier", 2 * c.hidden_size, shape[0], true)?),
+        Some(shape) => Some(linear(
+            &root,
+            "classifier",
+            2 * c.hidden_size,
+            shape[0],
+            true,
+        )?),
         None => None,
     };
     let info = ModelInfo {
@@ -127,6 +149,16 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         labels: head.as_ref().and(hf_labels(cfg)),
         ..Default::default()
     };
-    let model = ViT { trunk, pool: Pool::Token, fc_norm: None, head, head_input: HeadInput::ClsAndMeanPatch };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = ViT {
+        trunk,
+        pool: Pool::Token,
+        fc_norm: None,
+        head,
+        head_input: HeadInput::ClsAndMeanPatch,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }

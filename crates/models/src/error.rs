@@ -21,5 +21,8 @@ pub enum ModelError {
 pub type Result<T> = std::result::Result<T, ModelError>;
 
 pub(crate) fn config_err(what: impl Into<String>, reason: impl Into<String>) -> ModelError {
-    ModelError::Config { what: what.into(), reason: reason.into() }
+    ModelError::Config {
+        what: what.into(),
+        reason: reason.into(),
+    }
 }

@@ -39,7 +39,12 @@ fn taps_bicubic(input: usize, output: usize) -> Taps {
             let real = scale * (o as f64 + 0.5) - 0.5;
             let base = real.floor();
             let t = real - base;
-            let w = [cubic(t + 1.0, -0.75), cubic(t, -0.75), cubic(1.0 - t, -0.75), cubic(2.0 - t, -0.75)];
+            let w = [
+                cubic(t + 1.0, -0.75),
+                cubic(t, -0.75),
+                cubic(1.0 - t, -0.75),
+                cubic(2.0 - t, -0.75),
+            ];
             (0..4)
                 .map(|k| {
                     let idx = (base as i64 - 1 + k as i64).clamp(0, input as i64 - 1) as usize;
@@ -61,16 +66,28 @@ fn taps_antialias(input: usize, output: usize) -> Taps {
             let center = scale * (o as f64 + 0.5);
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
-            let w: Vec<f64> =
-                (xmin..xmax).map(|j| cubic((j as f64 - center + 0.5) * invscale, -0.5)).collect();
+            let w: Vec<f64> = (xmin..xmax)
+                .map(|j| cubic((j as f64 - center + 0.5) * invscale, -0.5))
+                .collect();
             let total: f64 = w.iter().sum();
-            (xmin..xmax).zip(w).map(|(j, w)| (j, if total != 0.0 { w / total } else { 0.0 })).collect()
+            (xmin..xmax)
+                .zip(w)
+                .map(|(j, w)| (j, if total != 0.0 { w / total } else { 0.0 }))
+                .collect()
         })
         .collect()
 }
 
 /// Resamples `grid` [C, H, W] (row-major in `data`) to [C, out_h, out_w].
-fn resample(data: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usize, mode: PosInterp) -> Vec<f32> {
+fn resample(
+    data: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    out_h: usize,
+    out_w: usize,
+    mode: PosInterp,
+) -> Vec<f32> {
     let (th, tw) = match mode {
         PosInterp::Bicubic => (taps_bicubic(h, out_h), taps_bicubic(w, out_w)),
         PosInterp::BicubicAntialias => (taps_antialias(h, out_h), taps_antialias(w, out_w)),
@@ -97,7 +114,12 @@ fn resample(data: &[f32], c: usize, h: usize, w: usize, out_h: usize, out_w: usi
 
 /// Resamples patch position embeddings `pos` [N, D] laid out as a `grid` (h, w) to `new_grid`.
 /// Returns [new_h * new_w, D]. Identity when the grids are equal.
-pub fn resample_pos_embed(pos: &Tensor, grid: (usize, usize), new_grid: (usize, usize), mode: PosInterp) -> Result<Tensor> {
+pub fn resample_pos_embed(
+    pos: &Tensor,
+    grid: (usize, usize),
+    new_grid: (usize, usize),
+    mode: PosInterp,
+) -> Result<Tensor> {
     if grid == new_grid {
         return Ok(pos.clone());
     }
@@ -105,10 +127,18 @@ pub fn resample_pos_embed(pos: &Tensor, grid: (usize, usize), new_grid: (usize, 
     debug_assert_eq!(n, grid.0 * grid.1);
     let dtype = pos.dtype();
     // [N, D] -> [D, H, W]
-    let data: Vec<f32> = pos.to_dtype(candle_core::DType::F32)?.t()?.contiguous()?.flatten_all()?.to_vec1()?;
+    let data: Vec<f32> = pos
+        .to_dtype(candle_core::DType::F32)?
+        .t()?
+        .contiguous()?
+        .flatten_all()?
+        .to_vec1()?;
     let out = resample(&data, d, grid.0, grid.1, new_grid.0, new_grid.1, mode);
     let t = Tensor::from_vec(out, (d, new_grid.0 * new_grid.1), &Device::Cpu)?;
-    Ok(t.t()?.contiguous()?.to_device(pos.device())?.to_dtype(dtype)?)
+    Ok(t.t()?
+        .contiguous()?
+        .to_device(pos.device())?
+        .to_dtype(dtype)?)
 }
 
 #[cfg(test)]

@@ -6,22 +6,30 @@
 pub mod api;
 pub mod clip;
 pub mod conv;
+pub mod convnext;
 pub mod dinov2;
 pub mod efficientnet;
 mod error;
 pub mod interpolate;
+pub mod maxvit;
 pub mod nn;
 pub mod resnet;
 pub mod siglip;
+pub mod swin;
 pub mod text_transformer;
+pub mod vae;
 pub mod vision_transformer;
 pub mod vit;
+pub mod vqgan;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, Weights};
 
-pub use api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, Scoring, TextEncoder, TextFeatures};
+pub use api::{
+    EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, Scoring,
+    TextEncoder, TextFeatures,
+};
 pub use error::{ModelError, Result};
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.
@@ -33,13 +41,21 @@ pub struct LoadedModel {
 
 /// Parses a config section, naming the section in the error.
 pub(crate) fn parse<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
-    let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
+    let v = if v.is_null() {
+        Value::Object(Default::default())
+    } else {
+        v.clone()
+    };
     serde_json::from_value(v).map_err(|e| error::config_err(what, e.to_string()))
 }
 
 /// Builds the model a checkpoint describes from its weights, then checks the load report under
 /// `policy`. Returns the model and the report (non-empty only under [`LoadPolicy::AllowMismatch`]).
-pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(LoadedModel, LoadReport)> {
+pub fn load(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    policy: LoadPolicy,
+) -> Result<(LoadedModel, LoadReport)> {
     let cfg = &ckpt.config;
     let mut model = match ckpt.layout {
         Layout::OpenClip => clip::load_open_clip(cfg, w)?,
@@ -51,14 +67,41 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
                 vit::load_timm(arch, cfg, w)?
             } else if base.starts_with("resnet") {
                 resnet::load_timm(base, cfg, w)?
-            } else if base.starts_with("efficientnet_") || base.starts_with("tf_efficientnet_") || base == "test_efficientnet" {
+            } else if base.starts_with("convnext") {
+                convnext::load_timm(base, cfg, w)?
+            } else if base.starts_with("maxvit_") {
+                maxvit::load_timm(arch, cfg, w)?
+            } else if base.starts_with("efficientnet_")
+                || base.starts_with("tf_efficientnet_")
+                || base == "test_efficientnet"
+            {
                 efficientnet::load_timm(arch, cfg, w)?
             } else {
-                return Err(ModelError::Unsupported { what: "timm architecture", name: arch.to_string() });
+                return Err(ModelError::Unsupported {
+                    what: "timm architecture",
+                    name: arch.to_string(),
+                });
             }
         }
+        Layout::Diffusers => match cfg
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+        {
+            "AutoencoderKL" => vae::load(cfg, w)?,
+            "VQModel" => vqgan::load(cfg, w)?,
+            other => {
+                return Err(ModelError::Unsupported {
+                    what: "diffusers model (config.json _class_name)",
+                    name: format!("{other:?}; supported: AutoencoderKL, VQModel"),
+                })
+            }
+        },
         Layout::Transformers => {
-            let model_type = cfg.get("model_type").and_then(Value::as_str).unwrap_or_default();
+            let model_type = cfg
+                .get("model_type")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
             let arch = cfg
                 .get("architectures")
                 .and_then(|a| a.get(0))
@@ -70,12 +113,15 @@ pub fn load(ckpt: &Checkpoint, w: &Weights, policy: LoadPolicy) -> Result<(Loade
                 "siglip" | "siglip_vision_model" => siglip::load_hf(cfg, w, &arch)?,
                 "vit" => vit::load_hf(cfg, w, &arch)?,
                 "resnet" => resnet::load_hf(cfg, w, &arch)?,
+                "convnext" => convnext::load_hf(cfg, w, &arch)?,
+                "convnextv2" => convnext::load_hf_v2(cfg, w, &arch)?,
+                "swin" => swin::load_hf(cfg, w, &arch)?,
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
                 "efficientnet" => efficientnet::load_hf(cfg, w, &arch)?,
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
-                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, efficientnet"),
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, convnext, convnextv2, swin, efficientnet"),
                     })
                 }
             }

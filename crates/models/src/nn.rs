@@ -8,17 +8,31 @@ use visenc_weights::Scope;
 use crate::error::{config_err, Result};
 
 /// Loads `name.weight` [out, in] and, if `bias`, `name.bias` [out].
-pub fn linear(s: &Scope, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<candle_nn::Linear> {
+pub fn linear(
+    s: &Scope,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<candle_nn::Linear> {
     let s = s.pp(name);
     let w = s.get((out_dim, in_dim), "weight")?;
-    let b = if bias { Some(s.get(out_dim, "bias")?) } else { None };
+    let b = if bias {
+        Some(s.get(out_dim, "bias")?)
+    } else {
+        None
+    };
     Ok(candle_nn::Linear::new(w, b))
 }
 
 /// Loads a LayerNorm `name.{weight,bias}` of width `dim`.
 pub fn layer_norm(s: &Scope, name: &str, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
     let s = s.pp(name);
-    Ok(candle_nn::LayerNorm::new(s.get(dim, "weight")?, s.get(dim, "bias")?, eps))
+    Ok(candle_nn::LayerNorm::new(
+        s.get(dim, "weight")?,
+        s.get(dim, "bias")?,
+        eps,
+    ))
 }
 
 /// Activation functions by their names in HF configs (`hidden_act`).
@@ -65,9 +79,16 @@ impl Activation {
 #[derive(Debug, Clone, Copy)]
 pub enum QkvKeys {
     /// Three linear modules (HF).
-    Separate { q: &'static str, k: &'static str, v: &'static str },
+    Separate {
+        q: &'static str,
+        k: &'static str,
+        v: &'static str,
+    },
     /// One `[3D, D]` weight and `[3D]` bias (timm `attn.qkv.*`, `nn.MultiheadAttention.in_proj_*`).
-    Fused { weight: &'static str, bias: &'static str },
+    Fused {
+        weight: &'static str,
+        bias: &'static str,
+    },
 }
 
 /// Key names of one pre-norm transformer block, relative to the block.
@@ -106,9 +127,19 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(s: &Scope, qkv: QkvKeys, out: &str, dim: usize, heads: usize, qkv_bias: bool) -> Result<Self> {
+    pub fn load(
+        s: &Scope,
+        qkv: QkvKeys,
+        out: &str,
+        dim: usize,
+        heads: usize,
+        qkv_bias: bool,
+    ) -> Result<Self> {
         if heads == 0 || dim % heads != 0 {
-            return Err(config_err("num_attention_heads", format!("{heads} heads do not divide width {dim}")));
+            return Err(config_err(
+                "num_attention_heads",
+                format!("{heads} heads do not divide width {dim}"),
+            ));
         }
         let (q, k, v) = match qkv {
             QkvKeys::Separate { q, k, v } => (
@@ -118,25 +149,45 @@ impl Attention {
             ),
             QkvKeys::Fused { weight, bias } => {
                 let w = s.get((3 * dim, dim), weight)?;
-                let b = if qkv_bias { Some(s.get(3 * dim, bias)?) } else { None };
+                let b = if qkv_bias {
+                    Some(s.get(3 * dim, bias)?)
+                } else {
+                    None
+                };
                 let part = |i: usize| -> Result<candle_nn::Linear> {
                     let b = b.as_ref().map(|b| b.narrow(0, i * dim, dim)).transpose()?;
-                    Ok(candle_nn::Linear::new(w.narrow(0, i * dim, dim)?.contiguous()?, b))
+                    Ok(candle_nn::Linear::new(
+                        w.narrow(0, i * dim, dim)?.contiguous()?,
+                        b,
+                    ))
                 };
                 (part(0)?, part(1)?, part(2)?)
             }
         };
-        Ok(Self { q, k, v, out: linear(s, out, dim, dim, true)?, heads })
+        Ok(Self {
+            q,
+            k,
+            v,
+            out: linear(s, out, dim, dim, true)?,
+            heads,
+        })
     }
 
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, d / self.heads))?.transpose(1, 2)?.contiguous()?)
+        Ok(x.reshape((b, n, self.heads, d / self.heads))?
+            .transpose(1, 2)?
+            .contiguous()?)
     }
 
     /// `x`: [B, N, D] queries; `kv`: keys/values source (self-attention when `None`);
     /// `bias`: additive mask broadcastable to [B, H, N, M].
-    pub fn forward(&self, x: &Tensor, kv: Option<&Tensor>, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        kv: Option<&Tensor>,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let kv = kv.unwrap_or(x);
         let hd = d / self.heads;
@@ -161,12 +212,25 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(s: &Scope, fc1: &str, fc2: &str, dim: usize, hidden: usize, act: Activation) -> Result<Self> {
-        Ok(Self { fc1: linear(s, fc1, dim, hidden, true)?, fc2: linear(s, fc2, hidden, dim, true)?, act })
+    pub fn load(
+        s: &Scope,
+        fc1: &str,
+        fc2: &str,
+        dim: usize,
+        hidden: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(Self {
+            fc1: linear(s, fc1, dim, hidden, true)?,
+            fc2: linear(s, fc2, hidden, dim, true)?,
+            act,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.act.forward(&self.fc1.forward(x)?)?)?)
+        Ok(self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(x)?)?)?)
     }
 }
 
@@ -186,7 +250,10 @@ impl Block {
         let ls = |k: Option<&str>| -> Result<Option<Tensor>> {
             match (c.layer_scale, k) {
                 (true, Some(k)) => Ok(Some(s.get(c.dim, k)?)),
-                (true, None) => Err(config_err("layer_scale", "this layout has no LayerScale weights")),
+                (true, None) => Err(config_err(
+                    "layer_scale",
+                    "this layout has no LayerScale weights",
+                )),
                 (false, _) => Ok(None),
             }
         };
@@ -207,7 +274,10 @@ impl Block {
                 None => y,
             })
         };
-        let x = (x + scale(self.attn.forward(&self.norm1.forward(x)?, None, mask)?, &self.ls1)?)?;
+        let x = (x + scale(
+            self.attn.forward(&self.norm1.forward(x)?, None, mask)?,
+            &self.ls1,
+        )?)?;
         Ok((&x + scale(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.ls2)?)?)
     }
 }
@@ -219,9 +289,17 @@ pub struct Encoder {
 
 impl Encoder {
     /// Loads `prefix.{0..n}` blocks.
-    pub fn load(s: &Scope, prefix: &str, n: usize, keys: &BlockKeys, c: &BlockConfig) -> Result<Self> {
+    pub fn load(
+        s: &Scope,
+        prefix: &str,
+        n: usize,
+        keys: &BlockKeys,
+        c: &BlockConfig,
+    ) -> Result<Self> {
         let s = s.pp(prefix);
-        let blocks = (0..n).map(|i| Block::load(&s.pp(i), keys, c)).collect::<Result<_>>()?;
+        let blocks = (0..n)
+            .map(|i| Block::load(&s.pp(i), keys, c))
+            .collect::<Result<_>>()?;
         Ok(Self { blocks })
     }
 
@@ -243,7 +321,11 @@ impl Encoder {
         keep: &[usize],
         need_last: bool,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let stop = if need_last { self.blocks.len() } else { keep.iter().copied().max().unwrap_or(0) };
+        let stop = if need_last {
+            self.blocks.len()
+        } else {
+            keep.iter().copied().max().unwrap_or(0)
+        };
         let mut states: Vec<Option<Tensor>> = vec![None; self.blocks.len() + 1];
         let mut x = x.clone();
         if keep.contains(&0) {
@@ -255,7 +337,10 @@ impl Encoder {
                 states[i + 1] = Some(x.clone());
             }
         }
-        let kept = keep.iter().filter_map(|&i| states.get(i).cloned().flatten()).collect();
+        let kept = keep
+            .iter()
+            .filter_map(|&i| states.get(i).cloned().flatten())
+            .collect();
         Ok((x, kept))
     }
 }
@@ -269,7 +354,13 @@ pub fn resolve_layers(layers: &[i64], n: usize) -> Result<Vec<usize>> {
             if (0..=n as i64).contains(&i) {
                 Ok(i as usize)
             } else {
-                Err(config_err("layers", format!("layer {l} is out of range for {n} blocks (valid: -{} ..= {n})", n + 1)))
+                Err(config_err(
+                    "layers",
+                    format!(
+                        "layer {l} is out of range for {n} blocks (valid: -{} ..= {n})",
+                        n + 1
+                    ),
+                ))
             }
         })
         .collect()
@@ -285,7 +376,11 @@ pub fn causal_mask(n: usize, dtype: DType, device: &candle_core::Device) -> Resu
 
 /// L2-normalises the last dimension.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    let n = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
     Ok(x.broadcast_div(&n)?)
 }
 

@@ -11,7 +11,7 @@ use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelIn
 use crate::conv::{global_avg_pool, max_pool_3x3_s2_p1, Conv, ConvSpec};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{linear, Activation};
-use crate::vit::hf_labels;
+use crate::vit::{hf_labels, timm_labels};
 use crate::{parse, LoadedModel};
 
 /// BatchNorm eps of both references (`nn.BatchNorm2d` default).
@@ -65,7 +65,10 @@ impl ImageEncoder for ResNet {
         let mut maps = Vec::new();
         let stem = self.act.forward(&self.stem.forward(pixels)?)?;
         if opts.features && self.features == Features::Timm {
-            maps.push(FeatureMap { reduction: 2, map: stem.clone() });
+            maps.push(FeatureMap {
+                reduction: 2,
+                map: stem.clone(),
+            });
         }
         let mut x = max_pool_3x3_s2_p1(&stem)?;
         let mut reduction = 4;
@@ -77,18 +80,28 @@ impl ImageEncoder for ResNet {
                 reduction *= 2;
             }
             if opts.features {
-                maps.push(FeatureMap { reduction, map: x.clone() });
+                maps.push(FeatureMap {
+                    reduction,
+                    map: x.clone(),
+                });
             }
         }
         let pooled = global_avg_pool(&x)?;
-        let logits = self.head.as_ref().map(|h| candle_core::Module::forward(h, &pooled)).transpose()?;
+        let logits = self
+            .head
+            .as_ref()
+            .map(|h| candle_core::Module::forward(h, &pooled))
+            .transpose()?;
         let grid = (x.dim(2)?, x.dim(3)?);
         Ok(ImageFeatures {
             pooled,
             projected: None,
             logits,
             prefix_tokens: None,
-            patch_tokens: opts.tokens.then(|| x.flatten_from(2)?.transpose(1, 2)).transpose()?,
+            patch_tokens: opts
+                .tokens
+                .then(|| x.flatten_from(2)?.transpose(1, 2))
+                .transpose()?,
             grid,
             hidden_states: vec![],
             feature_maps: maps,
@@ -133,36 +146,72 @@ fn conv_bn(s: &Scope, conv: &str, bn: &str, spec: ConvSpec) -> Result<Conv> {
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let c: HfConfig = parse(cfg, "config.json")?;
     if c.hidden_sizes.len() != c.depths.len() || c.depths.is_empty() {
-        return Err(config_err("depths", "hidden_sizes and depths must have the same, non-zero length"));
+        return Err(config_err(
+            "depths",
+            "hidden_sizes and depths must have the same, non-zero length",
+        ));
     }
     let bottleneck = match c.layer_type.as_str() {
         "bottleneck" => true,
         "basic" => false,
-        other => return Err(ModelError::Unsupported { what: "ResNet layer_type", name: other.into() }),
+        other => {
+            return Err(ModelError::Unsupported {
+                what: "ResNet layer_type",
+                name: other.into(),
+            })
+        }
     };
     let root = w.root();
-    let s = if root.contains("resnet.embedder.embedder.convolution.weight") { root.pp("resnet") } else { root.clone() };
-    let cl = |s: &Scope, name: &str, spec: ConvSpec| conv_bn(s, &format!("{name}.convolution"), &format!("{name}.normalization"), spec);
-    let stem = cl(&s.pp("embedder"), "embedder", ConvSpec::new(c.num_channels, c.embedding_size, 7, 2))?;
+    let s = if root.contains("resnet.embedder.embedder.convolution.weight") {
+        root.pp("resnet")
+    } else {
+        root.clone()
+    };
+    let cl = |s: &Scope, name: &str, spec: ConvSpec| {
+        conv_bn(
+            s,
+            &format!("{name}.convolution"),
+            &format!("{name}.normalization"),
+            spec,
+        )
+    };
+    let stem = cl(
+        &s.pp("embedder"),
+        "embedder",
+        ConvSpec::new(c.num_channels, c.embedding_size, 7, 2),
+    )?;
     let mut stages = Vec::new();
     let mut cin = c.embedding_size;
     for (i, (&cout, &depth)) in c.hidden_sizes.iter().zip(&c.depths).enumerate() {
         let ss = s.pp(format!("encoder.stages.{i}.layers"));
         let mut blocks = Vec::new();
         for j in 0..depth {
-            let stride = if j == 0 && (i > 0 || c.downsample_in_first_stage) { 2 } else { 1 };
+            let stride = if j == 0 && (i > 0 || c.downsample_in_first_stage) {
+                2
+            } else {
+                1
+            };
             let bs = ss.pp(j);
-            let shortcut = (cin != cout || stride != 1).then(|| cl(&bs, "shortcut", ConvSpec::new(cin, cout, 1, stride))).transpose()?;
+            let shortcut = (cin != cout || stride != 1)
+                .then(|| cl(&bs, "shortcut", ConvSpec::new(cin, cout, 1, stride)))
+                .transpose()?;
             let convs = if bottleneck {
                 let mid = cout / 4;
-                let (s1, s2) = if c.downsample_in_bottleneck { (stride, 1) } else { (1, stride) };
+                let (s1, s2) = if c.downsample_in_bottleneck {
+                    (stride, 1)
+                } else {
+                    (1, stride)
+                };
                 vec![
                     cl(&bs, "layer.0", ConvSpec::new(cin, mid, 1, s1))?,
                     cl(&bs, "layer.1", ConvSpec::new(mid, mid, 3, s2))?,
                     cl(&bs, "layer.2", ConvSpec::new(mid, cout, 1, 1))?,
                 ]
             } else {
-                vec![cl(&bs, "layer.0", ConvSpec::new(cin, cout, 3, stride))?, cl(&bs, "layer.1", ConvSpec::new(cout, cout, 3, 1))?]
+                vec![
+                    cl(&bs, "layer.0", ConvSpec::new(cin, cout, 3, stride))?,
+                    cl(&bs, "layer.1", ConvSpec::new(cout, cout, 3, 1))?,
+                ]
             };
             blocks.push(Block { convs, shortcut });
             cin = cout;
@@ -182,8 +231,18 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         ..Default::default()
     };
     let act = Activation::from_name(&c.hidden_act)?;
-    let model = ResNet { stem, stages, act, head, features: Features::Hf };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = ResNet {
+        stem,
+        stages,
+        act,
+        head,
+        features: Features::Hf,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }
 
 /// timm `ResNet` constructor arguments visenc honours (preset from the name, then `model_args`).
@@ -210,7 +269,12 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
         "resnet50" => ("bottleneck", [3, 4, 6, 3]),
         "resnet101" => ("bottleneck", [3, 4, 23, 3]),
         "resnet152" => ("bottleneck", [3, 8, 36, 3]),
-        _ => return Err(ModelError::Unsupported { what: "timm ResNet architecture", name: arch.into() }),
+        _ => {
+            return Err(ModelError::Unsupported {
+                what: "timm ResNet architecture",
+                name: arch.into(),
+            })
+        }
     };
     let v = serde_json::json!({
         "block": block, "layers": layers, "channels": [64, 128, 256, 512], "num_classes": 1000, "in_chans": 3,
@@ -230,20 +294,29 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     if let Some(Value::Object(extra)) = cfg.get("model_args") {
         args.extend(extra.clone());
     }
-    let a: TimmArgs = serde_json::from_value(Value::Object(args)).map_err(|e| config_err("model_args", e.to_string()))?;
+    let a: TimmArgs = serde_json::from_value(Value::Object(args))
+        .map_err(|e| config_err("model_args", e.to_string()))?;
     for (k, v) in &a.other {
-        let harmless = matches!(k.as_str(), "drop_rate" | "drop_path_rate" | "zero_init_last" | "pretrained_cfg")
-            || v.is_null()
+        let harmless = matches!(
+            k.as_str(),
+            "drop_rate" | "drop_path_rate" | "zero_init_last" | "pretrained_cfg"
+        ) || v.is_null()
             || v == &Value::Bool(false)
             || (k == "stem_type" && v == "")
             || k == "stem_width"
             || (k == "output_stride" && v == 32);
         if !harmless {
-            return Err(ModelError::Unsupported { what: "timm ResNet argument", name: format!("{k} = {v}") });
+            return Err(ModelError::Unsupported {
+                what: "timm ResNet argument",
+                name: format!("{k} = {v}"),
+            });
         }
     }
     if a.global_pool != "avg" {
-        return Err(ModelError::Unsupported { what: "timm ResNet global_pool", name: a.global_pool });
+        return Err(ModelError::Unsupported {
+            what: "timm ResNet global_pool",
+            name: a.global_pool,
+        });
     }
     let bottleneck = a.block == "bottleneck";
     let root = w.root();
@@ -259,31 +332,59 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
             let s = root.pp(format!("layer{}.{j}", i + 1));
             let cout = if bottleneck { planes * 4 } else { planes };
             let shortcut = (cin != cout || stride != 1)
-                .then(|| conv_bn(&s, "downsample.0", "downsample.1", ConvSpec::new(cin, cout, 1, stride)))
+                .then(|| {
+                    conv_bn(
+                        &s,
+                        "downsample.0",
+                        "downsample.1",
+                        ConvSpec::new(cin, cout, 1, stride),
+                    )
+                })
                 .transpose()?;
             let convs = if bottleneck {
                 let width = planes * a.base_width / 64 * a.cardinality;
                 vec![
                     conv_bn(&s, "conv1", "bn1", ConvSpec::new(cin, width, 1, 1))?,
-                    conv_bn(&s, "conv2", "bn2", ConvSpec::new(width, width, 3, stride).groups(a.cardinality))?,
+                    conv_bn(
+                        &s,
+                        "conv2",
+                        "bn2",
+                        ConvSpec::new(width, width, 3, stride).groups(a.cardinality),
+                    )?,
                     conv_bn(&s, "conv3", "bn3", ConvSpec::new(width, cout, 1, 1))?,
                 ]
             } else {
-                vec![conv_bn(&s, "conv1", "bn1", ConvSpec::new(cin, cout, 3, stride))?, conv_bn(&s, "conv2", "bn2", ConvSpec::new(cout, cout, 3, 1))?]
+                vec![
+                    conv_bn(&s, "conv1", "bn1", ConvSpec::new(cin, cout, 3, stride))?,
+                    conv_bn(&s, "conv2", "bn2", ConvSpec::new(cout, cout, 3, 1))?,
+                ]
             };
             blocks.push(Block { convs, shortcut });
             cin = cout;
         }
         stages.push(blocks);
     }
-    let head = (a.num_classes > 0).then(|| linear(&root, "fc", cin, a.num_classes, true)).transpose()?;
+    let head = (a.num_classes > 0)
+        .then(|| linear(&root, "fc", cin, a.num_classes, true))
+        .transpose()?;
     let info = ModelInfo {
         architecture: arch.to_string(),
         family: "resnet",
         num_layers: a.layers.iter().sum(),
         hidden_size: cin,
+        labels: head.as_ref().and(timm_labels(cfg, a.num_classes)),
         ..Default::default()
     };
-    let model = ResNet { stem, stages, act: Activation::Relu, head, features: Features::Timm };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = ResNet {
+        stem,
+        stages,
+        act: Activation::Relu,
+        head,
+        features: Features::Timm,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }

@@ -10,7 +10,9 @@ use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo, Scoring}
 use crate::clip::scalar;
 use crate::error::Result;
 use crate::interpolate::PosInterp;
-use crate::nn::{layer_norm, linear, Activation, Attention, BlockConfig, BlockKeys, Mlp, Projection, QkvKeys};
+use crate::nn::{
+    layer_norm, linear, Activation, Attention, BlockConfig, BlockKeys, Mlp, Projection, QkvKeys,
+};
 use crate::text_transformer::{TextConfig, TextKeys, TextPool, TextTransformer};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
@@ -18,7 +20,11 @@ use crate::{parse, LoadedModel};
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/siglip/modeling_siglip.py#L760
 const BLOCK: BlockKeys = BlockKeys {
     norm1: "layer_norm1",
-    qkv: QkvKeys::Separate { q: "self_attn.q_proj", k: "self_attn.k_proj", v: "self_attn.v_proj" },
+    qkv: QkvKeys::Separate {
+        q: "self_attn.q_proj",
+        k: "self_attn.k_proj",
+        v: "self_attn.v_proj",
+    },
     out: "self_attn.out_proj",
     norm2: "layer_norm2",
     fc1: "mlp.fc1",
@@ -58,7 +64,10 @@ struct AttentionPool {
 
 impl AttentionPool {
     fn load(s: &Scope, c: &BlockConfig) -> Result<Self> {
-        let qkv = QkvKeys::Fused { weight: "in_proj_weight", bias: "in_proj_bias" };
+        let qkv = QkvKeys::Fused {
+            weight: "in_proj_weight",
+            bias: "in_proj_bias",
+        };
         Ok(Self {
             probe: s.get((1, 1, c.dim), "probe")?,
             attention: Attention::load(&s.pp("attention"), qkv, "out_proj", c.dim, c.heads, true)?,
@@ -167,16 +176,37 @@ impl Default for TextCfg {
 }
 
 fn block(d: usize, mlp: usize, heads: usize, eps: f64, act: &str) -> Result<BlockConfig> {
-    Ok(BlockConfig { dim: d, heads, mlp_dim: mlp, eps, act: Activation::from_name(act)?, qkv_bias: true, layer_scale: false })
+    Ok(BlockConfig {
+        dim: d,
+        heads,
+        mlp_dim: mlp,
+        eps,
+        act: Activation::from_name(act)?,
+        qkv_bias: true,
+        layer_scale: false,
+    })
 }
 
 /// Loads a transformers SigLIP checkpoint (`model_type` `siglip` or `siglip_vision_model`).
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let vision_only = cfg.get("vision_config").is_none();
-    let vc: VisionConfig = parse(if vision_only { cfg } else { &cfg["vision_config"] }, "vision_config")?;
+    let vc: VisionConfig = parse(
+        if vision_only {
+            cfg
+        } else {
+            &cfg["vision_config"]
+        },
+        "vision_config",
+    )?;
     let root = w.root();
     let vs = root.pp("vision_model");
-    let bc = block(vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.layer_norm_eps, &vc.hidden_act)?;
+    let bc = block(
+        vc.hidden_size,
+        vc.intermediate_size,
+        vc.num_attention_heads,
+        vc.layer_norm_eps,
+        &vc.hidden_act,
+    )?;
     let trunk_cfg = TrunkConfig {
         block: bc.clone(),
         layers: vc.num_hidden_layers,
@@ -190,7 +220,10 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         interp: PosInterp::Bicubic,
     };
     let trunk = VisionTransformer::load(&vs, &VISION, trunk_cfg)?;
-    let head = vc.vision_use_head.then(|| AttentionPool::load(&vs.pp("head"), &bc)).transpose()?;
+    let head = vc
+        .vision_use_head
+        .then(|| AttentionPool::load(&vs.pp("head"), &bc))
+        .transpose()?;
     let has_head = head.is_some();
     let vision = SiglipVision { trunk, head };
     let (text, scoring) = if vision_only {
@@ -199,7 +232,13 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         let tc: TextCfg = parse(&cfg["text_config"], "text_config")?;
         let ts = root.pp("text_model");
         let text_cfg = TextConfig {
-            block: block(tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.layer_norm_eps, &tc.hidden_act)?,
+            block: block(
+                tc.hidden_size,
+                tc.intermediate_size,
+                tc.num_attention_heads,
+                tc.layer_norm_eps,
+                &tc.hidden_act,
+            )?,
             layers: tc.num_hidden_layers,
             vocab_size: tc.vocab_size,
             context_length: tc.max_position_embeddings,
@@ -209,7 +248,10 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         let proj_dim = tc.projection_size.unwrap_or(tc.hidden_size);
         let head = Projection::Linear(linear(&ts, "head", tc.hidden_size, proj_dim, true)?);
         let text = TextTransformer::load(&ts, &TEXT, text_cfg, head)?;
-        let scoring = Scoring::Sigmoid { logit_scale: scalar(&root, "logit_scale")?, logit_bias: scalar(&root, "logit_bias")? };
+        let scoring = Scoring::Sigmoid {
+            logit_scale: scalar(&root, "logit_scale")?,
+            logit_bias: scalar(&root, "logit_bias")?,
+        };
         (Some(text), Some(scoring))
     };
     let info = ModelInfo {
@@ -224,5 +266,9 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         scoring,
         ..Default::default()
     };
-    Ok(LoadedModel { image: Box::new(vision), text: text.map(|t| Box::new(t) as _), info })
+    Ok(LoadedModel {
+        image: Box::new(vision),
+        text: text.map(|t| Box::new(t) as _),
+        info,
+    })
 }

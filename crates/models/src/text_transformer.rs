@@ -51,7 +51,12 @@ pub struct TextTransformer {
 }
 
 impl TextTransformer {
-    pub fn load(s: &Scope, keys: &TextKeys, cfg: TextConfig, projection: Projection) -> Result<Self> {
+    pub fn load(
+        s: &Scope,
+        keys: &TextKeys,
+        cfg: TextConfig,
+        projection: Projection,
+    ) -> Result<Self> {
         let d = cfg.block.dim;
         Ok(Self {
             token: s.get((cfg.vocab_size, d), keys.token)?,
@@ -78,13 +83,24 @@ impl TextEncoder for TextTransformer {
             )));
         }
         let ids_v: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
-        if let Some(bad) = ids_v.iter().flatten().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} >= vocabulary size {}", self.cfg.vocab_size)));
+        if let Some(bad) = ids_v
+            .iter()
+            .flatten()
+            .find(|&&i| i as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} >= vocabulary size {}",
+                self.cfg.vocab_size
+            )));
         }
         let flat = ids.to_dtype(candle_core::DType::U32)?.flatten_all()?;
         let x = self.token.embedding(&flat)?.reshape((t, l, ()))?;
         let x = x.broadcast_add(&self.pos.narrow(0, 0, l)?)?;
-        let mask = if self.cfg.causal { Some(causal_mask(l, x.dtype(), x.device())?) } else { None };
+        let mask = if self.cfg.causal {
+            Some(causal_mask(l, x.dtype(), x.device())?)
+        } else {
+            None
+        };
         let (x, _) = self.encoder.forward(&x, mask.as_ref(), &[], true)?;
         let x = self.final_norm.forward(&x)?;
         let pos: Vec<usize> = ids_v
@@ -99,7 +115,13 @@ impl TextEncoder for TextTransformer {
                 }
             })
             .collect();
-        let pooled = Tensor::stack(&pos.iter().enumerate().map(|(i, &p)| x.i((i, p))).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+        let pooled = Tensor::stack(
+            &pos.iter()
+                .enumerate()
+                .map(|(i, &p)| x.i((i, p)))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
         let projected = self.projection.forward(&pooled)?;
         Ok(TextFeatures { pooled, projected })
     }

@@ -51,7 +51,10 @@ impl TrunkConfig {
     }
 
     pub fn grid(&self) -> (usize, usize) {
-        (self.image_size.0 / self.patch, self.image_size.1 / self.patch)
+        (
+            self.image_size.0 / self.patch,
+            self.image_size.1 / self.patch,
+        )
     }
 }
 
@@ -80,36 +83,79 @@ impl VisionTransformer {
         let d = cfg.block.dim;
         let p = cfg.patch;
         if p == 0 || cfg.image_size.0 < p || cfg.image_size.1 < p {
-            return Err(config_err("patch_size", format!("patch {p} does not fit image {:?}", cfg.image_size)));
+            return Err(config_err(
+                "patch_size",
+                format!("patch {p} does not fit image {:?}", cfg.image_size),
+            ));
         }
         let ps = s.pp(keys.patch);
         let w = ps.get((d, cfg.channels, p, p), "weight")?;
-        let b = if cfg.patch_bias { Some(ps.get(d, "bias")?) } else { None };
-        let conv_cfg = candle_nn::Conv2dConfig { stride: p, ..Default::default() };
+        let b = if cfg.patch_bias {
+            Some(ps.get(d, "bias")?)
+        } else {
+            None
+        };
+        let conv_cfg = candle_nn::Conv2dConfig {
+            stride: p,
+            ..Default::default()
+        };
         let patch = candle_nn::Conv2d::new(w, b, conv_cfg);
 
         // [n, D] rows, stored as [1, n, D] (batched) or [n, D]; CLIP stores its CLS token as [D].
         let rows = |name: &str, n: usize| -> Result<Tensor> {
-            Ok(if keys.batched { s.get((1, n, d), name)?.squeeze(0)? } else { s.get((n, d), name)? })
+            Ok(if keys.batched {
+                s.get((1, n, d), name)?.squeeze(0)?
+            } else {
+                s.get((n, d), name)?
+            })
         };
         let mut prefix = Vec::new();
         if cfg.class_token {
-            let name = keys.cls.ok_or_else(|| config_err("class_token", "layout has no CLS token"))?;
-            prefix.push(if keys.batched { rows(name, 1)? } else { s.get(d, name)?.unsqueeze(0)? });
+            let name = keys
+                .cls
+                .ok_or_else(|| config_err("class_token", "layout has no CLS token"))?;
+            prefix.push(if keys.batched {
+                rows(name, 1)?
+            } else {
+                s.get(d, name)?.unsqueeze(0)?
+            });
         }
         if cfg.registers > 0 {
-            let name = keys.reg.ok_or_else(|| config_err("reg_tokens", "layout has no register tokens"))?;
+            let name = keys
+                .reg
+                .ok_or_else(|| config_err("reg_tokens", "layout has no register tokens"))?;
             prefix.push(rows(name, cfg.registers)?);
         }
-        let prefix = if prefix.is_empty() { None } else { Some(Tensor::cat(&prefix, 0)?) };
+        let prefix = if prefix.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&prefix, 0)?)
+        };
         let (gh, gw) = cfg.grid();
         let pos = rows(keys.pos, cfg.pos_prefix + gh * gw)?;
-        let pos_prefix = (cfg.pos_prefix > 0).then(|| pos.narrow(0, 0, cfg.pos_prefix)).transpose()?;
+        let pos_prefix = (cfg.pos_prefix > 0)
+            .then(|| pos.narrow(0, 0, cfg.pos_prefix))
+            .transpose()?;
         let pos_patch = pos.narrow(0, cfg.pos_prefix, gh * gw)?;
-        let pre_norm = keys.pre_norm.map(|n| layer_norm(s, n, d, cfg.block.eps)).transpose()?;
+        let pre_norm = keys
+            .pre_norm
+            .map(|n| layer_norm(s, n, d, cfg.block.eps))
+            .transpose()?;
         let encoder = Encoder::load(s, keys.blocks, cfg.layers, &keys.block, &cfg.block)?;
-        let final_norm = keys.final_norm.map(|n| layer_norm(s, n, d, cfg.block.eps)).transpose()?;
-        Ok(Self { cfg, patch, prefix, pos_prefix, pos_patch, pre_norm, encoder, final_norm })
+        let final_norm = keys
+            .final_norm
+            .map(|n| layer_norm(s, n, d, cfg.block.eps))
+            .transpose()?;
+        Ok(Self {
+            cfg,
+            patch,
+            prefix,
+            pos_prefix,
+            pos_patch,
+            pre_norm,
+            encoder,
+            final_norm,
+        })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -127,7 +173,9 @@ impl VisionTransformer {
             )));
         }
         let grid = (h / p, w / p);
-        let x = self.patch.forward(&pixels.to_dtype(self.pos_patch.dtype())?)?; // [B, D, gh, gw]
+        let x = self
+            .patch
+            .forward(&pixels.to_dtype(self.pos_patch.dtype())?)?; // [B, D, gh, gw]
         let x = x.flatten_from(2)?.transpose(1, 2)?; // [B, N, D]
         let pos = resample_pos_embed(&self.pos_patch, self.cfg.grid(), grid, self.cfg.interp)?;
         let mut x = x.broadcast_add(&pos)?;
@@ -155,7 +203,12 @@ impl VisionTransformer {
     }
 
     /// Runs the trunk. `need_last` false lets it stop after the deepest requested hidden state.
-    pub fn forward(&self, pixels: &Tensor, opts: &EncodeOptions, need_last: bool) -> Result<TrunkOutput> {
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        opts: &EncodeOptions,
+        need_last: bool,
+    ) -> Result<TrunkOutput> {
         let (x, grid) = self.embed(pixels)?;
         let keep = resolve_layers(&opts.layers, self.encoder.len())?;
         let (last, states) = self.encoder.forward(&x, None, &keep, need_last)?;
@@ -163,7 +216,11 @@ impl VisionTransformer {
             Some(n) if need_last => n.forward(&last)?,
             _ => last,
         };
-        Ok(TrunkOutput { last, hidden_states: opts.layers.iter().copied().zip(states).collect(), grid })
+        Ok(TrunkOutput {
+            last,
+            hidden_states: opts.layers.iter().copied().zip(states).collect(),
+            grid,
+        })
     }
 
     /// Splits a final sequence into (prefix tokens, patch tokens).

@@ -59,7 +59,11 @@ impl ImageEncoder for ViT {
                 Some(h.forward(&Tensor::cat(&[out.last.i((.., 0))?, patches.mean(1)?], 1)?)?)
             }
         };
-        let (prefix_tokens, patch_tokens) = if opts.tokens { (prefix, Some(patches)) } else { (None, None) };
+        let (prefix_tokens, patch_tokens) = if opts.tokens {
+            (prefix, Some(patches))
+        } else {
+            (None, None)
+        };
         Ok(ImageFeatures {
             pooled,
             projected: None,
@@ -74,19 +78,40 @@ impl ImageEncoder for ViT {
     }
 }
 
+/// Class names of a timm hub checkpoint: `label_names` at the top of config.json (where timm's
+/// `save_for_hf` writes them) or inside `pretrained_cfg`; only when they match the head.
+pub(crate) fn timm_labels(cfg: &Value, num_classes: usize) -> Option<Vec<String>> {
+    let names = cfg
+        .get("label_names")
+        .or_else(|| cfg.get("pretrained_cfg")?.get("label_names"))?
+        .as_array()?;
+    let names: Vec<String> = names
+        .iter()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    (names.len() == num_classes && num_classes > 0).then_some(names)
+}
+
 /// Class names from an HF `id2label` map, in id order.
 pub(crate) fn hf_labels(cfg: &Value) -> Option<Vec<String>> {
     let map = cfg.get("id2label")?.as_object()?;
-    let mut v: Vec<(usize, String)> =
-        map.iter().filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string()))).collect();
+    let mut v: Vec<(usize, String)> = map
+        .iter()
+        .filter_map(|(k, v)| Some((k.parse().ok()?, v.as_str()?.to_string())))
+        .collect();
     v.sort();
-    (v.iter().enumerate().all(|(i, (k, _))| i == *k)).then(|| v.into_iter().map(|(_, n)| n).collect())
+    (v.iter().enumerate().all(|(i, (k, _))| i == *k))
+        .then(|| v.into_iter().map(|(_, n)| n).collect())
 }
 
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/vit/modeling_vit.py#L390
 const HF_BLOCK: BlockKeys = BlockKeys {
     norm1: "layernorm_before",
-    qkv: QkvKeys::Separate { q: "attention.attention.query", k: "attention.attention.key", v: "attention.attention.value" },
+    qkv: QkvKeys::Separate {
+        q: "attention.attention.query",
+        k: "attention.attention.key",
+        v: "attention.attention.value",
+    },
     out: "attention.output.dense",
     norm2: "layernorm_after",
     fc1: "intermediate.dense",
@@ -143,10 +168,18 @@ impl Default for HfConfig {
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let c: HfConfig = parse(cfg, "config.json")?;
     let root = w.root();
-    let s = if root.contains("vit.embeddings.cls_token") { root.pp("vit") } else { root.clone() };
+    let s = if root.contains("vit.embeddings.cls_token") {
+        root.pp("vit")
+    } else {
+        root.clone()
+    };
     // The tanh pooler of ViTModel is not the pre-logits feature (the classifier reads the normed CLS
     // token), and the mask token is for masked-image-modelling only.
-    for k in ["pooler.dense.weight", "pooler.dense.bias", "embeddings.mask_token"] {
+    for k in [
+        "pooler.dense.weight",
+        "pooler.dense.bias",
+        "embeddings.mask_token",
+    ] {
         s.ignore(k);
     }
     let trunk_cfg = TrunkConfig {
@@ -186,14 +219,27 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         labels: head.as_ref().and(labels),
         ..Default::default()
     };
-    let model = ViT { trunk, pool: Pool::Token, fc_norm: None, head, head_input: HeadInput::Pooled };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = ViT {
+        trunk,
+        pool: Pool::Token,
+        fc_norm: None,
+        head,
+        head_input: HeadInput::Pooled,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }
 
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.11/timm/models/vision_transformer.py#L120
 const TIMM_BLOCK: BlockKeys = BlockKeys {
     norm1: "norm1",
-    qkv: QkvKeys::Fused { weight: "attn.qkv.weight", bias: "attn.qkv.bias" },
+    qkv: QkvKeys::Fused {
+        weight: "attn.qkv.weight",
+        bias: "attn.qkv.bias",
+    },
     out: "attn.proj",
     norm2: "norm2",
     fc1: "mlp.fc1",
@@ -248,8 +294,15 @@ impl ImgSize {
 /// The preset of a timm ViT architecture name: `vit_{tiny,small,base,large,huge}_patch{P}_..._{S}`.
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.11/timm/models/vision_transformer.py#L2100
 fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
-    let unsupported = || ModelError::Unsupported { what: "timm architecture", name: arch.to_string() };
-    if !arch.starts_with("vit_") || ["siglip", "dinov2", "_map", "rope", "_mae"].iter().any(|s| arch.contains(s)) {
+    let unsupported = || ModelError::Unsupported {
+        what: "timm architecture",
+        name: arch.to_string(),
+    };
+    if !arch.starts_with("vit_")
+        || ["siglip", "dinov2", "_map", "rope", "_mae"]
+            .iter()
+            .any(|s| arch.contains(s))
+    {
         return Err(unsupported());
     }
     let parts: Vec<&str> = arch.split(['_', '.']).collect();
@@ -261,12 +314,22 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
         Some("huge") => (1280, 32, 16),
         _ => return Err(unsupported()),
     };
-    let patch = parts.iter().find_map(|p| p.strip_prefix("patch")?.parse::<usize>().ok()).ok_or_else(unsupported)?;
-    let img = parts.iter().rev().find_map(|p| p.parse::<usize>().ok()).unwrap_or(224);
+    let patch = parts
+        .iter()
+        .find_map(|p| p.strip_prefix("patch")?.parse::<usize>().ok())
+        .ok_or_else(unsupported)?;
+    let img = parts
+        .iter()
+        .rev()
+        .find_map(|p| p.parse::<usize>().ok())
+        .unwrap_or(224);
     let clip = arch.contains("_clip_");
     // `_reg{N}` adds register tokens; `_gap` means no class token, average pooling, no position
     // embedding for prefix tokens (e.g. `vit_base_patch16_reg4_gap_256`).
-    let reg = parts.iter().find_map(|p| p.strip_prefix("reg")?.parse::<usize>().ok()).unwrap_or(0);
+    let reg = parts
+        .iter()
+        .find_map(|p| p.strip_prefix("reg")?.parse::<usize>().ok())
+        .unwrap_or(0);
     let gap = parts.contains(&"gap");
     let mut m = serde_json::json!({
         "img_size": img, "patch_size": patch, "in_chans": 3, "num_classes": 1000,
@@ -294,30 +357,61 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     if let Some(Value::Object(extra)) = cfg.get("model_args") {
         args.extend(extra.clone());
     }
-    let eps = args.remove("norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6);
-    let a: TimmArgs = serde_json::from_value(Value::Object(args)).map_err(|e| config_err("model_args", e.to_string()))?;
+    let eps = args
+        .remove("norm_eps")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(1e-6);
+    let a: TimmArgs = serde_json::from_value(Value::Object(args))
+        .map_err(|e| config_err("model_args", e.to_string()))?;
     for (k, v) in &a.other {
         // Only arguments that do not change inference are accepted silently.
-        let harmless = matches!(k.as_str(), "dynamic_img_size" | "dynamic_img_pad" | "drop_rate" | "pos_drop_rate" | "patch_drop_rate" | "proj_drop_rate" | "attn_drop_rate" | "drop_path_rate" | "weight_init" | "strict_img_size")
-            || v.is_null()
+        let harmless = matches!(
+            k.as_str(),
+            "dynamic_img_size"
+                | "dynamic_img_pad"
+                | "drop_rate"
+                | "pos_drop_rate"
+                | "patch_drop_rate"
+                | "proj_drop_rate"
+                | "attn_drop_rate"
+                | "drop_path_rate"
+                | "weight_init"
+                | "strict_img_size"
+        ) || v.is_null()
             || v == &Value::Bool(false);
         if !harmless {
-            return Err(ModelError::Unsupported { what: "timm model argument", name: format!("{k} = {v}") });
+            return Err(ModelError::Unsupported {
+                what: "timm model argument",
+                name: format!("{k} = {v}"),
+            });
         }
     }
     let pool = match a.global_pool.as_str() {
         "token" => Pool::Token,
         "avg" => Pool::Avg,
-        other => return Err(ModelError::Unsupported { what: "timm global_pool", name: other.to_string() }),
+        other => {
+            return Err(ModelError::Unsupported {
+                what: "timm global_pool",
+                name: other.to_string(),
+            })
+        }
     };
     if pool == Pool::Token && !a.class_token {
-        return Err(config_err("global_pool", "'token' pooling needs class_token"));
+        return Err(config_err(
+            "global_pool",
+            "'token' pooling needs class_token",
+        ));
     }
     let use_fc_norm = a.fc_norm.unwrap_or(pool == Pool::Avg);
     let act = match a.act_layer.as_deref() {
         None | Some("gelu") => Activation::Gelu,
         Some("quick_gelu") => Activation::QuickGelu,
-        Some(other) => return Err(ModelError::Unsupported { what: "timm act_layer", name: other.into() }),
+        Some(other) => {
+            return Err(ModelError::Unsupported {
+                what: "timm act_layer",
+                name: other.into(),
+            })
+        }
     };
     let prefix = a.class_token as usize + a.reg_tokens;
     let keys = TrunkKeys {
@@ -353,14 +447,13 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     };
     let root = w.root();
     let trunk = VisionTransformer::load(&root, &keys, trunk_cfg)?;
-    let fc_norm = (a.final_norm && use_fc_norm).then(|| layer_norm(&root, "fc_norm", a.embed_dim, eps)).transpose()?;
-    let head = (a.num_classes > 0).then(|| linear(&root, "head", a.embed_dim, a.num_classes, true)).transpose()?;
-    let labels = cfg
-        .get("pretrained_cfg")
-        .and_then(|p| p.get("label_names"))
-        .and_then(Value::as_array)
-        .map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect::<Vec<_>>())
-        .filter(|v| v.len() == a.num_classes);
+    let fc_norm = (a.final_norm && use_fc_norm)
+        .then(|| layer_norm(&root, "fc_norm", a.embed_dim, eps))
+        .transpose()?;
+    let head = (a.num_classes > 0)
+        .then(|| linear(&root, "head", a.embed_dim, a.num_classes, true))
+        .transpose()?;
+    let labels = timm_labels(cfg, a.num_classes);
     let info = ModelInfo {
         architecture: arch.to_string(),
         family: "vit",
@@ -372,6 +465,16 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         labels: head.as_ref().and(labels),
         ..Default::default()
     };
-    let model = ViT { trunk, pool, fc_norm, head, head_input: HeadInput::Pooled };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = ViT {
+        trunk,
+        pool,
+        fc_norm,
+        head,
+        head_input: HeadInput::Pooled,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }

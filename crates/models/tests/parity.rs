@@ -24,38 +24,71 @@ struct Fixture {
 }
 
 fn fixture(name: &'static str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name);
     let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
     let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
-    let (model, report) = load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (model, report) =
+        load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(report.is_clean());
-    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    Fixture { name, model, expected }
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    Fixture {
+        name,
+        model,
+        expected,
+    }
 }
 
 fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
     assert_eq!(ours.dims(), reference.dims(), "shape");
-    let diff = (ours - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (ours - reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale.max(1e-12)
 }
 
 impl Fixture {
     fn get(&self, k: &str) -> &Tensor {
-        self.expected.get(k).unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
+        self.expected
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
     }
 
     fn check(&self, what: &str, ours: &Tensor, key: &str) {
         let e = rel_err(ours, self.get(key));
-        assert!(e <= F32_TOL, "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}", self.name);
+        assert!(
+            e <= F32_TOL,
+            "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}",
+            self.name
+        );
     }
 
     /// Pooled, projected, tokens, every hidden state, logits at the trained size; pooled, tokens and
     /// logits at the alternative size; and batched == single.
     fn check_vision(&self) {
-        let layers: Vec<i64> = (0..).take_while(|i| self.expected.contains_key(&format!("hidden_states.{i}"))).collect();
+        let layers: Vec<i64> = (0..)
+            .take_while(|i| self.expected.contains_key(&format!("hidden_states.{i}")))
+            .collect();
         assert!(layers.len() >= 3, "{}: hidden states", self.name);
-        let opts = EncodeOptions { layers: layers.clone(), tokens: true, ..Default::default() };
+        let opts = EncodeOptions {
+            layers: layers.clone(),
+            tokens: true,
+            ..Default::default()
+        };
         let px = self.get("pixel_values");
         let f = self.model.image.encode(px, &opts).unwrap();
         self.check("pooled", &f.pooled, "pooled");
@@ -75,11 +108,31 @@ impl Fixture {
         }
         // Negative indices count from the end, as in HF's hidden_states tuple.
         let last = f.hidden_states.last().unwrap().1.clone();
-        let neg = self.model.image.encode(px, &EncodeOptions { layers: vec![-1], ..Default::default() }).unwrap();
+        let neg = self
+            .model
+            .image
+            .encode(
+                px,
+                &EncodeOptions {
+                    layers: vec![-1],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert!(rel_err(&neg.hidden_states[0].1, &last) < BATCH_TOL);
 
         if let Some(alt) = self.expected.get("alt_pixel_values") {
-            let g = self.model.image.encode(alt, &EncodeOptions { tokens: true, ..Default::default() }).unwrap();
+            let g = self
+                .model
+                .image
+                .encode(
+                    alt,
+                    &EncodeOptions {
+                        tokens: true,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
             self.check("alt pooled", &g.pooled, "alt_pooled");
             let tokens = match &g.prefix_tokens {
                 Some(p) => Tensor::cat(&[p, g.patch_tokens.as_ref().unwrap()], 1).unwrap(),
@@ -89,15 +142,24 @@ impl Fixture {
             if let (Some(l), true) = (&g.logits, self.expected.contains_key("alt_logits")) {
                 self.check("alt logits", l, "alt_logits");
             }
-            if let (Some(p), true) = (&g.projected, self.expected.contains_key("alt_image_embeds")) {
+            if let (Some(p), true) = (&g.projected, self.expected.contains_key("alt_image_embeds"))
+            {
                 self.check("alt projected", p, "alt_image_embeds");
             }
         }
 
         for i in 0..px.dim(0).unwrap() {
-            let one = self.model.image.encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default()).unwrap();
+            let one = self
+                .model
+                .image
+                .encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default())
+                .unwrap();
             let e = rel_err(&one.pooled, &f.pooled.narrow(0, i, 1).unwrap());
-            assert!(e <= BATCH_TOL, "{}: single image {i} differs from its batch row by {e:e}", self.name);
+            assert!(
+                e <= BATCH_TOL,
+                "{}: single image {i} differs from its batch row by {e:e}",
+                self.name
+            );
         }
     }
 
@@ -112,10 +174,19 @@ impl Fixture {
             let e = rel_err(&t.pooled, p);
             assert!(e <= F32_TOL, "{}: text pooled {e:e}", self.name);
         }
-        let img = self.model.image.encode(self.get("pixel_values"), &EncodeOptions::default()).unwrap();
+        let img = self
+            .model
+            .image
+            .encode(self.get("pixel_values"), &EncodeOptions::default())
+            .unwrap();
         let scoring = self.model.info.scoring.expect("scoring");
         let norm = visenc_models::nn::l2_normalize;
-        let logits = scoring.logits(&norm(img.embedding()).unwrap(), &norm(&t.projected).unwrap()).unwrap();
+        let logits = scoring
+            .logits(
+                &norm(img.embedding()).unwrap(),
+                &norm(&t.projected).unwrap(),
+            )
+            .unwrap();
         self.check("logits_per_image", &logits, logits_key);
     }
 }
@@ -148,7 +219,11 @@ fn siglip_transformers() {
     let f = fixture("siglip_hf");
     f.check_vision();
     // SigLIP was trained attending to its padding (big_vision); visenc follows that convention.
-    f.check_text("input_ids", "text_embeds_no_mask", "logits_per_image_no_mask");
+    f.check_text(
+        "input_ids",
+        "text_embeds_no_mask",
+        "logits_per_image_no_mask",
+    );
 }
 
 #[test]
@@ -182,4 +257,44 @@ fn dinov2_with_registers_transformers() {
     let f = fixture("dinov2_reg_hf");
     f.check_vision();
     assert_eq!(f.model.info.prefix_tokens, 5);
+}
+
+/// Checkpoints stored in f16 or bf16 load into an f32 model; the outputs differ from the f32
+/// reference only by the rounding of the stored weights.
+#[test]
+fn half_precision_checkpoints_load() {
+    let src =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/vit_hf_classifier");
+    let f32_model = fixture("vit_hf_classifier");
+    let px = f32_model.get("pixel_values");
+    let want = f32_model
+        .model
+        .image
+        .encode(px, &EncodeOptions::default())
+        .unwrap()
+        .pooled;
+    for (dtype, tol) in [(DType::F16, 2e-2), (DType::BF16, 1e-1)] {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "preprocessor_config.json"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let tensors =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        let cast: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, t)| (k, t.to_dtype(dtype).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&cast, dir.path().join("model.safetensors")).unwrap();
+        let ckpt = Checkpoint::open(dir.path().to_str().unwrap()).unwrap();
+        let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+        let (model, _) = load(&ckpt, &w, LoadPolicy::Strict).unwrap();
+        let got = model
+            .image
+            .encode(px, &EncodeOptions::default())
+            .unwrap()
+            .pooled;
+        assert_eq!(got.dtype(), DType::F32);
+        let e = rel_err(&got, &want);
+        assert!(e > 0.0 && e < tol, "{dtype:?}: relative error {e:e}");
+    }
 }

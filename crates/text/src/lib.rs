@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
-use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
+    TruncationParams, TruncationStrategy,
+};
 
 /// Errors from building or running a tokenizer; each names the tokenizer's file.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +41,10 @@ const CLIP_BPE_GZ: &[u8] = include_bytes!("../data/bpe_simple_vocab_16e6.txt.gz"
 /// GPT-2's reversible byte-to-unicode table, in its order.
 // Reference: https://github.com/mlfoundations/open_clip/blob/v2.29.0/src/open_clip/tokenizer.py#L41
 fn bytes_to_unicode() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
     let mut cs = bs.clone();
     let mut n = 0;
     for b in 0..256u32 {
@@ -62,11 +68,12 @@ fn clip_tokenizer_json(bpe: &str) -> Value {
     let sot = vocab.len();
     vocab.push("<|startoftext|>".into());
     vocab.push("<|endoftext|>".into());
-    let vocab_map: serde_json::Map<String, Value> =
-        vocab.into_iter().enumerate().map(|(i, t)| (t, Value::from(i))).collect();
-    let special = |id: usize, content: &str| {
-        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-    };
+    let vocab_map: serde_json::Map<String, Value> = vocab
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, Value::from(i)))
+        .collect();
+    let special = |id: usize, content: &str| json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
     json!({
         "version": "1.0",
         "truncation": null,
@@ -95,9 +102,19 @@ fn token_name(v: &Value) -> Option<&str> {
 impl TextTokenizer {
     /// Loads `tokenizer.json`. Padding uses the pad token of `tokenizer_config` (if given), else
     /// `fallback_pad_id`; every sequence is truncated and padded to `context_length`.
-    pub fn from_file(path: &Path, tokenizer_config: Option<&Value>, context_length: usize, fallback_pad_id: u32) -> Result<Self, TextError> {
-        let inner = Tokenizer::from_file(path).map_err(|e| TextError::Load { path: path.to_path_buf(), reason: e.to_string() })?;
-        let pad = tokenizer_config.and_then(|c| c.get("pad_token")).and_then(token_name);
+    pub fn from_file(
+        path: &Path,
+        tokenizer_config: Option<&Value>,
+        context_length: usize,
+        fallback_pad_id: u32,
+    ) -> Result<Self, TextError> {
+        let inner = Tokenizer::from_file(path).map_err(|e| TextError::Load {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let pad = tokenizer_config
+            .and_then(|c| c.get("pad_token"))
+            .and_then(token_name);
         let pad_id = match pad {
             Some(name) => inner.token_to_id(name).ok_or_else(|| TextError::Config {
                 path: path.to_path_buf(),
@@ -113,14 +130,24 @@ impl TextTokenizer {
     /// the text embedding is the same either way.
     pub fn clip_builtin(context_length: usize, pad_id: u32) -> Result<Self, TextError> {
         let source = PathBuf::from("<built-in CLIP BPE vocabulary>");
-        let err = |reason: String| TextError::Load { path: source.clone(), reason };
+        let err = |reason: String| TextError::Load {
+            path: source.clone(),
+            reason,
+        };
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(CLIP_BPE_GZ), &mut text).map_err(|e| err(e.to_string()))?;
-        let inner = Tokenizer::from_bytes(clip_tokenizer_json(&text).to_string()).map_err(|e| err(e.to_string()))?;
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(CLIP_BPE_GZ), &mut text)
+            .map_err(|e| err(e.to_string()))?;
+        let inner = Tokenizer::from_bytes(clip_tokenizer_json(&text).to_string())
+            .map_err(|e| err(e.to_string()))?;
         Self::configure(inner, source, context_length, pad_id)
     }
 
-    fn configure(mut inner: Tokenizer, source: PathBuf, context_length: usize, pad_id: u32) -> Result<Self, TextError> {
+    fn configure(
+        mut inner: Tokenizer,
+        source: PathBuf,
+        context_length: usize,
+        pad_id: u32,
+    ) -> Result<Self, TextError> {
         let pad_token = inner.id_to_token(pad_id).unwrap_or_default();
         inner
             .with_truncation(Some(TruncationParams {
@@ -129,7 +156,10 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
                 stride: 0,
             }))
-            .map_err(|e| TextError::Config { path: source.clone(), reason: e.to_string() })?;
+            .map_err(|e| TextError::Config {
+                path: source.clone(),
+                reason: e.to_string(),
+            })?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(context_length),
             direction: PaddingDirection::Right,
@@ -138,7 +168,11 @@ impl TextTokenizer {
             pad_type_id: 0,
             pad_token,
         }));
-        Ok(Self { inner, source, context_length })
+        Ok(Self {
+            inner,
+            source,
+            context_length,
+        })
     }
 
     pub fn context_length(&self) -> usize {
@@ -152,9 +186,15 @@ impl TextTokenizer {
 
     /// Tokenizes a batch with special tokens, truncation and padding.
     pub fn encode(&self, texts: &[&str]) -> Result<Encoded, TextError> {
-        let mut out = Encoded { ids: Vec::with_capacity(texts.len()), mask: Vec::with_capacity(texts.len()) };
+        let mut out = Encoded {
+            ids: Vec::with_capacity(texts.len()),
+            mask: Vec::with_capacity(texts.len()),
+        };
         for t in texts {
-            let e = self.inner.encode(*t, true).map_err(|e| TextError::Encode { text: t.to_string(), reason: e.to_string() })?;
+            let e = self.inner.encode(*t, true).map_err(|e| TextError::Encode {
+                text: t.to_string(),
+                reason: e.to_string(),
+            })?;
             out.ids.push(e.get_ids().to_vec());
             out.mask.push(e.get_attention_mask().to_vec());
         }

@@ -7,7 +7,9 @@ use serde_json::Value;
 use visenc_text::TextTokenizer;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/tokenizers")
+        .join(name)
 }
 
 fn read(name: &str) -> Value {
@@ -25,7 +27,10 @@ fn builtin_clip_bpe_matches_transformers_and_open_clip() {
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     assert!(texts.len() >= 20);
     let ctx = f["context_length"].as_u64().unwrap() as usize;
-    let hf = TextTokenizer::clip_builtin(ctx, 49407).unwrap().encode(&texts).unwrap();
+    let hf = TextTokenizer::clip_builtin(ctx, 49407)
+        .unwrap()
+        .encode(&texts)
+        .unwrap();
     let hf_ids = rows(&f["hf_input_ids"]);
     for (i, t) in texts.iter().enumerate() {
         assert_eq!(hf.ids[i], hf_ids[i], "transformers ids differ for {t:?}");
@@ -40,9 +45,16 @@ fn builtin_clip_bpe_matches_transformers_and_open_clip() {
         .map(|d| d["index"].as_u64().unwrap() as usize)
         .collect();
     assert!(differ.len() < texts.len() / 3);
-    let oc = TextTokenizer::clip_builtin(ctx, 0).unwrap().encode(&texts).unwrap();
+    let oc = TextTokenizer::clip_builtin(ctx, 0)
+        .unwrap()
+        .encode(&texts)
+        .unwrap();
     let oc_ids = rows(&f["open_clip_ids"]);
-    for (i, t) in texts.iter().enumerate().filter(|(i, _)| !differ.contains(i)) {
+    for (i, t) in texts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !differ.contains(i))
+    {
         assert_eq!(oc.ids[i], oc_ids[i], "open_clip ids differ for {t:?}");
     }
 }
@@ -53,7 +65,9 @@ fn siglip_sentencepiece_tokenizer_json_matches_slow_reference() {
     let texts: Vec<String> = serde_json::from_value(f["texts"].clone()).unwrap();
     let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/siglip_hf");
-    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap())
+            .unwrap();
     let ctx = f["max_length"].as_u64().unwrap() as usize;
     let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), Some(&cfg), ctx, 0).unwrap();
     let enc = tok.encode(&texts).unwrap();

@@ -18,7 +18,10 @@ use visenc_text::{TextError, TextTokenizer};
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, WeightsError};
 
 pub use visenc_image as image;
-pub use visenc_models::{nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo, Scoring, TextFeatures};
+pub use visenc_models::{
+    nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo,
+    Scoring, TextFeatures,
+};
 pub use visenc_weights as weights;
 
 /// Every error visenc's library can return.
@@ -62,7 +65,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, policy: LoadPolicy::Strict, limits: Limits::default() }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            policy: LoadPolicy::Strict,
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -79,18 +87,37 @@ pub struct Encoder {
 
 /// The preprocessing a checkpoint ships with, in its own library's convention.
 fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
-    let no = |reason: String| Error::NoPreprocess { spec: ckpt.spec.clone(), reason };
+    let no = |reason: String| Error::NoPreprocess {
+        spec: ckpt.spec.clone(),
+        reason,
+    };
     Ok(match ckpt.layout {
         Layout::Transformers => match &ckpt.preprocessor {
             Some(p) => Preprocess::from_hf_processor_json(p)?,
-            None => return Err(no(format!("{} has no preprocessor_config.json", ckpt.dir.display()))),
+            None => {
+                return Err(no(format!(
+                    "{} has no preprocessor_config.json",
+                    ckpt.dir.display()
+                )))
+            }
         },
         Layout::Timm => match ckpt.config.get("pretrained_cfg") {
             Some(p) => Preprocess::from_timm_pretrained_cfg(p)?,
             None => return Err(no("config.json has no pretrained_cfg".into())),
         },
+        // diffusers' VaeImageProcessor: pixels scaled to [-1, 1] (`2 * x - 1`), at the image's own size.
+        Layout::Diffusers => Preprocess {
+            rescale: Some(1.0 / 255.0),
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            ..Preprocess::default()
+        },
         Layout::OpenClip => {
-            let cfg = ckpt.config.get("preprocess_cfg").cloned().unwrap_or(Value::Object(Default::default()));
+            let cfg = ckpt
+                .config
+                .get("preprocess_cfg")
+                .cloned()
+                .unwrap_or(Value::Object(Default::default()));
             Preprocess::from_open_clip(&cfg, info.image_size.0 as u32)?
         }
     })
@@ -98,7 +125,12 @@ fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
 
 fn tokenizer_for(ckpt: &Checkpoint, context_length: usize) -> Result<TextTokenizer> {
     if let Some(file) = &ckpt.tokenizer_file {
-        return Ok(TextTokenizer::from_file(file, ckpt.tokenizer_config.as_ref(), context_length, 0)?);
+        return Ok(TextTokenizer::from_file(
+            file,
+            ckpt.tokenizer_config.as_ref(),
+            context_length,
+            0,
+        )?);
     }
     match ckpt.layout {
         // open_clip checkpoints rely on the BPE vocabulary that ships with open_clip itself.
@@ -119,13 +151,30 @@ impl Encoder {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         let ckpt = Checkpoint::open(spec)?;
         let weights = ckpt.load_weights(opts.dtype, &opts.device)?;
-        let (model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
+        let (mut model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
         let preprocess = preprocess_for(&ckpt, &model.info)?;
+        if model.info.image_size == (0, 0) {
+            // Convolutional families take any size; report the one their preprocessing produces.
+            let (h, w) = match (preprocess.crop, preprocess.resize) {
+                (Some(c), _) => c,
+                (None, Some(visenc_image::ResizeMode::Exact { height, width })) => (height, width),
+                _ => (0, 0),
+            };
+            model.info.image_size = (h as usize, w as usize);
+        }
         let tokenizer = match &model.text {
             Some(t) => Some(tokenizer_for(&ckpt, t.context_length())?),
             None => None,
         };
-        Ok(Self { spec: spec.to_string(), model, preprocess, tokenizer, report, device: opts.device.clone(), limits: opts.limits })
+        Ok(Self {
+            spec: spec.to_string(),
+            model,
+            preprocess,
+            tokenizer,
+            report,
+            device: opts.device.clone(),
+            limits: opts.limits,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -160,27 +209,42 @@ impl Encoder {
     fn pixels(&self, img: &visenc_image::RgbImage) -> Result<Pixels> {
         let data = self.preprocess.apply(img)?;
         let (h, w) = self.preprocess.output_size(img.height(), img.width());
-        Ok(Pixels { data, height: h as usize, width: w as usize })
+        Ok(Pixels {
+            data,
+            height: h as usize,
+            width: w as usize,
+        })
     }
 
     /// Encodes preprocessed images of equal size as one batch.
     pub fn encode_pixels(&self, batch: &[Pixels], opts: &EncodeOptions) -> Result<ImageFeatures> {
-        let first = batch.first().ok_or_else(|| Error::Input("empty image batch".into()))?;
-        if let Some(p) = batch.iter().find(|p| (p.height, p.width) != (first.height, first.width)) {
+        let first = batch
+            .first()
+            .ok_or_else(|| Error::Input("empty image batch".into()))?;
+        if let Some(p) = batch
+            .iter()
+            .find(|p| (p.height, p.width) != (first.height, first.width))
+        {
             return Err(Error::Input(format!(
                 "images of one batch must have one size: {}x{} and {}x{}",
                 first.height, first.width, p.height, p.width
             )));
         }
         let data: Vec<f32> = batch.iter().flat_map(|p| p.data.iter().copied()).collect();
-        let t = Tensor::from_vec(data, (batch.len(), 3, first.height, first.width), &self.device)?;
+        let t = Tensor::from_vec(
+            data,
+            (batch.len(), 3, first.height, first.width),
+            &self.device,
+        )?;
         Ok(self.model.image.encode(&t, opts)?)
     }
 
     /// Tokenizes and encodes texts with the text tower.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<TextFeatures> {
         let (Some(text), Some(tok)) = (&self.model.text, &self.tokenizer) else {
-            return Err(Error::NoTextTower { spec: self.spec.clone() });
+            return Err(Error::NoTextTower {
+                spec: self.spec.clone(),
+            });
         };
         if texts.is_empty() {
             return Err(Error::Input("no texts to encode".into()));
@@ -195,15 +259,25 @@ impl Encoder {
     /// Zero-shot label probabilities [B, L] for image embeddings [B, P] (`ImageFeatures::embedding`):
     /// each label is put into `template` (`{}` marks the spot), and probabilities are computed as the
     /// reference does (softmax over labels for CLIP, an independent sigmoid per label for SigLIP).
-    pub fn zero_shot(&self, image_embeddings: &Tensor, labels: &[&str], template: &str) -> Result<Tensor> {
+    pub fn zero_shot(
+        &self,
+        image_embeddings: &Tensor,
+        labels: &[&str],
+        template: &str,
+    ) -> Result<Tensor> {
         if labels.is_empty() || labels.iter().all(|l| l.trim().is_empty()) {
             return Err(Error::EmptyLabels);
         }
-        let scoring = self.model.info.scoring.ok_or_else(|| Error::NoTextTower { spec: self.spec.clone() })?;
+        let scoring = self.model.info.scoring.ok_or_else(|| Error::NoTextTower {
+            spec: self.spec.clone(),
+        })?;
         let prompts: Vec<String> = labels.iter().map(|l| template.replace("{}", l)).collect();
         let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
         let text = self.encode_texts(&prompts)?;
-        let logits = scoring.logits(&l2_normalize(image_embeddings)?, &l2_normalize(&text.projected)?)?;
+        let logits = scoring.logits(
+            &l2_normalize(image_embeddings)?,
+            &l2_normalize(&text.projected)?,
+        )?;
         Ok(scoring.probabilities(&logits)?)
     }
 

@@ -20,6 +20,9 @@ pub enum Layout {
     OpenClip,
     /// timm on the hub: `config.json` with `architecture` and `pretrained_cfg`, `model.safetensors`.
     Timm,
+    /// diffusers: `config.json` with `_class_name` (e.g. `AutoencoderKL`),
+    /// `diffusion_pytorch_model.safetensors` (or shards).
+    Diffusers,
 }
 
 /// A located checkpoint: its directory, layout, parsed configs and weight files.
@@ -57,12 +60,19 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>, WeightsError> {
 /// The shard file names listed by a `model.safetensors.index.json`.
 pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>, WeightsError> {
     let v = read_json(index)?;
-    let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| WeightsError::Config {
-        path: index.to_path_buf(),
-        what: "safetensors index",
-        reason: "no `weight_map` object".into(),
-    })?;
-    let files: BTreeSet<String> = map.values().filter_map(Value::as_str).map(str::to_string).collect();
+    let map = v
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| WeightsError::Config {
+            path: index.to_path_buf(),
+            what: "safetensors index",
+            reason: "no `weight_map` object".into(),
+        })?;
+    let files: BTreeSet<String> = map
+        .values()
+        .filter_map(Value::as_str)
+        .map(str::to_string)
+        .collect();
     Ok(files.into_iter().collect())
 }
 
@@ -72,7 +82,8 @@ fn looks_like_hub_id(spec: &str) -> bool {
         && parts.iter().all(|p| {
             !p.is_empty()
                 && !p.starts_with('.')
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -82,7 +93,11 @@ impl Checkpoint {
     pub fn open(spec: &str) -> Result<Self, WeightsError> {
         let path = Path::new(spec);
         if path.exists() {
-            let dir = if path.is_file() { path.parent().unwrap_or(Path::new(".")) } else { path };
+            let dir = if path.is_file() {
+                path.parent().unwrap_or(Path::new("."))
+            } else {
+                path
+            };
             return Self::from_dir(spec, dir);
         }
         if !looks_like_hub_id(spec) {
@@ -97,7 +112,10 @@ impl Checkpoint {
 
     /// Reads a checkpoint directory and decides its layout.
     pub fn from_dir(spec: &str, dir: &Path) -> Result<Self, WeightsError> {
-        let not_found = |reason: String| WeightsError::NotFound { spec: spec.to_string(), reason };
+        let not_found = |reason: String| WeightsError::NotFound {
+            spec: spec.to_string(),
+            reason,
+        };
         let open_clip_cfg = dir.join("open_clip_config.json");
         let hf_cfg = dir.join("config.json");
         let tokenizer_file = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
@@ -112,22 +130,39 @@ impl Checkpoint {
             (a, b) => b.or(a),
         };
         let preprocessor = read_json_opt(&dir.join("preprocessor_config.json"))?;
-        let weights = |names: &[&str]| -> Result<Vec<PathBuf>, WeightsError> {
+        // `fallback` files (PyTorch pickles) count only when there is no safetensors file or index at all.
+        let weights = |names: &[&str],
+                       index: &str,
+                       fallback: &[&str]|
+         -> Result<Vec<PathBuf>, WeightsError> {
             for n in names {
                 let p = dir.join(n);
                 if p.is_file() {
                     return Ok(vec![p]);
                 }
             }
-            let index = dir.join("model.safetensors.index.json");
+            let index = dir.join(index);
             if index.is_file() {
-                return Ok(shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect());
+                return Ok(shard_files(&index)?
+                    .into_iter()
+                    .map(|f| dir.join(f))
+                    .collect());
             }
-            Err(not_found(format!("{} holds no {} or sharded index", dir.display(), names.join(" / "))))
+            if let Some(p) = fallback.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+                return Ok(vec![p]);
+            }
+            let all: Vec<&str> = names.iter().chain(fallback).copied().collect();
+            Err(not_found(format!(
+                "{} holds no {} or sharded index",
+                dir.display(),
+                all.join(" / ")
+            )))
         };
         let (layout, config_path) = if hf_cfg.is_file() {
             let cfg = read_json(&hf_cfg)?;
-            if cfg.get("architecture").is_some() {
+            if cfg.get("_class_name").is_some() {
+                (Layout::Diffusers, hf_cfg)
+            } else if cfg.get("architecture").is_some() {
                 (Layout::Timm, hf_cfg)
             } else if cfg.get("model_type").is_some() || cfg.get("architectures").is_some() {
                 (Layout::Transformers, hf_cfg)
@@ -137,7 +172,8 @@ impl Checkpoint {
                 return Err(WeightsError::Config {
                     path: hf_cfg,
                     what: "config",
-                    reason: "neither `model_type` (transformers) nor `architecture` (timm)".into(),
+                    reason: "neither `model_type` (transformers), `architecture` (timm) nor `_class_name` (diffusers)"
+                        .into(),
                 });
             }
         } else if open_clip_cfg.is_file() {
@@ -149,8 +185,26 @@ impl Checkpoint {
             )));
         };
         let weight_files = match layout {
-            Layout::OpenClip => weights(&["open_clip_model.safetensors", "model.safetensors"])?,
-            _ => weights(&["model.safetensors"])?,
+            Layout::OpenClip => weights(
+                &["open_clip_model.safetensors", "model.safetensors"],
+                "model.safetensors.index.json",
+                &[],
+            )?,
+            Layout::Diffusers => weights(
+                &["diffusion_pytorch_model.safetensors"],
+                "diffusion_pytorch_model.safetensors.index.json",
+                &["diffusion_pytorch_model.bin"],
+            )?,
+            Layout::Transformers => weights(
+                &["model.safetensors"],
+                "model.safetensors.index.json",
+                &["pytorch_model.bin"],
+            )?,
+            Layout::Timm => weights(
+                &["model.safetensors"],
+                "model.safetensors.index.json",
+                &["pytorch_model.bin"],
+            )?,
         };
         Ok(Self {
             spec: spec.to_string(),
@@ -170,10 +224,21 @@ impl Checkpoint {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         for f in &self.weight_files {
             if !f.is_file() {
-                return Err(WeightsError::Read { path: f.clone(), reason: "file is missing".into() });
+                return Err(WeightsError::Read {
+                    path: f.clone(),
+                    reason: "file is missing".into(),
+                });
             }
-            let part = candle_core::safetensors::load(f, device)
-                .map_err(|e| WeightsError::Read { path: f.clone(), reason: e.to_string() })?;
+            let ext = f.extension().and_then(|e| e.to_str());
+            let pickled = ext.is_some_and(|e| matches!(e, "pth" | "pt" | "bin"));
+            let part = if pickled {
+                crate::pth::load_pth(f, device)?
+            } else {
+                candle_core::safetensors::load(f, device).map_err(|e| WeightsError::Read {
+                    path: f.clone(),
+                    reason: e.to_string(),
+                })?
+            };
             tensors.extend(part);
         }
         Ok(Weights::new(tensors, &self.dir, dtype, device))

@@ -4,8 +4,10 @@
 mod checkpoint;
 mod error;
 mod hub;
+mod pth;
 mod store;
 
 pub use checkpoint::{Checkpoint, Layout};
 pub use error::WeightsError;
+pub use pth::load_pth;
 pub use store::{LoadPolicy, LoadReport, Scope, Weights};

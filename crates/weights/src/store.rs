@@ -48,7 +48,16 @@ impl fmt::Display for LoadReport {
             }
             const SHOWN: usize = 20;
             write!(f, "\n  {} {what}: ", items.len())?;
-            write!(f, "{}", items.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", "))?;
+            write!(
+                f,
+                "{}",
+                items
+                    .iter()
+                    .take(SHOWN)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )?;
             if items.len() > SHOWN {
                 write!(f, ", ... ({} more)", items.len() - SHOWN)?;
             }
@@ -126,12 +135,18 @@ impl Weights {
 
     /// A scope whose names are prefixed with `prefix.`.
     pub fn pp(&self, prefix: impl fmt::Display) -> Scope<'_> {
-        Scope { w: self, prefix: prefix.to_string() }
+        Scope {
+            w: self,
+            prefix: prefix.to_string(),
+        }
     }
 
     /// The root scope.
     pub fn root(&self) -> Scope<'_> {
-        Scope { w: self, prefix: String::new() }
+        Scope {
+            w: self,
+            prefix: String::new(),
+        }
     }
 
     /// Marks tensors that the reference keeps but never uses in inference (e.g. DINOv2's
@@ -161,7 +176,11 @@ impl Weights {
     /// Number of parameters in the tensors the model used.
     pub fn used_parameters(&self) -> usize {
         let used = self.used.borrow();
-        self.tensors.iter().filter(|(k, _)| used.contains(*k)).map(|(_, t)| t.elem_count()).sum()
+        self.tensors
+            .iter()
+            .filter(|(k, _)| used.contains(*k))
+            .map(|(_, t)| t.elem_count())
+            .sum()
     }
 
     /// The report of everything that did not line up so far.
@@ -191,7 +210,10 @@ impl Weights {
     pub fn finish(&self, policy: LoadPolicy) -> Result<LoadReport, WeightsError> {
         let report = self.report();
         if policy == LoadPolicy::Strict && !report.is_clean() {
-            return Err(WeightsError::Mismatch { source_path: self.source.clone(), report });
+            return Err(WeightsError::Mismatch {
+                source_path: self.source.clone(),
+                report,
+            });
         }
         Ok(report)
     }
@@ -207,7 +229,10 @@ pub struct Scope<'a> {
 
 impl<'a> Scope<'a> {
     pub fn pp(&self, name: impl fmt::Display) -> Scope<'a> {
-        Scope { w: self.w, prefix: self.path(&name.to_string()) }
+        Scope {
+            w: self.w,
+            prefix: self.path(&name.to_string()),
+        }
     }
 
     pub fn path(&self, name: &str) -> String {
@@ -262,7 +287,11 @@ impl<'a> Scope<'a> {
     }
 
     /// An optional tensor (e.g. a bias some checkpoints omit): absent is not an error.
-    pub fn get_opt(&self, shape: impl Into<Shape>, name: &str) -> Result<Option<Tensor>, WeightsError> {
+    pub fn get_opt(
+        &self,
+        shape: impl Into<Shape>,
+        name: &str,
+    ) -> Result<Option<Tensor>, WeightsError> {
         self.w.fetch(&self.path(name), Some(&shape.into()))
     }
 

@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -35,10 +36,12 @@ pub struct ClassifyArgs {
 }
 
 pub fn run(a: ClassifyArgs) -> Result<usize> {
-    let labels: Option<Vec<String>> = a
-        .labels
-        .as_ref()
-        .map(|l| l.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect());
+    let labels: Option<Vec<String>> = a.labels.as_ref().map(|l| {
+        l.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
     if labels.as_ref().is_some_and(Vec::is_empty) {
         bail!("--labels is empty: give at least one label, e.g. --labels \"cat,dog\"");
     }
@@ -47,7 +50,11 @@ pub fn run(a: ClassifyArgs) -> Result<usize> {
     let names: Vec<String> = match (&labels, &a.class_names) {
         (Some(l), _) => {
             if !enc.has_text() {
-                bail!("{} has no text tower: drop --labels to use its classifier head", a.model.model);
+                let hint = match enc.info().labels {
+                    Some(_) => "drop --labels to use its classifier head",
+                    None => "zero-shot labels need an image-text model such as CLIP or SigLIP",
+                };
+                bail!("{} has no text tower: {hint}", a.model.model);
             }
             l.clone()
         }
@@ -59,34 +66,57 @@ pub fn run(a: ClassifyArgs) -> Result<usize> {
         (None, None) => match &enc.info().labels {
             Some(l) => l.clone(),
             None if enc.has_text() => bail!("give --labels for zero-shot classification"),
-            None => bail!("{} has no classifier head with class names; give --labels or --class-names", a.model.model),
+            None => bail!(
+                "{} has no classifier head with class names; give --labels or --class-names",
+                a.model.model
+            ),
         },
     };
     let label_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let failed = batch::run_images(&enc, &paths, &a.run, &EncodeOptions::default(), |path, f| {
-        let probs = match (&labels, &f.logits) {
-            (Some(_), _) => enc.zero_shot(f.embedding(), &label_refs, &a.template)?,
-            (None, Some(logits)) => {
-                if logits.dim(1)? != names.len() {
-                    bail!("the head has {} classes but {} class names were given", logits.dim(1)?, names.len());
+    let failed = batch::run_images(
+        &enc,
+        &paths,
+        &a.run,
+        &EncodeOptions::default(),
+        |path, f| {
+            let probs = match (&labels, &f.logits) {
+                (Some(_), _) => enc.zero_shot(f.embedding(), &label_refs, &a.template)?,
+                (None, Some(logits)) => {
+                    if logits.dim(1)? != names.len() {
+                        bail!(
+                            "the head has {} classes but {} class names were given",
+                            logits.dim(1)?,
+                            names.len()
+                        );
+                    }
+                    candle_nn_softmax(logits)?
                 }
-                candle_nn_softmax(logits)?
+                (None, None) => bail!("{} has no classifier head", a.model.model),
+            };
+            let p = batch::vec1(&probs)?;
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
+            order.truncate(a.top.max(1));
+            if a.json {
+                let top: Vec<_> = order
+                    .iter()
+                    .map(|&i| json!({"label": names[i], "index": i, "probability": p[i]}))
+                    .collect();
+                writeln!(
+                    std::io::stdout(),
+                    "{}",
+                    json!({"path": path.display().to_string(), "top": top})
+                )?;
+            } else {
+                let top: Vec<String> = order
+                    .iter()
+                    .map(|&i| format!("{} ({:.4})", names[i], p[i]))
+                    .collect();
+                writeln!(std::io::stdout(), "{}\t{}", path.display(), top.join(", "))?;
             }
-            (None, None) => bail!("{} has no classifier head", a.model.model),
-        };
-        let p = batch::vec1(&probs)?;
-        let mut order: Vec<usize> = (0..p.len()).collect();
-        order.sort_by(|&i, &j| p[j].total_cmp(&p[i]));
-        order.truncate(a.top.max(1));
-        if a.json {
-            let top: Vec<_> = order.iter().map(|&i| json!({"label": names[i], "index": i, "probability": p[i]})).collect();
-            println!("{}", json!({"path": path.display().to_string(), "top": top}));
-        } else {
-            let top: Vec<String> = order.iter().map(|&i| format!("{} ({:.4})", names[i], p[i])).collect();
-            println!("{}\t{}", path.display(), top.join(", "));
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     Ok(failed)
 }
 

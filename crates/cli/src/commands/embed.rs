@@ -36,8 +36,16 @@ pub struct EmbedArgs {
 pub fn run(a: EmbedArgs) -> Result<usize> {
     let paths = inputs::collect(&a.inputs)?;
     let enc = batch::load_encoder(&a.model)?;
-    let opts = EncodeOptions { layers: a.layers.clone(), tokens: a.tokens, features: a.features };
-    let sel = Selection { normalize: a.normalize, tokens: a.tokens, features: a.features };
+    let opts = EncodeOptions {
+        layers: a.layers.clone(),
+        tokens: a.tokens,
+        features: a.features,
+    };
+    let sel = Selection {
+        normalize: a.normalize,
+        tokens: a.tokens,
+        features: a.features,
+    };
     let mut sink = output::open(a.out.as_deref(), sel, !a.layers.is_empty())?;
     let failed = batch::run_images(&enc, &paths, &a.run, &opts, |p, f| sink.push(p, f))?;
     sink.finish()?;

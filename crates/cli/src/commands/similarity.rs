@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -27,11 +28,17 @@ pub fn run(a: SimilarityArgs) -> Result<usize> {
         bail!("{} has no text tower", a.model.model);
     }
     let texts: Vec<&str> = a.text.iter().map(String::as_str).collect();
-    println!("path\t{}", texts.join("\t"));
-    batch::run_images(&enc, &paths, &a.run, &EncodeOptions::default(), |path, f| {
-        let sims = batch::vec1(&enc.similarity(f.embedding(), &texts)?)?;
-        let cols: Vec<String> = sims.iter().map(|s| format!("{s:.6}")).collect();
-        println!("{}\t{}", path.display(), cols.join("\t"));
-        Ok(())
-    })
+    writeln!(std::io::stdout(), "path\t{}", texts.join("\t"))?;
+    batch::run_images(
+        &enc,
+        &paths,
+        &a.run,
+        &EncodeOptions::default(),
+        |path, f| {
+            let sims = batch::vec1(&enc.similarity(f.embedding(), &texts)?)?;
+            let cols: Vec<String> = sims.iter().map(|s| format!("{s:.6}")).collect();
+            writeln!(std::io::stdout(), "{}\t{}", path.display(), cols.join("\t"))?;
+            Ok(())
+        },
+    )
 }

@@ -17,7 +17,10 @@ impl Preprocess {
     ///   `CenterCrop(size)`;
     /// * `"squash"`: `Resize((scale_h, scale_w))` and `CenterCrop(size)`;
     /// * `"border"`: `ResizeKeepRatio(scale, longest=1)` and `CenterCropOrPad(size)` with the
-    ///   mean colour as fill.
+    ///   mean colour as fill;
+    /// * `"tf_center"` (a visenc extension for TensorFlow-trained weights such as EfficientNet-Lite):
+    ///   a centred square of `crop_pct` of the shorter side, then a resize to `input_size`, as
+    ///   TF EfficientNet's `_decode_and_center_crop`.
     ///
     /// Defaults as timm: input 224x224, bicubic, crop_pct 0.875, ImageNet mean/std. Non-square
     /// `input_size` is supported for `squash` only (timm's `ResizeKeepRatio` is not ported).
@@ -76,6 +79,11 @@ impl Preprocess {
             .filter(|m| !m.is_empty())
             .unwrap_or("center");
         pre.resize = Some(match crop_mode {
+            "tf_center" => {
+                pre.pre_crop = Some(crop_pct);
+                pre.crop = None;
+                ResizeMode::Exact { height, width }
+            }
             "squash" => ResizeMode::Exact {
                 height: scale_h,
                 width: scale_w,
@@ -94,8 +102,8 @@ impl Preprocess {
             }
             other => {
                 return Err(ImageError::config(format!(
-                    "unknown timm crop_mode {other:?} (expected center, squash or border)"
-                )))
+                "unknown timm crop_mode {other:?} (expected center, squash, border or tf_center)"
+            )))
             }
         });
         Ok(pre)
@@ -173,6 +181,7 @@ impl Preprocess {
             }
         };
         Ok(Preprocess {
+            pre_crop: None,
             resize: Some(resize),
             filter,
             crop,

@@ -80,7 +80,11 @@ fn conv_bn(
     pad: Option<Pad>,
     act: Option<Activation>,
 ) -> Result<ConvBnAct> {
-    Ok(ConvBnAct { pad, conv: Conv::load(s, conv, spec)?.fold_bn(s, bn, eps)?, act })
+    Ok(ConvBnAct {
+        pad,
+        conv: Conv::load(s, conv, spec)?.fold_bn(s, bn, eps)?,
+        act,
+    })
 }
 
 /// Loads a transformers EfficientNet.
@@ -88,8 +92,13 @@ fn conv_bn(
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let c: HfConfig = parse(cfg, "config.json")?;
     let n = c.in_channels.len();
-    let lists =
-        [c.out_channels.len(), c.kernel_sizes.len(), c.strides.len(), c.num_block_repeats.len(), c.expand_ratios.len()];
+    let lists = [
+        c.out_channels.len(),
+        c.kernel_sizes.len(),
+        c.strides.len(),
+        c.num_block_repeats.len(),
+        c.expand_ratios.len(),
+    ];
     if n == 0 || lists.iter().any(|&l| l != n) {
         return Err(config_err(
             "in_channels",
@@ -97,15 +106,32 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         ));
     }
     let pool = match c.pooling_type.as_str() {
-        "mean" => Pool::Window { window: c.hidden_dim, max: false },
-        "max" => Pool::Window { window: c.hidden_dim, max: true },
-        other => return Err(ModelError::Unsupported { what: "EfficientNet pooling_type", name: other.into() }),
+        "mean" => Pool::Window {
+            window: c.hidden_dim,
+            max: false,
+        },
+        "max" => Pool::Window {
+            window: c.hidden_dim,
+            max: true,
+        },
+        other => {
+            return Err(ModelError::Unsupported {
+                what: "EfficientNet pooling_type",
+                name: other.into(),
+            })
+        }
     };
     let act = Activation::from_name(&c.hidden_act)?;
     let eps = c.batch_norm_eps;
     // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/efficientnet/modeling_efficientnet.py#L36
-    let round_filters =
-        |ch: usize| make_divisible(ch as f64 * c.width_coefficient, c.depth_divisor, c.depth_divisor, 0.9);
+    let round_filters = |ch: usize| {
+        make_divisible(
+            ch as f64 * c.width_coefficient,
+            c.depth_divisor,
+            c.depth_divisor,
+            0.9,
+        )
+    };
     let round_repeats = |r: usize| (c.depth_coefficient * r as f64).ceil() as usize;
 
     let root = w.root();
@@ -115,10 +141,23 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         root.clone()
     };
     // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/efficientnet/modeling_efficientnet.py#L87
-    let stem_pad = Pad { left: 0, right: 1, top: 0, bottom: 1 };
+    let stem_pad = Pad {
+        left: 0,
+        right: 1,
+        top: 0,
+        bottom: 1,
+    };
     let stem_chs = round_filters(32);
     let stem_spec = ConvSpec::new(c.num_channels, stem_chs, 3, 2).padding(Padding::Symmetric(0));
-    let stem = conv_bn(&s.pp("embeddings"), "convolution", "batchnorm", stem_spec, eps, Some(stem_pad), Some(act))?;
+    let stem = conv_bn(
+        &s.pp("embeddings"),
+        "convolution",
+        "batchnorm",
+        stem_spec,
+        eps,
+        Some(stem_pad),
+        Some(act),
+    )?;
 
     let mut stages = Vec::new();
     let mut taps = Vec::new();
@@ -131,14 +170,26 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         out_dim = round_filters(c.out_channels[i]);
         let mut blocks = Vec::new();
         for j in 0..round_repeats(c.num_block_repeats[i]) {
-            let (in_dim, stride) = if j == 0 { (first_in, stride) } else { (out_dim, 1) };
+            let (in_dim, stride) = if j == 0 {
+                (first_in, stride)
+            } else {
+                (out_dim, 1)
+            };
             let bs = s.pp(format!("encoder.blocks.{block_num}"));
             let expand = expand_ratio != 1;
             let mid = in_dim * expand_ratio;
             let mut convs = Vec::new();
             if expand {
                 let spec = ConvSpec::new(in_dim, mid, 1, 1);
-                convs.push(conv_bn(&bs.pp("expansion"), "expand_conv", "expand_bn", spec, eps, None, Some(act))?);
+                convs.push(conv_bn(
+                    &bs.pp("expansion"),
+                    "expand_conv",
+                    "expand_bn",
+                    spec,
+                    eps,
+                    None,
+                    Some(act),
+                )?);
             }
             // Stride 2: `ZeroPad2d(correct_pad(k, adjust))` then "valid"; stride 1: PyTorch
             // `padding="same"`, which at stride 1 is TF "SAME".
@@ -148,7 +199,11 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
                 1 => (dw.padding(Padding::TfSame), None),
                 2 => {
                     let adjust = !c.depthwise_padding.contains(&block_num);
-                    let before = if adjust { (k / 2).checked_sub(1) } else { Some(k / 2) };
+                    let before = if adjust {
+                        (k / 2).checked_sub(1)
+                    } else {
+                        Some(k / 2)
+                    };
                     let before = before.ok_or_else(|| {
                         config_err(
                             "kernel_sizes",
@@ -157,12 +212,30 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
                     })?;
                     (
                         dw.padding(Padding::Symmetric(0)),
-                        Some(Pad { left: before, right: k / 2, top: before, bottom: k / 2 }),
+                        Some(Pad {
+                            left: before,
+                            right: k / 2,
+                            top: before,
+                            bottom: k / 2,
+                        }),
                     )
                 }
-                other => return Err(ModelError::Unsupported { what: "EfficientNet stride", name: other.to_string() }),
+                other => {
+                    return Err(ModelError::Unsupported {
+                        what: "EfficientNet stride",
+                        name: other.to_string(),
+                    })
+                }
             };
-            convs.push(conv_bn(&bs.pp("depthwise_conv"), "depthwise_conv", "depthwise_norm", dw, eps, pad, Some(act))?);
+            convs.push(conv_bn(
+                &bs.pp("depthwise_conv"),
+                "depthwise_conv",
+                "depthwise_norm",
+                dw,
+                eps,
+                pad,
+                Some(act),
+            )?);
             // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/efficientnet/modeling_efficientnet.py#L187
             let dim_se = ((in_dim as f64 * c.squeeze_expansion_ratio) as usize).max(1);
             let se_s = bs.pp("squeeze_excite");
@@ -182,11 +255,19 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
             )?;
             // `apply_dropout = stride == 1 and not id_skip`: the first block of a stage never adds.
             // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/efficientnet/modeling_efficientnet.py#L226
-            blocks.push(Block { convs, se: Some(se), project: Some(project), residual: stride == 1 && j > 0 });
+            blocks.push(Block {
+                convs,
+                se: Some(se),
+                project: Some(project),
+                residual: stride == 1 && j > 0,
+            });
             block_num += 1;
         }
         reduction *= stride;
-        taps.push(Tap { stage: Some(i), reduction });
+        taps.push(Tap {
+            stage: Some(i),
+            reduction,
+        });
         stages.push(blocks);
     }
     let top_chs = round_filters(1280);
@@ -200,9 +281,21 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         ));
     }
     let enc = s.pp("encoder");
-    let head = conv_bn(&enc, "top_conv", "top_bn", ConvSpec::new(out_dim, top_chs, 1, 1), eps, None, Some(act))?;
-    let classes = root.shape_of("classifier.weight").and_then(|shape| shape.first().copied());
-    let classifier = classes.map(|n| linear(&root, "classifier", top_chs, n, true)).transpose()?;
+    let head = conv_bn(
+        &enc,
+        "top_conv",
+        "top_bn",
+        ConvSpec::new(out_dim, top_chs, 1, 1),
+        eps,
+        None,
+        Some(act),
+    )?;
+    let classes = root
+        .shape_of("classifier.weight")
+        .and_then(|shape| shape.first().copied());
+    let classifier = classes
+        .map(|n| linear(&root, "classifier", top_chs, n, true))
+        .transpose()?;
     let image_size = match c.image_size {
         ImageSize::Square(s) => (s, s),
         ImageSize::Rect([h, w]) => (h, w),
@@ -216,6 +309,17 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         labels: classifier.as_ref().and(hf_labels(cfg)),
         ..Default::default()
     };
-    let model = EfficientNet { stem, stages, head, pool, classifier, taps };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = EfficientNet {
+        stem,
+        stages,
+        head,
+        pool,
+        classifier,
+        taps,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }

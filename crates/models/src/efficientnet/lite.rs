@@ -65,7 +65,12 @@ impl Params {
         if self.width == 0.0 {
             return f;
         }
-        make_divisible(f as f64 * self.width, self.divisor, self.min_depth.unwrap_or(self.divisor), 0.9)
+        make_divisible(
+            f as f64 * self.width,
+            self.divisor,
+            self.min_depth.unwrap_or(self.divisor),
+            0.9,
+        )
     }
 
     /// `round_repeats`.
@@ -92,8 +97,22 @@ impl Params {
                 // `MBConvBlock.forward`, so it never adds its input; the repeats (stride 1, in == out) do.
                 (0..repeats)
                     .map(|j| match j {
-                        0 => MbConv { stride: s, inp, out, kernel, expand, residual: false },
-                        _ => MbConv { stride: 1, inp: out, out, kernel, expand, residual: true },
+                        0 => MbConv {
+                            stride: s,
+                            inp,
+                            out,
+                            kernel,
+                            expand,
+                            residual: false,
+                        },
+                        _ => MbConv {
+                            stride: 1,
+                            inp: out,
+                            out,
+                            kernel,
+                            expand,
+                            residual: true,
+                        },
                     })
                     .collect()
             })
@@ -111,20 +130,40 @@ struct MbConv {
     residual: bool,
 }
 
-fn conv_bn(s: &Scope, conv: &str, bn: &str, spec: ConvSpec, eps: f64, act: Option<Activation>) -> Result<ConvBnAct> {
+fn conv_bn(
+    s: &Scope,
+    conv: &str,
+    bn: &str,
+    spec: ConvSpec,
+    eps: f64,
+    act: Option<Activation>,
+) -> Result<ConvBnAct> {
     let conv = Conv::load(s, conv, spec.padding(Padding::TfSame))?.fold_bn(s, bn, eps)?;
-    Ok(ConvBnAct { pad: None, conv, act })
+    Ok(ConvBnAct {
+        pad: None,
+        conv,
+        act,
+    })
 }
 
 /// Which Lite model a bare state dict is: the one whose block count and `_conv_head` input width
 /// match (they differ for every model at default parameters).
 fn infer_model(w: &Weights) -> Option<&'static str> {
-    let blocks = (0..).take_while(|i| w.contains(&format!("_blocks.{i}._project_conv.weight"))).count();
+    let blocks = (0..)
+        .take_while(|i| w.contains(&format!("_blocks.{i}._project_conv.weight")))
+        .count();
     let head_in = w.shape_of("_conv_head.weight")?.get(1).copied()?;
     MODELS.iter().find_map(|&(name, width, depth, _)| {
-        let p = Params { width, depth, divisor: 8, min_depth: None, eps: 1e-3 };
+        let p = Params {
+            width,
+            depth,
+            divisor: 8,
+            min_depth: None,
+            eps: 1e-3,
+        };
         let b = p.blocks();
-        (b.iter().map(Vec::len).sum::<usize>() == blocks && p.filters(320) == head_in).then_some(name)
+        (b.iter().map(Vec::len).sum::<usize>() == blocks && p.filters(320) == head_in)
+            .then_some(name)
     })
 }
 
@@ -143,22 +182,52 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
             })?
             .to_string(),
     };
-    let &(_, width, depth, res) = MODELS
-        .iter()
-        .find(|m| m.0 == name)
-        .ok_or_else(|| ModelError::Unsupported { what: "efficientnet_lite_pytorch model", name: name.clone() })?;
-    let mut p = Params { width, depth, divisor: 8, min_depth: None, eps: 1e-3 };
+    let &(_, width, depth, res) =
+        MODELS
+            .iter()
+            .find(|m| m.0 == name)
+            .ok_or_else(|| ModelError::Unsupported {
+                what: "efficientnet_lite_pytorch model",
+                name: name.clone(),
+            })?;
+    let mut p = Params {
+        width,
+        depth,
+        divisor: 8,
+        min_depth: None,
+        eps: 1e-3,
+    };
     let mut image_size = Some(res);
-    let mut num_classes = cfg.get("num_classes").and_then(Value::as_u64).map(|n| n as usize);
+    let mut num_classes = cfg
+        .get("num_classes")
+        .and_then(Value::as_u64)
+        .map(|n| n as usize);
     // `get_model_params(.., override_params)`: `GlobalParams._replace(**override_params)`.
     // Reference: https://pypi.org/project/efficientnet-lite-pytorch/0.1.0/ efficientnet_lite_pytorch/utils.py#L610
     if let Some(overrides) = cfg.get("override_params").and_then(Value::as_object) {
         for (k, v) in overrides {
-            let bad = || config_err(format!("override_params.{k}"), format!("unexpected value {v}"));
+            let bad = || {
+                config_err(
+                    format!("override_params.{k}"),
+                    format!("unexpected value {v}"),
+                )
+            };
             let uint = || v.as_u64().map(|n| n as usize).ok_or_else(bad);
             match k.as_str() {
-                "width_coefficient" => p.width = if v.is_null() { 0.0 } else { v.as_f64().ok_or_else(bad)? },
-                "depth_coefficient" => p.depth = if v.is_null() { 0.0 } else { v.as_f64().ok_or_else(bad)? },
+                "width_coefficient" => {
+                    p.width = if v.is_null() {
+                        0.0
+                    } else {
+                        v.as_f64().ok_or_else(bad)?
+                    }
+                }
+                "depth_coefficient" => {
+                    p.depth = if v.is_null() {
+                        0.0
+                    } else {
+                        v.as_f64().ok_or_else(bad)?
+                    }
+                }
                 "depth_divisor" => p.divisor = uint()?,
                 "min_depth" => p.min_depth = if v.is_null() { None } else { Some(uint()?) },
                 "batch_norm_epsilon" => p.eps = v.as_f64().ok_or_else(bad)?,
@@ -176,22 +245,47 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         }
     }
     if p.divisor == 0 {
-        return Err(config_err("override_params.depth_divisor", "must be positive"));
+        return Err(config_err(
+            "override_params.depth_divisor",
+            "must be positive",
+        ));
     }
     let act = Activation::Relu6;
     let root = w.root();
-    let stem = conv_bn(&root, "_conv_stem", "_bn0", ConvSpec::new(3, 32, 3, 2), p.eps, Some(act))?;
+    let stem = conv_bn(
+        &root,
+        "_conv_stem",
+        "_bn0",
+        ConvSpec::new(3, 32, 3, 2),
+        p.eps,
+        Some(act),
+    )?;
     let mut stages = Vec::new();
     let mut n = 0;
     let mut cin = 32;
     for stage in p.blocks() {
         let mut blocks = Vec::new();
-        for MbConv { stride, inp, out, kernel: k, expand: e, residual } in stage {
+        for MbConv {
+            stride,
+            inp,
+            out,
+            kernel: k,
+            expand: e,
+            residual,
+        } in stage
+        {
             let s = root.pp(format!("_blocks.{n}"));
             let mid = inp * e;
             let mut convs = Vec::new();
             if e != 1 {
-                convs.push(conv_bn(&s, "_expand_conv", "_bn0", ConvSpec::new(inp, mid, 1, 1), p.eps, Some(act))?);
+                convs.push(conv_bn(
+                    &s,
+                    "_expand_conv",
+                    "_bn0",
+                    ConvSpec::new(inp, mid, 1, 1),
+                    p.eps,
+                    Some(act),
+                )?);
             }
             convs.push(conv_bn(
                 &s,
@@ -201,32 +295,74 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
                 p.eps,
                 Some(act),
             )?);
-            let project = conv_bn(&s, "_project_conv", "_bn2", ConvSpec::new(mid, out, 1, 1), p.eps, None)?;
-            blocks.push(Block { convs, se: None, project: Some(project), residual: residual && inp == out });
+            let project = conv_bn(
+                &s,
+                "_project_conv",
+                "_bn2",
+                ConvSpec::new(mid, out, 1, 1),
+                p.eps,
+                None,
+            )?;
+            blocks.push(Block {
+                convs,
+                se: None,
+                project: Some(project),
+                residual: residual && inp == out,
+            });
             n += 1;
             cin = out;
         }
         stages.push(blocks);
     }
-    let head = conv_bn(&root, "_conv_head", "_bn1", ConvSpec::new(cin, 1280, 1, 1), p.eps, Some(act))?;
+    let head = conv_bn(
+        &root,
+        "_conv_head",
+        "_bn1",
+        ConvSpec::new(cin, 1280, 1, 1),
+        p.eps,
+        Some(act),
+    )?;
     // The port always has `_fc`; its width is the config's num_classes, else the checkpoint's.
-    let num_classes = num_classes.or_else(|| root.shape_of("_fc.weight").and_then(|s| s.first().copied()));
-    let classifier = num_classes.map(|n| linear(&root, "_fc", 1280, n, true)).transpose()?;
+    let num_classes =
+        num_classes.or_else(|| root.shape_of("_fc.weight").and_then(|s| s.first().copied()));
+    let classifier = num_classes
+        .map(|n| linear(&root, "_fc", 1280, n, true))
+        .transpose()?;
     let labels = cfg
         .get("label_names")
         .and_then(Value::as_array)
-        .map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect::<Vec<_>>())
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        })
         .filter(|v| Some(v.len()) == num_classes);
-    let input_size = cfg.get("input_size").and_then(|s| serde_json::from_value::<[usize; 3]>(s.clone()).ok());
+    let input_size = cfg
+        .get("input_size")
+        .and_then(|s| serde_json::from_value::<[usize; 3]>(s.clone()).ok());
     let info = ModelInfo {
         architecture: format!("{ARCH_PREFIX}{name}"),
         family: "efficientnet",
-        image_size: input_size.map(|[_, h, w]| (h, w)).or(image_size.map(|s| (s, s))).unwrap_or_default(),
+        image_size: input_size
+            .map(|[_, h, w]| (h, w))
+            .or(image_size.map(|s| (s, s)))
+            .unwrap_or_default(),
         num_layers: n,
         hidden_size: 1280,
         labels: classifier.as_ref().and(labels),
         ..Default::default()
     };
-    let model = EfficientNet { stem, stages, head, pool: Pool::Mean, classifier, taps: vec![] };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = EfficientNet {
+        stem,
+        stages,
+        head,
+        pool: Pool::Mean,
+        classifier,
+        taps: vec![],
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }

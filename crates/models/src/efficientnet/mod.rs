@@ -53,7 +53,10 @@ struct ConvBnAct {
 impl ConvBnAct {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.pad {
-            Some(p) => self.conv.forward(&x.pad_with_zeros(2, p.top, p.bottom)?.pad_with_zeros(3, p.left, p.right)?)?,
+            Some(p) => self.conv.forward(
+                &x.pad_with_zeros(2, p.top, p.bottom)?
+                    .pad_with_zeros(3, p.left, p.right)?,
+            )?,
             None => self.conv.forward(x)?,
         };
         match self.act {
@@ -76,7 +79,9 @@ struct SqueezeExcite {
 impl SqueezeExcite {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
-        let s = self.expand.forward(&self.act.forward(&self.reduce.forward(&s)?)?)?;
+        let s = self
+            .expand
+            .forward(&self.act.forward(&self.reduce.forward(&s)?)?)?;
         Ok(x.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)?)
     }
 }
@@ -142,7 +147,10 @@ impl ImageEncoder for EfficientNet {
         let mut tap = |stage: Option<usize>, x: &Tensor| {
             if opts.features {
                 for t in self.taps.iter().filter(|t| t.stage == stage) {
-                    maps.push(FeatureMap { reduction: t.reduction, map: x.clone() });
+                    maps.push(FeatureMap {
+                        reduction: t.reduction,
+                        map: x.clone(),
+                    });
                 }
             }
         };
@@ -171,13 +179,20 @@ impl ImageEncoder for EfficientNet {
                 }
             }
         };
-        let logits = self.classifier.as_ref().map(|c| candle_core::Module::forward(c, &pooled)).transpose()?;
+        let logits = self
+            .classifier
+            .as_ref()
+            .map(|c| candle_core::Module::forward(c, &pooled))
+            .transpose()?;
         Ok(ImageFeatures {
             pooled,
             projected: None,
             logits,
             prefix_tokens: None,
-            patch_tokens: opts.tokens.then(|| x.flatten_from(2)?.transpose(1, 2)).transpose()?,
+            patch_tokens: opts
+                .tokens
+                .then(|| x.flatten_from(2)?.transpose(1, 2))
+                .transpose()?,
             grid: (h, w),
             hidden_states: vec![],
             feature_maps: maps,

@@ -69,8 +69,17 @@ impl Generator {
 /// is a `tf_` port (BatchNorm eps 1e-3 and TF "SAME" padding by default).
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/efficientnet.py#L2107
 fn preset(name: &str) -> Option<(Generator, f64, f64, bool)> {
-    const B: [(f64, f64); 9] =
-        [(1.0, 1.0), (1.0, 1.1), (1.1, 1.2), (1.2, 1.4), (1.4, 1.8), (1.6, 2.2), (1.8, 2.6), (2.0, 3.1), (2.2, 3.6)];
+    const B: [(f64, f64); 9] = [
+        (1.0, 1.0),
+        (1.0, 1.1),
+        (1.1, 1.2),
+        (1.2, 1.4),
+        (1.4, 1.8),
+        (1.6, 2.2),
+        (1.8, 2.6),
+        (2.0, 3.1),
+        (2.2, 3.6),
+    ];
     const LITE: [(f64, f64); 5] = [(1.0, 1.0), (1.0, 1.1), (1.1, 1.2), (1.2, 1.4), (1.4, 1.8)];
     if name == "test_efficientnet" {
         return Some((Generator::Test, 1.0, 1.0, false));
@@ -151,7 +160,9 @@ fn decode_block(s: &str) -> Result<BlockDef> {
             "noskip" => def.skip = false,
             "skip" => def.skip = true,
             _ => {
-                let at = op.find(|c: char| c.is_ascii_digit()).ok_or_else(|| unsupported(op))?;
+                let at = op
+                    .find(|c: char| c.is_ascii_digit())
+                    .ok_or_else(|| unsupported(op))?;
                 let (key, value) = op.split_at(at);
                 let int = || value.parse::<usize>().map_err(|_| unsupported(op));
                 let float = || value.parse::<f64>().map_err(|_| unsupported(op));
@@ -187,12 +198,17 @@ fn scale_stage(defs: Vec<BlockDef>, depth_multiplier: f64) -> Vec<BlockDef> {
     let mut scaled = (num_repeat as f64 * depth_multiplier).ceil() as usize;
     let mut reps = vec![0; defs.len()];
     for (i, d) in defs.iter().enumerate().rev() {
-        let rs = ((d.repeats as f64 / num_repeat as f64 * scaled as f64).round_ties_even() as usize).max(1);
+        let rs = ((d.repeats as f64 / num_repeat as f64 * scaled as f64).round_ties_even()
+            as usize)
+            .max(1);
         reps[i] = rs;
         num_repeat -= d.repeats;
         scaled = scaled.saturating_sub(rs);
     }
-    defs.into_iter().zip(reps).flat_map(|(d, r)| std::iter::repeat_n(d, r)).collect()
+    defs.into_iter()
+        .zip(reps)
+        .flat_map(|(d, r)| std::iter::repeat_n(d, r))
+        .collect()
 }
 
 /// timm constructor arguments visenc honours (preset from the name, then `model_args`).
@@ -236,11 +252,24 @@ impl Ctx {
     }
 
     /// `conv` + `bn` (folded) under `s`, with the activation when `act`.
-    fn conv_bn(&self, s: &Scope, conv: &str, bn: &str, shape: ConvShape, act: bool) -> Result<ConvBnAct> {
+    fn conv_bn(
+        &self,
+        s: &Scope,
+        conv: &str,
+        bn: &str,
+        shape: ConvShape,
+        act: bool,
+    ) -> Result<ConvBnAct> {
         let (cin, cout, k, stride, groups) = shape;
-        let spec = ConvSpec::new(cin, cout, k, stride).groups(groups).padding(self.padding(k, stride));
+        let spec = ConvSpec::new(cin, cout, k, stride)
+            .groups(groups)
+            .padding(self.padding(k, stride));
         let conv = Conv::load(s, conv, spec)?.fold_bn(s, bn, self.eps)?;
-        Ok(ConvBnAct { pad: None, conv, act: act.then_some(self.act) })
+        Ok(ConvBnAct {
+            pad: None,
+            conv,
+            act: act.then_some(self.act),
+        })
     }
 
     /// `se.conv_reduce` / `se.conv_expand` on `chs` channels reduced to `round(chs * ratio)`.
@@ -264,7 +293,14 @@ impl Ctx {
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/_efficientnet_blocks.py#L218
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/_efficientnet_blocks.py#L324
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/_efficientnet_blocks.py#L751
-fn block(c: &Ctx, s: &Scope, d: &BlockDef, cin: usize, cout: usize, stride: usize) -> Result<Block> {
+fn block(
+    c: &Ctx,
+    s: &Scope,
+    d: &BlockDef,
+    cin: usize,
+    cout: usize,
+    stride: usize,
+) -> Result<Block> {
     let k = d.kernel;
     let residual = d.skip && stride == 1 && cin == cout;
     // The builder divides the SE ratio by the expansion ratio (`se_from_exp=False`): SE widths follow
@@ -312,8 +348,10 @@ fn block(c: &Ctx, s: &Scope, d: &BlockDef, cin: usize, cout: usize, stride: usiz
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/efficientnet.py#L73
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let base = arch.split('.').next().unwrap_or_default();
-    let (generator, ch, depth, tf) = preset(base)
-        .ok_or_else(|| ModelError::Unsupported { what: "timm EfficientNet architecture", name: arch.into() })?;
+    let (generator, ch, depth, tf) = preset(base).ok_or_else(|| ModelError::Unsupported {
+        what: "timm EfficientNet architecture",
+        name: arch.into(),
+    })?;
     let defaults = serde_json::json!({
         "channel_multiplier": ch, "depth_multiplier": depth, "num_classes": 1000, "in_chans": 3,
         "global_pool": "avg", "pad_type": if tf { "same" } else { "" }, "bn_eps": if tf { Some(1e-3) } else { None },
@@ -328,15 +366,24 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     if let Some(Value::Object(extra)) = cfg.get("model_args") {
         args.extend(extra.clone());
     }
-    let a: TimmArgs =
-        serde_json::from_value(Value::Object(args)).map_err(|e| config_err("model_args", e.to_string()))?;
+    let a: TimmArgs = serde_json::from_value(Value::Object(args))
+        .map_err(|e| config_err("model_args", e.to_string()))?;
     for (k, v) in &a.other {
-        if !matches!(k.as_str(), "drop_rate" | "drop_path_rate" | "bn_momentum" | "pretrained_cfg") {
-            return Err(ModelError::Unsupported { what: "timm EfficientNet argument", name: format!("{k} = {v}") });
+        if !matches!(
+            k.as_str(),
+            "drop_rate" | "drop_path_rate" | "bn_momentum" | "pretrained_cfg"
+        ) {
+            return Err(ModelError::Unsupported {
+                what: "timm EfficientNet argument",
+                name: format!("{k} = {v}"),
+            });
         }
     }
     if a.global_pool != "avg" {
-        return Err(ModelError::Unsupported { what: "timm EfficientNet global_pool", name: a.global_pool });
+        return Err(ModelError::Unsupported {
+            what: "timm EfficientNet global_pool",
+            name: a.global_pool,
+        });
     }
     if a.output_stride != 32 {
         return Err(ModelError::Unsupported {
@@ -347,13 +394,26 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let same = match a.pad_type.as_str() {
         "" => false,
         "same" => true,
-        other => return Err(ModelError::Unsupported { what: "timm EfficientNet pad_type", name: other.into() }),
+        other => {
+            return Err(ModelError::Unsupported {
+                what: "timm EfficientNet pad_type",
+                name: other.into(),
+            })
+        }
     };
-    let default_act = if generator == Generator::Lite { "relu6" } else { "silu" };
+    let default_act = if generator == Generator::Lite {
+        "relu6"
+    } else {
+        "silu"
+    };
     let act = Activation::from_name(a.act_layer.as_deref().unwrap_or(default_act))?;
     // `round_channels`: the test generator never rounds up (round_limit=0); a zero multiplier
     // leaves channels as they are.
-    let round_limit = if generator == Generator::Test { 0.0 } else { 0.9 };
+    let round_limit = if generator == Generator::Test {
+        0.0
+    } else {
+        0.9
+    };
     let round_chs = |c: usize| {
         if a.channel_multiplier == 0.0 {
             c
@@ -374,22 +434,45 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         .iter()
         .enumerate()
         .map(|(i, strings)| {
-            let defs = strings.iter().map(|s| decode_block(s)).collect::<Result<Vec<_>>>()?;
+            let defs = strings
+                .iter()
+                .map(|s| decode_block(s))
+                .collect::<Result<Vec<_>>>()?;
             let fixed = generator == Generator::Lite && (i == 0 || i + 1 == arch_def.len());
-            Ok(scale_stage(defs, if fixed { 1.0 } else { a.depth_multiplier }))
+            Ok(scale_stage(
+                defs,
+                if fixed { 1.0 } else { a.depth_multiplier },
+            ))
         })
         .collect::<Result<Vec<_>>>()?;
 
     let root = w.root();
-    let c = Ctx { same, eps: a.bn_eps.unwrap_or(1e-5), act };
-    let stem = c.conv_bn(&root, "conv_stem", "bn1", (a.in_chans, stem_chs, 3, 2, 1), true)?;
+    let c = Ctx {
+        same,
+        eps: a.bn_eps.unwrap_or(1e-5),
+        act,
+    };
+    let stem = c.conv_bn(
+        &root,
+        "conv_stem",
+        "bn1",
+        (a.in_chans, stem_chs, 3, 2, 1),
+        true,
+    )?;
 
     // EfficientNetBuilder.__call__: only a stage's first block strides; a feature level ends where
     // the next stage strides (or the network ends); a strided first block taps the stem.
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/_efficientnet_builder.py#L433
     let mut taps = Vec::new();
-    if stages_def.first().and_then(|s| s.first()).is_some_and(|d| d.stride > 1) {
-        taps.push(Tap { stage: None, reduction: 2 });
+    if stages_def
+        .first()
+        .and_then(|s| s.first())
+        .is_some_and(|d| d.stride > 1)
+    {
+        taps.push(Tap {
+            stage: None,
+            reduction: 2,
+        });
     }
     let mut cin = stem_chs;
     let mut reduction = 2;
@@ -404,22 +487,42 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
             blocks.push(block(&c, &s, d, cin, cout, stride)?);
             cin = cout;
         }
-        let next_strides = stages_def.get(i + 1).and_then(|s| s.first()).is_none_or(|d| d.stride > 1);
+        let next_strides = stages_def
+            .get(i + 1)
+            .and_then(|s| s.first())
+            .is_none_or(|d| d.stride > 1);
         if next_strides {
-            taps.push(Tap { stage: Some(i), reduction });
+            taps.push(Tap {
+                stage: Some(i),
+                reduction,
+            });
         }
         stages.push(blocks);
     }
     // `features_only` keeps out_indices (0, 1, 2, 3, 4).
     taps.truncate(5);
-    let head = c.conv_bn(&root, "conv_head", "bn2", (cin, num_features, 1, 1, 1), true)?;
-    let classifier =
-        (a.num_classes > 0).then(|| linear(&root, "classifier", num_features, a.num_classes, true)).transpose()?;
+    let head = c.conv_bn(
+        &root,
+        "conv_head",
+        "bn2",
+        (cin, num_features, 1, 1, 1),
+        true,
+    )?;
+    let classifier = (a.num_classes > 0)
+        .then(|| linear(&root, "classifier", num_features, a.num_classes, true))
+        .transpose()?;
     let labels = ["label_names"]
         .iter()
-        .find_map(|k| cfg.get(k).or_else(|| cfg.get("pretrained_cfg").and_then(|p| p.get(k))))
+        .find_map(|k| {
+            cfg.get(k)
+                .or_else(|| cfg.get("pretrained_cfg").and_then(|p| p.get(k)))
+        })
         .and_then(Value::as_array)
-        .map(|v| v.iter().filter_map(|s| s.as_str().map(str::to_string)).collect::<Vec<_>>())
+        .map(|v| {
+            v.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        })
         .filter(|v| v.len() == a.num_classes);
     let image_size = cfg
         .get("pretrained_cfg")
@@ -436,8 +539,19 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         labels: classifier.as_ref().and(labels),
         ..Default::default()
     };
-    let model = EfficientNet { stem, stages, head, pool: Pool::Mean, classifier, taps };
-    Ok(LoadedModel { image: Box::new(model), text: None, info })
+    let model = EfficientNet {
+        stem,
+        stages,
+        head,
+        pool: Pool::Mean,
+        classifier,
+        taps,
+    };
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }
 
 #[cfg(test)]
@@ -447,26 +561,43 @@ mod tests {
     #[test]
     fn decodes_block_strings() {
         let d = decode_block("ir_r3_k5_s2_e6_c112_se0.25").unwrap();
-        assert_eq!((d.kind, d.repeats, d.kernel, d.stride, d.out_chs, d.skip), (Kind::Ir, 3, 5, 2, 112, true));
+        assert_eq!(
+            (d.kind, d.repeats, d.kernel, d.stride, d.out_chs, d.skip),
+            (Kind::Ir, 3, 5, 2, 112, true)
+        );
         assert_eq!((d.exp_ratio, d.se_ratio), (6.0, 0.25));
         assert!(decode_block("cn_r1_k3_s1_e1_c16_skip").unwrap().skip);
         assert!(!decode_block("er_r1_k3_s1_e4_c24_noskip").unwrap().skip);
-        assert!(matches!(decode_block("ir_r1_k3_s1_e6_c24_nre"), Err(ModelError::Unsupported { .. })));
-        assert!(matches!(decode_block("uir_r1_k3_s1_e6_c24"), Err(ModelError::Unsupported { .. })));
+        assert!(matches!(
+            decode_block("ir_r1_k3_s1_e6_c24_nre"),
+            Err(ModelError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            decode_block("uir_r1_k3_s1_e6_c24"),
+            Err(ModelError::Unsupported { .. })
+        ));
     }
 
     #[test]
     fn scales_depth_like_timm() {
         // efficientnet_b3 (depth 1.4): repeats [1, 2, 2, 3, 3, 4, 1] -> [2, 3, 3, 5, 5, 6, 2].
-        let got: Vec<usize> =
-            EFFICIENTNET_ARCH.iter().map(|s| scale_stage(vec![decode_block(s[0]).unwrap()], 1.4).len()).collect();
+        let got: Vec<usize> = EFFICIENTNET_ARCH
+            .iter()
+            .map(|s| scale_stage(vec![decode_block(s[0]).unwrap()], 1.4).len())
+            .collect();
         assert_eq!(got, [2, 3, 3, 5, 5, 6, 2]);
     }
 
     #[test]
     fn presets() {
-        assert_eq!(preset("tf_efficientnet_b3"), Some((Generator::EfficientNet, 1.2, 1.4, true)));
-        assert_eq!(preset("efficientnet_lite4"), Some((Generator::Lite, 1.4, 1.8, false)));
+        assert_eq!(
+            preset("tf_efficientnet_b3"),
+            Some((Generator::EfficientNet, 1.2, 1.4, true))
+        );
+        assert_eq!(
+            preset("efficientnet_lite4"),
+            Some((Generator::Lite, 1.4, 1.8, false))
+        );
         assert_eq!(preset("efficientnet_b9"), None);
         assert_eq!(preset("efficientnet_b0_gn"), None);
         assert_eq!(preset("efficientnetv2_s"), None);
