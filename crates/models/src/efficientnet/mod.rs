@@ -17,7 +17,7 @@ use crate::error::{ModelError, Result};
 use crate::nn::Activation;
 
 pub use hf::load_hf;
-pub use lite::load_lite;
+pub use lite::{load_lite, ARCH_PREFIX as LITE_ARCH_PREFIX};
 pub use timm::load_timm;
 
 /// `int(v + divisor / 2) // divisor * divisor`, at least `min_value`, bumped by one divisor when that

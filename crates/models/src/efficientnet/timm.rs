@@ -11,6 +11,7 @@ use crate::api::ModelInfo;
 use crate::conv::{Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{linear, Activation};
+use crate::vit::timm_labels;
 use crate::LoadedModel;
 
 /// Which timm generator builds the model.
@@ -511,19 +512,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let classifier = (a.num_classes > 0)
         .then(|| linear(&root, "classifier", num_features, a.num_classes, true))
         .transpose()?;
-    let labels = ["label_names"]
-        .iter()
-        .find_map(|k| {
-            cfg.get(k)
-                .or_else(|| cfg.get("pretrained_cfg").and_then(|p| p.get(k)))
-        })
-        .and_then(Value::as_array)
-        .map(|v| {
-            v.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect::<Vec<_>>()
-        })
-        .filter(|v| v.len() == a.num_classes);
+    let labels = timm_labels(cfg, a.num_classes);
     let image_size = cfg
         .get("pretrained_cfg")
         .and_then(|p| p.get("input_size"))
