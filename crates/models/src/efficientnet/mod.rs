@@ -1,0 +1,219 @@
+//! EfficientNet in three checkpoint layouts that share one runtime: timm (`conv_stem`, `blocks.S.B`,
+//! `conv_head`, built from timm's block strings), transformers (`EfficientNetModel`,
+//! `EfficientNetForImageClassification`) and the EfficientNet-Lite PyTorch port on PyPI
+//! (`efficientnet_lite_pytorch`: `_conv_stem`, `_blocks.N`, `_fc`). Every BatchNorm is folded into the
+//! convolution before it at load time; what differs between the layouts (padding, block order,
+//! rounding, residual rules) is decided while loading, so the forward pass below is the same for all.
+
+mod hf;
+mod lite;
+mod timm;
+
+use candle_core::{Tensor, D};
+
+use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures};
+use crate::conv::{global_avg_pool, Conv};
+use crate::error::{ModelError, Result};
+use crate::nn::Activation;
+
+pub use hf::load_hf;
+pub use lite::{load_lite, ARCH_PREFIX as LITE_ARCH_PREFIX};
+pub use timm::load_timm;
+
+/// `int(v + divisor / 2) // divisor * divisor`, at least `min_value`, bumped by one divisor when that
+/// rounds down by more than `1 - round_limit`: timm's `make_divisible`, transformers' `round_filters`
+/// and the Lite port's `round_filters` are all this formula.
+// Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/layers/helpers.py#L55
+pub(crate) fn make_divisible(v: f64, divisor: usize, min_value: usize, round_limit: f64) -> usize {
+    let d = divisor as f64;
+    let mut new_v = min_value.max(((v + d / 2.0).floor() as usize / divisor) * divisor);
+    if (new_v as f64) < round_limit * v {
+        new_v += divisor;
+    }
+    new_v
+}
+
+/// Explicit zero padding (left, right, top, bottom) before a convolution, for transformers'
+/// `nn.ZeroPad2d` + `padding="valid"` convolutions.
+#[derive(Debug, Clone, Copy)]
+struct Pad {
+    left: usize,
+    right: usize,
+    top: usize,
+    bottom: usize,
+}
+
+/// A convolution with its BatchNorm folded in, optionally zero-padded first, optionally activated.
+struct ConvBnAct {
+    pad: Option<Pad>,
+    conv: Conv,
+    act: Option<Activation>,
+}
+
+impl ConvBnAct {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match self.pad {
+            Some(p) => self.conv.forward(
+                &x.pad_with_zeros(2, p.top, p.bottom)?
+                    .pad_with_zeros(3, p.left, p.right)?,
+            )?,
+            None => self.conv.forward(x)?,
+        };
+        match self.act {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Squeeze-and-excitation: spatial mean -> 1x1 reduce (+bias) -> act -> 1x1 expand (+bias) ->
+/// sigmoid gate on the input.
+// Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/_efficientnet_blocks.py#L78
+// Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/efficientnet/modeling_efficientnet.py#L213
+struct SqueezeExcite {
+    reduce: Conv,
+    expand: Conv,
+    act: Activation,
+}
+
+impl SqueezeExcite {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
+        let s = self
+            .expand
+            .forward(&self.act.forward(&self.reduce.forward(&s)?)?)?;
+        Ok(x.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)?)
+    }
+}
+
+/// Every EfficientNet block is this sequence: activated convolutions (expansion / depthwise, or the
+/// single conv of timm's `ConvBnAct`), squeeze-excite, a linear projection, and the residual.
+struct Block {
+    convs: Vec<ConvBnAct>,
+    se: Option<SqueezeExcite>,
+    project: Option<ConvBnAct>,
+    residual: bool,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        for c in &self.convs {
+            y = c.forward(&y)?;
+        }
+        if let Some(se) = &self.se {
+            y = se.forward(&y)?;
+        }
+        if let Some(p) = &self.project {
+            y = p.forward(&y)?;
+        }
+        Ok(if self.residual { (y + x)? } else { y })
+    }
+}
+
+/// How the last feature map becomes the pooled embedding.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// Mean over H x W (timm `avg`, `AdaptiveAvgPool2d(1)`).
+    Mean,
+    /// transformers' `nn.AvgPool2d(hidden_dim, ceil_mode=True)` / `nn.MaxPool2d(..)`: one window
+    /// covering the whole map (the mean or max) as long as the map is no larger than `window`;
+    /// beyond that the reference yields several windows and fails to reshape, so we refuse too.
+    Window { window: usize, max: bool },
+}
+
+/// Where a multi-scale feature map is taken.
+#[derive(Debug, Clone, Copy)]
+struct Tap {
+    /// `None`: the stem output; `Some(i)`: the output of stage `i`.
+    stage: Option<usize>,
+    reduction: usize,
+}
+
+pub struct EfficientNet {
+    stem: ConvBnAct,
+    stages: Vec<Vec<Block>>,
+    /// The 1x1 head convolution + BN + act (timm `conv_head`/`bn2`, HF `top_conv`/`top_bn`).
+    head: ConvBnAct,
+    pool: Pool,
+    classifier: Option<candle_nn::Linear>,
+    taps: Vec<Tap>,
+}
+
+impl ImageEncoder for EfficientNet {
+    fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        let mut maps = Vec::new();
+        let mut x = self.stem.forward(pixels)?;
+        let mut tap = |stage: Option<usize>, x: &Tensor| {
+            if opts.features {
+                for t in self.taps.iter().filter(|t| t.stage == stage) {
+                    maps.push(FeatureMap {
+                        reduction: t.reduction,
+                        map: x.clone(),
+                    });
+                }
+            }
+        };
+        tap(None, &x);
+        for (i, stage) in self.stages.iter().enumerate() {
+            for b in stage {
+                x = b.forward(&x)?;
+            }
+            tap(Some(i), &x);
+        }
+        let x = self.head.forward(&x)?;
+        let (h, w) = (x.dim(2)?, x.dim(3)?);
+        let pooled = match self.pool {
+            Pool::Mean => global_avg_pool(&x)?,
+            Pool::Window { window, max } => {
+                if h > window || w > window {
+                    return Err(ModelError::Input(format!(
+                        "the final {h}x{w} feature map is larger than the {window}x{window} pooling window \
+                         (config `hidden_dim`); the reference cannot pool it to one vector either"
+                    )));
+                }
+                if max {
+                    x.max(D::Minus1)?.max(D::Minus1)?
+                } else {
+                    global_avg_pool(&x)?
+                }
+            }
+        };
+        let logits = self
+            .classifier
+            .as_ref()
+            .map(|c| candle_core::Module::forward(c, &pooled))
+            .transpose()?;
+        Ok(ImageFeatures {
+            pooled,
+            projected: None,
+            logits,
+            prefix_tokens: None,
+            patch_tokens: opts
+                .tokens
+                .then(|| x.flatten_from(2)?.transpose(1, 2))
+                .transpose()?,
+            grid: (h, w),
+            hidden_states: vec![],
+            feature_maps: maps,
+            latents: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::make_divisible;
+
+    #[test]
+    fn make_divisible_matches_timm() {
+        // Values checked against timm.layers.make_divisible.
+        assert_eq!(make_divisible(32.0 * 1.1, 8, 8, 0.9), 32);
+        assert_eq!(make_divisible(16.0 * 0.25, 8, 8, 0.0), 8);
+        assert_eq!(make_divisible(1280.0 * 1.4, 8, 8, 0.9), 1792);
+        assert_eq!(make_divisible(40.0 * 1.2, 8, 8, 0.9), 48);
+        assert_eq!(make_divisible(24.0 * 1.4, 8, 8, 0.9), 32);
+        // Rounding down by more than 10% is bumped back up one divisor.
+        assert_eq!(make_divisible(11.0, 8, 8, 0.9), 16);
+    }
+}
