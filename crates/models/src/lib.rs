@@ -39,6 +39,23 @@ pub struct LoadedModel {
     pub info: ModelInfo,
 }
 
+/// What `timm.create_model` receives for a hub checkpoint: the architecture's preset, overridden by
+/// config.json's `num_classes` and `global_pool`, then by its `model_args`.
+pub(crate) fn timm_args(
+    mut args: serde_json::Map<String, Value>,
+    cfg: &Value,
+) -> serde_json::Map<String, Value> {
+    for k in ["num_classes", "global_pool"] {
+        if let Some(v) = cfg.get(k) {
+            args.insert(k.into(), v.clone());
+        }
+    }
+    if let Some(Value::Object(extra)) = cfg.get("model_args") {
+        args.extend(extra.clone());
+    }
+    args
+}
+
 /// Parses a config section, naming the section in the error.
 pub(crate) fn parse<T: DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
     let v = if v.is_null() {

@@ -285,15 +285,7 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
 
 /// Loads a timm ResNet (hub layout) or a torchvision ResNet state dict (same keys).
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
-    let mut args = timm_preset(arch)?;
-    for k in ["num_classes", "global_pool"] {
-        if let Some(v) = cfg.get(k) {
-            args.insert(k.into(), v.clone());
-        }
-    }
-    if let Some(Value::Object(extra)) = cfg.get("model_args") {
-        args.extend(extra.clone());
-    }
+    let args = crate::timm_args(timm_preset(arch)?, cfg);
     let a: TimmArgs = serde_json::from_value(Value::Object(args))
         .map_err(|e| config_err("model_args", e.to_string()))?;
     for (k, v) in &a.other {

@@ -348,15 +348,7 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
 /// Loads a timm ViT saved in timm's hub layout (config.json with `architecture`, `model_args`,
 /// `pretrained_cfg`; model.safetensors).
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
-    let mut args = timm_preset(arch)?;
-    for k in ["num_classes", "global_pool"] {
-        if let Some(v) = cfg.get(k) {
-            args.insert(k.into(), v.clone());
-        }
-    }
-    if let Some(Value::Object(extra)) = cfg.get("model_args") {
-        args.extend(extra.clone());
-    }
+    let mut args = crate::timm_args(timm_preset(arch)?, cfg);
     let eps = args
         .remove("norm_eps")
         .and_then(|v| v.as_f64())

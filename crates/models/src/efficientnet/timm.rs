@@ -358,15 +358,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         "global_pool": "avg", "pad_type": if tf { "same" } else { "" }, "bn_eps": if tf { Some(1e-3) } else { None },
         "act_layer": null, "output_stride": 32,
     });
-    let mut args = defaults.as_object().cloned().unwrap_or_default();
-    for k in ["num_classes", "global_pool"] {
-        if let Some(v) = cfg.get(k) {
-            args.insert(k.into(), v.clone());
-        }
-    }
-    if let Some(Value::Object(extra)) = cfg.get("model_args") {
-        args.extend(extra.clone());
-    }
+    let args = crate::timm_args(defaults.as_object().cloned().unwrap_or_default(), cfg);
     let a: TimmArgs = serde_json::from_value(Value::Object(args))
         .map_err(|e| config_err("model_args", e.to_string()))?;
     for (k, v) in &a.other {
