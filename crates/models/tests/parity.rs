@@ -242,3 +242,77 @@ fn half_precision_checkpoints_load() {
         assert!(e > 0.0 && e < tol, "{dtype:?}: relative error {e:e}");
     }
 }
+
+/// The published sizes (CLIP B/32, B/16, L/14, L/14-336; SigLIP base; ViT base; DINOv2 base with
+/// and without registers) map onto visenc's layers: zero tensors with the names and shapes the
+/// reference builds from each published configuration (`fixtures/configs/`, written by
+/// `scripts/fixtures/configs.py`) load strictly, and the parameter count equals the reference's.
+#[test]
+fn published_configurations_load_strictly() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/configs");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 8);
+    for path in names {
+        let spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        // Broadcast views of one zero: full-size shapes without allocating them.
+        let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        let tensors: HashMap<String, Tensor> = spec["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let shape: Vec<usize> = serde_json::from_value(k["shape"].clone()).unwrap();
+                let t = match shape.len() {
+                    0 => zero.reshape(()).unwrap(),
+                    n => zero
+                        .reshape(vec![1; n])
+                        .unwrap()
+                        .broadcast_as(shape)
+                        .unwrap(),
+                };
+                (k["name"].as_str().unwrap().to_string(), t)
+            })
+            .collect();
+        let ckpt = Checkpoint {
+            spec: path.display().to_string(),
+            dir: dir.clone(),
+            layout: visenc_weights::Layout::Transformers,
+            config: spec["config"].clone(),
+            config_path: path.clone(),
+            preprocessor: None,
+            tokenizer_file: None,
+            tokenizer_config: None,
+            weight_files: vec![],
+        };
+        let w = visenc_weights::Weights::new(tensors, &path, DType::F32, &Device::Cpu);
+        let (model, _) = load(&ckpt, &w, LoadPolicy::Strict)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // visenc counts what inference uses; DINOv2's `mask_token` (masked-image modelling only) is
+        // read and deliberately ignored.
+        let unused: u64 = spec["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["name"].as_str().unwrap().ends_with("mask_token"))
+            .map(|k| {
+                k["shape"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_u64().unwrap())
+                    .product::<u64>()
+            })
+            .sum();
+        assert_eq!(
+            model.info.parameters as u64 + unused,
+            spec["parameters"].as_u64().unwrap(),
+            "{}",
+            path.display()
+        );
+    }
+}
