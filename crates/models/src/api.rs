@@ -195,6 +195,12 @@ pub trait MultimodalEncoder: Send + Sync {
     /// How many tokens [`Self::encode_image`] returns for an image of this original size (height, width)
     /// preprocessed for this checkpoint (the processor's count of image placeholder tokens).
     fn num_tokens(&self, image_size: (usize, usize)) -> usize;
+    /// LLaVA-NeXT: the tiles an image of this original size (height, width) needs (best pinpoint,
+    /// resize, padding, grid), for the preprocessing that makes them; `None` without anyres.
+    fn anyres_plan(&self, image_size: (usize, usize)) -> Option<crate::llava::AnyresPlan> {
+        let _ = image_size;
+        None
+    }
 }
 
 /// A text tower of an image-text model.

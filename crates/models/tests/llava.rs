@@ -39,6 +39,7 @@ fn llava_hf_default_strategy_layer_minus_2() {
         assert!(e <= common::F32_TOL, "image {i}: {e:e}");
     }
     assert_eq!(m.num_tokens((32, 32)), 16);
+    assert!(m.anyres_plan((32, 32)).is_none());
 }
 
 #[test]
@@ -105,6 +106,8 @@ fn llava_next_packed_sequences_with_newlines() {
         let v = m.encode_image(tiles, Some(size)).unwrap();
         assert_eq!(v.tokens.dim(0).unwrap() as i64, lens[k], "image {k} length");
         assert_eq!(m.num_tokens(size) as i64, lens[k], "image {k} token count");
+        let plan = m.anyres_plan(size).unwrap();
+        assert_eq!(plan.num_tiles, tiles.dim(0).unwrap(), "image {k} tiles");
         f.check("packed sequence", &v.tokens, &format!("image_features.{k}"));
         // Each newline position holds image_newline, and they end the rows of the grid.
         assert!(!v.newlines.is_empty());

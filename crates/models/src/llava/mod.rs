@@ -106,11 +106,6 @@ impl Llava {
         let x = Tensor::cat(&selected, 2)?;
         self.projector.forward(&x)
     }
-
-    /// The anyres plan for an image of this original size (height, width); `None` for LLaVA.
-    pub fn anyres_plan(&self, image_size: (usize, usize)) -> Option<AnyresPlan> {
-        self.anyres.as_ref().map(|(a, _)| a.plan(image_size))
-    }
 }
 
 impl ImageEncoder for Llava {
@@ -163,6 +158,10 @@ impl MultimodalEncoder for Llava {
             Some((a, _)) => a.plan(image_size).num_tokens,
             None => self.side * self.side + (self.strategy == SelectStrategy::Full) as usize,
         }
+    }
+
+    fn anyres_plan(&self, image_size: (usize, usize)) -> Option<AnyresPlan> {
+        self.anyres.as_ref().map(|(a, _)| a.plan(image_size))
     }
 }
 
