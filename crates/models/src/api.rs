@@ -162,6 +162,45 @@ pub struct ModelInfo {
 pub trait ImageEncoder: Send + Sync {
     /// Encodes normalised pixels [B, 3, H, W]. Any H, W that are at least one patch work.
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures>;
+
+    /// The vision-to-language side (LLaVA projector) when the checkpoint has one.
+    fn multimodal(&self) -> Option<&dyn MultimodalEncoder> {
+        None
+    }
+}
+
+/// The projected visual tokens of one image, ready to replace its image placeholder tokens in a
+/// language model's input embeddings.
+#[derive(Debug, Clone)]
+pub struct VisualTokens {
+    /// [N_tokens, D_llm], in the order the language model reads them (newline rows included).
+    pub tokens: Tensor,
+    /// Rows of `tokens` that are the learned `image_newline` vector (LLaVA-NeXT: one per row of the
+    /// unpadded tile grid; empty for LLaVA).
+    pub newlines: Vec<usize>,
+}
+
+/// A vision tower plus the projector into a language model's embedding space (LLaVA, LLaVA-NeXT).
+pub trait MultimodalEncoder: Send + Sync {
+    /// Width of the language model's embeddings (the projector's output).
+    fn llm_hidden_size(&self) -> usize;
+    /// Encodes one image. LLaVA: normalised pixels [1, 3, H, W]; LLaVA-NeXT: its tiles
+    /// [1 + rows * cols, 3, T, T] (the downscaled base image first, then the grid row-major, as
+    /// `LlavaNextImageProcessor` makes them) with the original `image_size` (height, width).
+    fn encode_image(
+        &self,
+        pixels: &Tensor,
+        image_size: Option<(usize, usize)>,
+    ) -> Result<VisualTokens>;
+    /// How many tokens [`Self::encode_image`] returns for an image of this original size (height, width)
+    /// preprocessed for this checkpoint (the processor's count of image placeholder tokens).
+    fn num_tokens(&self, image_size: (usize, usize)) -> usize;
+    /// LLaVA-NeXT: the tiles an image of this original size (height, width) needs (best pinpoint,
+    /// resize, padding, grid), for the preprocessing that makes them; `None` without anyres.
+    fn anyres_plan(&self, image_size: (usize, usize)) -> Option<crate::llava::AnyresPlan> {
+        let _ = image_size;
+        None
+    }
 }
 
 /// A text tower of an image-text model.

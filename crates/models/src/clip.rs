@@ -87,7 +87,7 @@ const OPEN_CLIP_TEXT: TextKeys = TextKeys {
 
 /// CLIP's image side: the trunk, `post_layernorm` on the CLS token, and the projection.
 pub struct ClipVision {
-    trunk: VisionTransformer,
+    pub(crate) trunk: VisionTransformer,
     post_norm: candle_nn::LayerNorm,
     projection: Option<Projection>,
 }
@@ -199,42 +199,15 @@ fn hf_block(d: usize, mlp: usize, heads: usize, eps: f64, act: &str) -> Result<B
 /// Loads a transformers CLIP checkpoint (`model_type` `clip` or `clip_vision_model`).
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let vision_only = cfg.get("vision_config").is_none();
-    let vc: HfVisionConfig = parse(
-        if vision_only {
-            cfg
-        } else {
-            &cfg["vision_config"]
-        },
-        "vision_config",
-    )?;
-    let root = w.root();
-    for k in [
-        "vision_model.embeddings.position_ids",
-        "text_model.embeddings.position_ids",
-    ] {
-        w.ignore(k);
-    }
-    let vs = root.pp("vision_model");
-    let trunk_cfg = TrunkConfig {
-        block: hf_block(
-            vc.hidden_size,
-            vc.intermediate_size,
-            vc.num_attention_heads,
-            vc.layer_norm_eps,
-            &vc.hidden_act,
-        )?,
-        layers: vc.num_hidden_layers,
-        patch: vc.patch_size,
-        patch_bias: false,
-        image_size: (vc.image_size, vc.image_size),
-        channels: vc.num_channels,
-        class_token: true,
-        registers: 0,
-        pos_prefix: 1,
-        interp: PosInterp::Bicubic,
+    let vc_json = if vision_only {
+        cfg
+    } else {
+        &cfg["vision_config"]
     };
-    let trunk = VisionTransformer::load(&vs, &HF_VISION, trunk_cfg)?;
-    let post_norm = layer_norm(&vs, "post_layernorm", vc.hidden_size, vc.layer_norm_eps)?;
+    let vc: HfVisionConfig = parse(vc_json, "vision_config")?;
+    let root = w.root();
+    w.ignore("text_model.embeddings.position_ids");
+    let (mut vision, mut info) = load_hf_vision_tower(vc_json, &root.pp("vision_model"))?;
     let projection_dim: usize = cfg
         .get("projection_dim")
         .and_then(Value::as_u64)
@@ -251,11 +224,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         None
     };
     let has_projection = projection.is_some();
-    let vision = ClipVision {
-        trunk,
-        post_norm,
-        projection,
-    };
+    vision.projection = projection;
     let (text, scoring) = if vision_only {
         (None, None)
     } else {
@@ -290,23 +259,56 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         let scale = scalar(&root, "logit_scale")?;
         (Some(text), Some(Scoring::Softmax { logit_scale: scale }))
     };
-    let info = ModelInfo {
-        architecture: architecture.to_string(),
-        family: "clip",
-        image_size: (vc.image_size, vc.image_size),
-        patch_size: vc.patch_size,
-        num_layers: vc.num_hidden_layers,
-        hidden_size: vc.hidden_size,
-        projection_dim: has_projection.then_some(projection_dim),
-        prefix_tokens: 1,
-        scoring,
-        ..Default::default()
-    };
+    info.architecture = architecture.to_string();
+    info.projection_dim = has_projection.then_some(projection_dim);
+    info.scoring = scoring;
     Ok(LoadedModel {
         image: Box::new(vision),
         text: text.map(|t| Box::new(t) as _),
         info,
     })
+}
+
+/// Loads a transformers CLIP vision tower (`CLIPVisionTransformer`: embeddings, `pre_layrnorm`, encoder,
+/// `post_layernorm`) from scope `vs`, without a projection; also used inside LLaVA checkpoints.
+pub(crate) fn load_hf_vision_tower(vc: &Value, vs: &Scope) -> Result<(ClipVision, ModelInfo)> {
+    let vc: HfVisionConfig = parse(vc, "vision_config")?;
+    vs.ignore("embeddings.position_ids");
+    let trunk_cfg = TrunkConfig {
+        block: hf_block(
+            vc.hidden_size,
+            vc.intermediate_size,
+            vc.num_attention_heads,
+            vc.layer_norm_eps,
+            &vc.hidden_act,
+        )?,
+        layers: vc.num_hidden_layers,
+        patch: vc.patch_size,
+        patch_bias: false,
+        image_size: (vc.image_size, vc.image_size),
+        channels: vc.num_channels,
+        class_token: true,
+        registers: 0,
+        pos_prefix: 1,
+        interp: PosInterp::Bicubic,
+    };
+    let trunk = VisionTransformer::load(vs, &HF_VISION, trunk_cfg)?;
+    let post_norm = layer_norm(vs, "post_layernorm", vc.hidden_size, vc.layer_norm_eps)?;
+    let info = ModelInfo {
+        family: "clip",
+        image_size: (vc.image_size, vc.image_size),
+        patch_size: vc.patch_size,
+        num_layers: vc.num_hidden_layers,
+        hidden_size: vc.hidden_size,
+        prefix_tokens: 1,
+        ..Default::default()
+    };
+    let vision = ClipVision {
+        trunk,
+        post_norm,
+        projection: None,
+    };
+    Ok((vision, info))
 }
 
 /// Reads a scalar parameter stored as `[]` or `[1]`.

@@ -11,6 +11,7 @@ pub mod dinov2;
 pub mod efficientnet;
 mod error;
 pub mod interpolate;
+pub mod llava;
 pub mod maxvit;
 pub mod nn;
 pub mod resnet;
@@ -27,8 +28,8 @@ use serde_json::Value;
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, Weights};
 
 pub use api::{
-    EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, Scoring,
-    TextEncoder, TextFeatures,
+    EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, Latents, ModelInfo, MultimodalEncoder,
+    Scoring, TextEncoder, TextFeatures, VisualTokens,
 };
 pub use error::{ModelError, Result};
 
@@ -155,10 +156,11 @@ pub fn load(
                 "swin" => swin::load_hf(cfg, w, &arch)?,
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
                 "efficientnet" => efficientnet::load_hf(cfg, w, &arch)?,
+                "llava" | "llava_next" => llava::load_hf(cfg, w, &arch)?,
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
-                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, convnext, convnextv2, swin, efficientnet"),
+                        name: format!("{other:?} ({arch}); supported: clip, clip_vision_model, siglip, siglip_vision_model, vit, dinov2, dinov2_with_registers, resnet, convnext, convnextv2, swin, efficientnet, llava, llava_next"),
                     })
                 }
             }
