@@ -145,7 +145,7 @@ impl Conv {
 /// `pad` on every side, as a direct loop over the channel planes in f32, split across threads.
 /// candle's grouped `conv2d` runs one convolution per group, which for the hundreds of channels of
 /// EfficientNet, ConvNeXt or MaxViT blocks is 10-50x slower than this.
-fn depthwise_cpu(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+pub fn depthwise_cpu(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (_, _, kh, kw) = weight.dims4()?;
     if h + 2 * pad < kh || w + 2 * pad < kw {

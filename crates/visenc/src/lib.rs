@@ -18,6 +18,8 @@ use visenc_text::{TextError, TextTokenizer};
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, WeightsError};
 
 pub use visenc_image as image;
+/// The model families and their building blocks (kernels included), for benchmarks and advanced use.
+pub use visenc_models as models;
 pub use visenc_models::{
     nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo,
     Scoring, TextFeatures,

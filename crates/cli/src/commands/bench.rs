@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{CpuStorage, DType, Device, Layout, Shape, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use rayon::prelude::*;
 use serde_json::{json, Value};
 use visenc::{EncodeOptions, Pixels};
 
@@ -42,6 +41,9 @@ pub struct BenchArgs {
     /// Fewest timed passes when timing by --seconds.
     #[arg(long, default_value_t = 3)]
     min_iters: usize,
+    /// Weight and activation dtype: f32 (the default everywhere else in visenc), bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    dtype: String,
     /// Input size `HxW` (or `N` for NxN); default: the model's input size.
     #[arg(long)]
     size: Option<String>,
@@ -63,11 +65,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<usize> {
-    let report = if a.kernels {
-        kernels(&a)?
-    } else {
-        model(&a)?
-    };
+    let report = if a.kernels { kernels(&a)? } else { model(&a)? };
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -167,7 +165,13 @@ fn proc_status_mib(key: &str) -> f64 {
     };
     s.lines()
         .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next()?.parse::<f64>().ok())
+        .and_then(|v| {
+            v.trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
@@ -217,11 +221,28 @@ fn model(a: &BenchArgs) -> Result<Value> {
     }
     let rss_start = proc_status_mib("VmRSS");
     let t = Instant::now();
-    let enc = batch::load_encoder(&ModelArgs {
-        model: spec.clone(),
-        allow_mismatch: a.allow_mismatch,
-        max_pixels: visenc::image::Limits::default().max_pixels,
-    })?;
+    let dtype = match a.dtype.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
+    let enc = if dtype == DType::F32 {
+        batch::load_encoder(&ModelArgs {
+            model: spec.clone(),
+            allow_mismatch: a.allow_mismatch,
+            max_pixels: visenc::image::Limits::default().max_pixels,
+        })?
+    } else {
+        let mut opts = visenc::LoadOptions {
+            dtype,
+            ..Default::default()
+        };
+        if a.allow_mismatch {
+            opts.policy = visenc::weights::LoadPolicy::AllowMismatch;
+        }
+        visenc::Encoder::load(&spec, &opts)
+            .with_context(|| format!("loading model {spec} as {dtype:?}"))?
+    };
     let load_s = t.elapsed().as_secs_f64();
     let rss_loaded = proc_status_mib("VmRSS");
     let info = enc.info().clone();
@@ -236,7 +257,10 @@ fn model(a: &BenchArgs) -> Result<Value> {
     if let (Some(inp), Some(outp)) = (&a.check_input, &a.check_output) {
         let (shape, data) = read_npy_f32(inp)?;
         let [b, c, ch, cw] = shape[..] else {
-            bail!("{}: expected a [B, 3, H, W] array, got {shape:?}", inp.display());
+            bail!(
+                "{}: expected a [B, 3, H, W] array, got {shape:?}",
+                inp.display()
+            );
         };
         if c != 3 {
             bail!("{}: expected 3 channels, got {c}", inp.display());
@@ -284,7 +308,7 @@ fn model(a: &BenchArgs) -> Result<Value> {
         "architecture": info.architecture,
         "family": info.family,
         "parameters": info.parameters,
-        "dtype": "f32",
+        "dtype": a.dtype,
         "batch": a.batch,
         "size": [h, w],
         "threads": rayon::current_num_threads(),
@@ -303,19 +327,36 @@ fn model(a: &BenchArgs) -> Result<Value> {
 fn print_model(out: &mut impl Write, r: &Value) -> Result<()> {
     let l = &r["latency_s"];
     let ms = |v: &Value| v.as_f64().unwrap_or(0.0) * 1e3;
-    writeln!(out, "model          {} ({}, family {})", r["model"].as_str().unwrap_or(""),
-        r["architecture"].as_str().unwrap_or(""), r["family"].as_str().unwrap_or(""))?;
+    writeln!(
+        out,
+        "model          {} ({}, family {})",
+        r["model"].as_str().unwrap_or(""),
+        r["architecture"].as_str().unwrap_or(""),
+        r["family"].as_str().unwrap_or("")
+    )?;
     let p = r["parameters"].as_u64().unwrap_or(0);
     writeln!(out, "parameters     {p} ({:.1} M)", p as f64 / 1e6)?;
-    writeln!(out, "input          {} x 3 x {} x {} (f32), {} threads", r["batch"], r["size"][0],
-        r["size"][1], r["threads"])?;
-    writeln!(out, "throughput     {:.2} img/s (range {:.2}..{:.2})", r["img_per_s"].as_f64().unwrap_or(0.0),
-        r["img_per_s_range"][0].as_f64().unwrap_or(0.0), r["img_per_s_range"][1].as_f64().unwrap_or(0.0))?;
+    writeln!(
+        out,
+        "input          {} x 3 x {} x {} (f32), {} threads",
+        r["batch"], r["size"][0], r["size"][1], r["threads"]
+    )?;
+    writeln!(
+        out,
+        "throughput     {:.2} img/s (range {:.2}..{:.2})",
+        r["img_per_s"].as_f64().unwrap_or(0.0),
+        r["img_per_s_range"][0].as_f64().unwrap_or(0.0),
+        r["img_per_s_range"][1].as_f64().unwrap_or(0.0)
+    )?;
     writeln!(out, "latency/batch  median {:.1} ms, p90 {:.1} ms, min {:.1} ms, max {:.1} ms ({} runs after {} warm-up)",
         ms(&l["median"]), ms(&l["p90"]), ms(&l["min"]), ms(&l["max"]), l["n"], r["warmup"])?;
-    writeln!(out, "peak RSS       {:.0} MiB (after load {:.0} MiB; load {:.2} s)",
-        r["peak_rss_mib"].as_f64().unwrap_or(0.0), r["rss_after_load_mib"].as_f64().unwrap_or(0.0),
-        r["load_s"].as_f64().unwrap_or(0.0))?;
+    writeln!(
+        out,
+        "peak RSS       {:.0} MiB (after load {:.0} MiB; load {:.2} s)",
+        r["peak_rss_mib"].as_f64().unwrap_or(0.0),
+        r["rss_after_load_mib"].as_f64().unwrap_or(0.0),
+        r["load_s"].as_f64().unwrap_or(0.0)
+    )?;
     Ok(())
 }
 
@@ -397,7 +438,10 @@ fn fma_peak(threads: usize, seconds: f64) -> (String, f64) {
         } else {
             x86::FLOPS_PER_ITER_256
         };
-        (isa.to_string(), peak_threads(threads, seconds, per_iter, run))
+        (
+            isa.to_string(),
+            peak_threads(threads, seconds, per_iter, run),
+        )
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -415,7 +459,12 @@ fn bf16_peak(threads: usize, seconds: f64) -> Option<f64> {
         }
         // SAFETY: the features were detected above.
         let run = |n: u64| unsafe { x86::dpbf16_avx512(n) };
-        Some(peak_threads(threads, seconds, x86::FLOPS_PER_ITER_BF16, run))
+        Some(peak_threads(
+            threads,
+            seconds,
+            x86::FLOPS_PER_ITER_BF16,
+            run,
+        ))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -425,7 +474,12 @@ fn bf16_peak(threads: usize, seconds: f64) -> Option<f64> {
 }
 
 /// Runs `run(n)` on `threads` threads at once; the best of a few rounds, in GFLOP/s.
-fn peak_threads(threads: usize, seconds: f64, flops_per_iter: f64, run: impl Fn(u64) -> f64 + Sync) -> f64 {
+fn peak_threads(
+    threads: usize,
+    seconds: f64,
+    flops_per_iter: f64,
+    run: impl Fn(u64) -> f64 + Sync,
+) -> f64 {
     // Calibrate n so one round takes ~seconds/5 on one thread.
     let mut n: u64 = 1 << 16;
     loop {
@@ -464,8 +518,10 @@ mod x86 {
 
     macro_rules! chains {
         ($n:expr, $zero:expr, $op:expr, $sum:expr) => {{
-            let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) = ($zero, $zero, $zero, $zero, $zero, $zero);
-            let (mut a6, mut a7, mut a8, mut a9, mut a10, mut a11) = ($zero, $zero, $zero, $zero, $zero, $zero);
+            let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5) =
+                ($zero, $zero, $zero, $zero, $zero, $zero);
+            let (mut a6, mut a7, mut a8, mut a9, mut a10, mut a11) =
+                ($zero, $zero, $zero, $zero, $zero, $zero);
             for _ in 0..$n {
                 a0 = $op(a0);
                 a1 = $op(a1);
@@ -525,20 +581,9 @@ mod x86 {
 // ------------------------------------------------------------------------------------------------
 // Kernels, as visenc calls them through candle
 
-/// `candle_nn::Linear::forward` (the CLI has no direct candle-nn dependency; this is its code).
+/// `candle_nn::Linear::forward`, the layer every visenc model uses.
 fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let y = match *x.dims() {
-        [bsize, m, k] if x.is_contiguous() => x
-            .reshape((bsize * m, k))?
-            .matmul(&w.t()?)?
-            .reshape((bsize, m, ()))?,
-        [bsize, _, _] => x.matmul(&w.broadcast_left(bsize)?.t()?)?,
-        _ => x.matmul(&w.t()?)?,
-    };
-    match b {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
+    candle_nn::Module::forward(&candle_nn::Linear::new(w.clone(), b.cloned()), x)
 }
 
 /// `candle_nn::ops::softmax_last_dim`, reached through visenc's own API (CLIP scoring calls it).
@@ -546,60 +591,23 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(visenc::Scoring::Softmax { logit_scale: 0.0 }.probabilities(x)?)
 }
 
-/// `candle_nn::ops::layer_norm`'s fused CPU kernel (f32), as `candle_nn::LayerNorm` runs it.
-struct LayerNormOp {
-    eps: f32,
+/// `candle_nn::ops::sigmoid` (fused), reached through visenc's API (SigLIP scoring calls it).
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    let s = visenc::Scoring::Sigmoid {
+        logit_scale: 0.0,
+        logit_bias: 0.0,
+    };
+    Ok(s.probabilities(x)?)
 }
 
-impl candle_core::CustomOp3 for LayerNormOp {
-    fn name(&self) -> &'static str {
-        "layer-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(g), CpuStorage::F32(b)) = (s1, s2, s3) else {
-            candle_core::bail!("layer-norm bench: f32 only");
-        };
-        let (Some((o1, e1)), Some((o2, e2)), Some((o3, e3))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("layer-norm bench: contiguous only");
-        };
-        let (x, g, b) = (&x[o1..e1], &g[o2..e2], &b[o3..e3]);
-        let dims = l1.shape().dims();
-        let d = dims[dims.len() - 1];
-        let mut dst = vec![0f32; x.len()];
-        let eps = self.eps;
-        x.par_chunks(d)
-            .zip(dst.par_chunks_mut(d))
-            .for_each(|(src, dst)| {
-                let (mut s, mut s2) = (0f32, 0f32);
-                for &v in src {
-                    s += v;
-                    s2 += v * v;
-                }
-                let mean = s / d as f32;
-                let inv = (s2 / d as f32 - mean * mean + eps).sqrt().recip();
-                for ((o, &v), (&g, &b)) in dst.iter_mut().zip(src).zip(g.iter().zip(b)) {
-                    *o = (v - mean) * inv * g + b;
-                }
-            });
-        Ok((CpuStorage::F32(dst), Shape::from_dims(dims)))
-    }
-}
-
+/// `candle_nn::ops::layer_norm`, the fused LayerNorm every visenc transformer uses.
 fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(x.apply_op3_no_bwd(g, b, &LayerNormOp { eps: 1e-5 })?)
+    Ok(candle_nn::ops::layer_norm(x, g, b, 1e-5)?)
+}
+
+/// visenc's direct depthwise convolution (`visenc_models::conv::depthwise_cpu`).
+fn depthwise_cpu(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    Ok(visenc::models::conv::depthwise_cpu(x, weight, stride, pad)?)
 }
 
 fn randt(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -629,8 +637,13 @@ impl KernelResult {
 
 fn kernels(a: &BenchArgs) -> Result<Value> {
     let threads = rayon::current_num_threads();
-    let seconds = if a.seconds > 0.0 { a.seconds.min(3.0) } else { 1.0 };
+    let seconds = if a.seconds > 0.0 {
+        a.seconds.min(3.0)
+    } else {
+        1.0
+    };
     let (isa, peak) = fma_peak(threads, 1.0);
+    let (_, peak1) = fma_peak(1, 0.5);
     let bf16 = bf16_peak(threads, 1.0);
     let plan = Plan {
         warmup: a.warmup.max(1),
@@ -639,12 +652,21 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
         min_iters: a.min_iters.max(3),
     };
     let mut ks: Vec<KernelResult> = Vec::new();
-    let mut bench = |name: &str, shape: String, gflop: f64, f: &mut dyn FnMut() -> Result<Tensor>| -> Result<()> {
+    let mut bench = |name: &str,
+                     shape: String,
+                     gflop: f64,
+                     f: &mut dyn FnMut() -> Result<Tensor>|
+     -> Result<()> {
         let stats = plan.time(|| {
             std::hint::black_box(f()?);
             Ok(())
         })?;
-        ks.push(KernelResult { name: name.into(), shape, gflop, stats });
+        ks.push(KernelResult {
+            name: name.into(),
+            shape,
+            gflop,
+            stats,
+        });
         Ok(())
     };
 
@@ -653,9 +675,13 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
     let x = randt(&[m, k], 1)?;
     let y = randt(&[k, n], 2)?;
     let g = 2.0 * (m * k * n) as f64 / 1e9;
-    bench("gemm f32", format!("{m}x{k}x{n}"), g, &mut || Ok(x.matmul(&y)?))?;
+    bench("gemm f32", format!("{m}x{k}x{n}"), g, &mut || {
+        Ok(x.matmul(&y)?)
+    })?;
     let (xb, yb) = (x.to_dtype(DType::BF16)?, y.to_dtype(DType::BF16)?);
-    bench("gemm bf16 (candle)", format!("{m}x{k}x{n}"), g, &mut || Ok(xb.matmul(&yb)?))?;
+    bench("gemm bf16", format!("{m}x{k}x{n}"), g, &mut || {
+        Ok(xb.matmul(&yb)?)
+    })?;
 
     // ViT-B/16 GEMMs at batch 8 (M = 8 x 197 tokens), as nn::Linear calls them: x [8, 197, K] @ W[N, K]^T.
     let (b, t) = (8usize, 197usize);
@@ -668,26 +694,49 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
         let x = randt(&[b, t, kk], 3)?;
         let w = randt(&[nn, kk], 4)?;
         let g = 2.0 * (b * t * kk * nn) as f64 / 1e9;
-        bench(label, format!("{}x{kk}x{nn} (b{b} x {t} tokens)", b * t), g, &mut || {
-            Ok(linear(&x, &w, None)?)
-        })?;
+        bench(
+            label,
+            format!("{}x{kk}x{nn} (b{b} x {t} tokens)", b * t),
+            g,
+            &mut || Ok(linear(&x, &w, None)?),
+        )?;
     }
 
-    // Convolutions (NCHW, candle's im2col + GEMM; groups > 1 runs one convolution per group).
-    let conv_cases: [(&str, usize, usize, usize, usize, usize); 4] = [
-        // name, channels in, out, kernel, groups, spatial
-        ("conv3x3 64->64", 64, 64, 3, 1, 56),
-        ("conv1x1 256->64", 256, 64, 1, 1, 56),
-        ("depthwise 3x3, 144 ch", 144, 144, 3, 144, 56),
-        ("depthwise 7x7, 96 ch", 96, 96, 7, 96, 56),
+    // Convolutions, NCHW. Dense ones run candle's im2col + GEMM; depthwise ones run visenc's direct
+    // kernel (`conv::depthwise_cpu`, copied below), and once through candle's grouped conv2d (one
+    // convolution per group) for comparison.
+    let conv_cases: [(&str, usize, usize, usize, usize, usize, bool); 5] = [
+        // name, channels in, out, kernel, groups, spatial, through candle's conv2d
+        ("conv3x3 64->64", 64, 64, 3, 1, 56, true),
+        ("conv1x1 256->64", 256, 64, 1, 1, 56, true),
+        ("depthwise 3x3, 144 ch", 144, 144, 3, 144, 56, false),
+        ("depthwise 7x7, 96 ch", 96, 96, 7, 96, 56, false),
+        (
+            "depthwise 3x3, 144 ch via candle grouped conv2d",
+            144,
+            144,
+            3,
+            144,
+            56,
+            true,
+        ),
     ];
-    for (name, cin, cout, kk, groups, hw) in conv_cases {
+    for (name, cin, cout, kk, groups, hw, candle) in conv_cases {
         let x = randt(&[8, cin, hw, hw], 5)?;
         let w = randt(&[cout, cin / groups, kk, kk], 6)?;
         let g = 2.0 * (8 * cout * hw * hw * (cin / groups) * kk * kk) as f64 / 1e9;
-        bench(name, format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}"), g, &mut || {
-            Ok(x.conv2d(&w, kk / 2, 1, 1, groups)?)
-        })?;
+        bench(
+            name,
+            format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}"),
+            g,
+            &mut || {
+                Ok(if candle {
+                    x.conv2d(&w, kk / 2, 1, 1, groups)?
+                } else {
+                    depthwise_cpu(&x, &w, 1, kk / 2)?
+                })
+            },
+        )?;
     }
 
     // Attention core: softmax(Q K^T / sqrt(64)) V, 12 heads, 197 tokens, batch 8 (nn::Attention).
@@ -696,17 +745,22 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
     let kt = randt(&[b, h, t, hd], 8)?;
     let v = randt(&[b, h, t, hd], 9)?;
     let g = 4.0 * (b * h * t * t * hd) as f64 / 1e9;
-    bench("attention", format!("b{b}, {h} heads, {t} tokens, head dim {hd}"), g, &mut || {
-        let att = (&q * (hd as f64).powf(-0.5))?.matmul(&kt.t()?)?;
-        Ok(softmax_last_dim(&att)?.matmul(&v)?)
-    })?;
+    bench(
+        "attention",
+        format!("b{b}, {h} heads, {t} tokens, head dim {hd}"),
+        g,
+        &mut || {
+            let att = (&q * (hd as f64).powf(-0.5))?.matmul(&kt.t()?)?;
+            Ok(softmax_last_dim(&att)?.matmul(&v)?)
+        },
+    )?;
 
     let kernels_json: Vec<Value> = ks.iter().map(|k| k.json(peak)).collect();
     let vit = vit_block_breakdown(&plan)?;
     let resnet = resnet50_conv_breakdown(&plan)?;
     Ok(json!({
         "threads": threads,
-        "fma_peak": {"isa": isa, "gflops": peak},
+        "fma_peak": {"isa": isa, "gflops": peak, "gflops_1_thread": peak1},
         "bf16_dot_peak_gflops": bf16,
         "kernels": kernels_json,
         "vit_b16_block_b8": vit,
@@ -743,19 +797,45 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
     let ops: Vec<(&str, usize, f64, Op)> = vec![
         ("layer_norm", 2, 0.0, Box::new(|| layer_norm(&x, &g1, &b1))),
-        ("linear q/k/v/out 768->768 (+bias)", 4, lin_g(d, d), Box::new(|| Ok(linear(&x, &wq, Some(&bq))?))),
-        ("split heads (reshape+transpose+contiguous)", 3, 0.0, Box::new(|| split(&qlin))),
+        (
+            "linear q/k/v/out 768->768 (+bias)",
+            4,
+            lin_g(d, d),
+            Box::new(|| Ok(linear(&x, &wq, Some(&bq))?)),
+        ),
+        (
+            "split heads (reshape+transpose+contiguous)",
+            3,
+            0.0,
+            Box::new(|| split(&qlin)),
+        ),
         ("q * scale", 1, 0.0, Box::new(|| Ok((&qh * 0.125)?))),
         ("q @ k^T", 1, att_g, Box::new(|| Ok(qh.matmul(&qh.t()?)?))),
         ("softmax", 1, 0.0, Box::new(|| softmax_last_dim(&att))),
-        ("att @ v + merge heads", 1, att_g, Box::new(|| Ok(p.matmul(&qh)?.transpose(1, 2)?.reshape((b, t, d))?))),
-        ("linear fc1 768->3072 (+bias)", 1, lin_g(d, mlp), Box::new(|| Ok(linear(&x, &w1, Some(&bb1))?))),
-        ("quick_gelu x*sigmoid(1.702x)", 1, 0.0, Box::new(|| {
-            // candle_nn::ops::sigmoid is a fused custom op; exp-based form costs about the same.
-            let s = ((&hid * -1.702)?.exp()? + 1.0)?.recip()?;
-            Ok((&hid * s)?)
-        })),
-        ("linear fc2 3072->768 (+bias)", 1, lin_g(mlp, d), Box::new(|| Ok(linear(&hid, &w2, Some(&bb2))?))),
+        (
+            "att @ v + merge heads",
+            1,
+            att_g,
+            Box::new(|| Ok(p.matmul(&qh)?.transpose(1, 2)?.reshape((b, t, d))?)),
+        ),
+        (
+            "linear fc1 768->3072 (+bias)",
+            1,
+            lin_g(d, mlp),
+            Box::new(|| Ok(linear(&x, &w1, Some(&bb1))?)),
+        ),
+        (
+            "quick_gelu x*sigmoid(1.702x)",
+            1,
+            0.0,
+            Box::new(|| Ok((&hid * sigmoid(&(&hid * 1.702)?)?)?)),
+        ),
+        (
+            "linear fc2 3072->768 (+bias)",
+            1,
+            lin_g(mlp, d),
+            Box::new(|| Ok(linear(&hid, &w2, Some(&bb2))?)),
+        ),
         ("residual add", 2, 0.0, Box::new(|| Ok((&x + &x)?))),
     ];
     let mut rows = Vec::new();
@@ -767,8 +847,10 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
         })?;
         let med = stats.median();
         block_s += med * *count as f64;
-        rows.push(json!({"op": name, "per_block": count, "median_ms": med * 1e3,
-                         "gflops": if *gflop > 0.0 { gflop / med } else { 0.0 }}));
+        rows.push(
+            json!({"op": name, "per_block": count, "median_ms": med * 1e3,
+                         "gflops": if *gflop > 0.0 { gflop / med } else { 0.0 }}),
+        );
     }
     Ok(json!({
         "note": "ops of one CLIP ViT-B/16 block at batch 8 (197 tokens) as nn::Block runs them, \
@@ -786,7 +868,10 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
     let mut convs: Vec<(usize, usize, usize, usize, usize, usize)> = vec![(3, 64, 7, 2, 224, 1)];
     let mut cin = 64;
     let mut size = 56;
-    for (i, (w, n)) in [(64usize, 3usize), (128, 4), (256, 6), (512, 3)].into_iter().enumerate() {
+    for (i, (w, n)) in [(64usize, 3usize), (128, 4), (256, 6), (512, 3)]
+        .into_iter()
+        .enumerate()
+    {
         let s = if i == 0 { 1 } else { 2 };
         let out = 4 * w;
         // First block: conv1 at the input size, strided 3x3, conv3, strided downsample.
@@ -801,7 +886,11 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
         cin = out;
         size = size2;
     }
-    let plan = Plan { warmup: 1, iters: Some(plan.min_iters.max(3)), ..*plan };
+    let plan = Plan {
+        warmup: 1,
+        iters: Some(plan.min_iters.max(3)),
+        ..*plan
+    };
     let mut rows = Vec::new();
     let mut total = 0.0;
     let mut total_gflop = 0.0;
@@ -818,8 +907,10 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
         let med = stats.median();
         total += med * count as f64;
         total_gflop += g * count as f64;
-        rows.push(json!({"conv": format!("{cin}->{cout} k{k} s{s} @{hw}"), "count": count,
-                         "median_ms": med * 1e3, "gflops": g / med}));
+        rows.push(
+            json!({"conv": format!("{cin}->{cout} k{k} s{s} @{hw}"), "count": count,
+                         "median_ms": med * 1e3, "gflops": g / med}),
+        );
     }
     Ok(json!({
         "note": "every convolution of timm resnet50 at 224x224, batch 8, with its folded-BN bias add, timed alone",
@@ -832,28 +923,66 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
 
 fn print_kernels(out: &mut impl Write, r: &Value) -> Result<()> {
     let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    writeln!(out, "threads {}; FMA peak ({}) {:.0} GFLOP/s; bf16 dot peak {}", r["threads"],
-        r["fma_peak"]["isa"].as_str().unwrap_or(""), f(&r["fma_peak"]["gflops"]),
-        r["bf16_dot_peak_gflops"].as_f64().map_or("n/a".into(), |v| format!("{v:.0} GFLOP/s")))?;
-    writeln!(out, "{:<28} {:<40} {:>10} {:>10} {:>8}", "kernel", "shape", "ms", "GFLOP/s", "of peak")?;
+    writeln!(
+        out,
+        "threads {}; FMA peak ({}) {:.0} GFLOP/s; bf16 dot peak {}",
+        r["threads"],
+        r["fma_peak"]["isa"].as_str().unwrap_or(""),
+        f(&r["fma_peak"]["gflops"]),
+        r["bf16_dot_peak_gflops"]
+            .as_f64()
+            .map_or("n/a".into(), |v| format!("{v:.0} GFLOP/s"))
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:<40} {:>10} {:>10} {:>8}",
+        "kernel", "shape", "ms", "GFLOP/s", "of peak"
+    )?;
     for k in r["kernels"].as_array().into_iter().flatten() {
-        writeln!(out, "{:<28} {:<40} {:>10.2} {:>10.1} {:>7.1}%", k["name"].as_str().unwrap_or(""),
-            k["shape"].as_str().unwrap_or(""), f(&k["median_ms"]), f(&k["gflops"]),
-            100.0 * f(&k["fraction_of_peak"]))?;
+        writeln!(
+            out,
+            "{:<28} {:<40} {:>10.2} {:>10.1} {:>7.1}%",
+            k["name"].as_str().unwrap_or(""),
+            k["shape"].as_str().unwrap_or(""),
+            f(&k["median_ms"]),
+            f(&k["gflops"]),
+            100.0 * f(&k["fraction_of_peak"])
+        )?;
     }
     let v = &r["vit_b16_block_b8"];
-    writeln!(out, "\nViT-B/16 block at batch 8 (sum {:.1} ms, x12 = {:.0} ms):", f(&v["block_ms"]),
-        f(&v["trunk_estimate_ms"]))?;
+    writeln!(
+        out,
+        "\nViT-B/16 block at batch 8 (sum {:.1} ms, x12 = {:.0} ms):",
+        f(&v["block_ms"]),
+        f(&v["trunk_estimate_ms"])
+    )?;
     for o in v["ops"].as_array().into_iter().flatten() {
-        writeln!(out, "  {:<52} x{} {:>9.2} ms {:>8.1} GFLOP/s", o["op"].as_str().unwrap_or(""),
-            o["per_block"], f(&o["median_ms"]), f(&o["gflops"]))?;
+        writeln!(
+            out,
+            "  {:<52} x{} {:>9.2} ms {:>8.1} GFLOP/s",
+            o["op"].as_str().unwrap_or(""),
+            o["per_block"],
+            f(&o["median_ms"]),
+            f(&o["gflops"])
+        )?;
     }
     let c = &r["resnet50_convs_b8"];
-    writeln!(out, "\nResNet-50 convolutions at batch 8: {:.0} ms for {:.1} GFLOP ({:.1} GFLOP/s)",
-        f(&c["total_ms"]), f(&c["total_gflop"]), f(&c["gflops"]))?;
+    writeln!(
+        out,
+        "\nResNet-50 convolutions at batch 8: {:.0} ms for {:.1} GFLOP ({:.1} GFLOP/s)",
+        f(&c["total_ms"]),
+        f(&c["total_gflop"]),
+        f(&c["gflops"])
+    )?;
     for o in c["convs"].as_array().into_iter().flatten() {
-        writeln!(out, "  {:<28} x{} {:>9.2} ms {:>8.1} GFLOP/s", o["conv"].as_str().unwrap_or(""),
-            o["count"], f(&o["median_ms"]), f(&o["gflops"]))?;
+        writeln!(
+            out,
+            "  {:<28} x{} {:>9.2} ms {:>8.1} GFLOP/s",
+            o["conv"].as_str().unwrap_or(""),
+            o["count"],
+            f(&o["median_ms"]),
+            f(&o["gflops"])
+        )?;
     }
     Ok(())
 }
@@ -865,11 +994,15 @@ mod tests {
 
     #[test]
     fn stats_median_and_percentile() {
-        let s = Stats { times: vec![5.0, 1.0, 3.0, 2.0, 4.0] };
+        let s = Stats {
+            times: vec![5.0, 1.0, 3.0, 2.0, 4.0],
+        };
         assert_eq!(s.median(), 3.0);
         assert_eq!(s.pct(90.0), 5.0);
         assert_eq!(s.pct(50.0), 3.0);
-        let s = Stats { times: vec![1.0, 2.0] };
+        let s = Stats {
+            times: vec![1.0, 2.0],
+        };
         assert_eq!(s.median(), 1.5);
     }
 
@@ -898,11 +1031,14 @@ mod tests {
         assert_eq!(a, randn(3, 10_000));
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         let var = a.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / a.len() as f32;
-        assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.05 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
     }
 
     #[test]
-    fn layer_norm_op_matches_definition() {
+    fn layer_norm_matches_definition() {
         let x = randt(&[2, 5, 8], 1).unwrap();
         let g = randt(&[8], 2).unwrap();
         let b = randt(&[8], 3).unwrap();
@@ -917,7 +1053,14 @@ mod tests {
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let diff: f32 = (y - r).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (y - r)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(diff < 1e-4, "{diff}");
     }
 }
