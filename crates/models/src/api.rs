@@ -82,6 +82,34 @@ impl Latents {
 }
 
 impl ImageFeatures {
+    /// The features of a convolutional or hierarchical model from its final map `last` [B, C, H, W]:
+    /// its positions (row-major) are the patch tokens when `opts.tokens` asks for them.
+    pub fn from_map(
+        pooled: Tensor,
+        logits: Option<Tensor>,
+        last: &Tensor,
+        feature_maps: Vec<FeatureMap>,
+        opts: &EncodeOptions,
+    ) -> Result<Self> {
+        let (_, _, h, w) = last.dims4()?;
+        let patch_tokens = if opts.tokens {
+            Some(last.flatten_from(2)?.transpose(1, 2)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            pooled,
+            projected: None,
+            logits,
+            prefix_tokens: None,
+            patch_tokens,
+            grid: (h, w),
+            hidden_states: vec![],
+            feature_maps,
+            latents: None,
+        })
+    }
+
     /// The embedding to compare with text or other images: projected if there is a projection.
     pub fn embedding(&self) -> &Tensor {
         self.projected.as_ref().unwrap_or(&self.pooled)

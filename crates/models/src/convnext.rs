@@ -322,20 +322,7 @@ impl ImageEncoder for ConvNeXt {
             pooled = n.forward(&pooled)?;
         }
         let logits = self.head.as_ref().map(|h| h.forward(&pooled)).transpose()?;
-        Ok(ImageFeatures {
-            pooled,
-            projected: None,
-            logits,
-            prefix_tokens: None,
-            patch_tokens: opts
-                .tokens
-                .then(|| x.flatten_from(2)?.transpose(1, 2))
-                .transpose()?,
-            grid: (x.dim(2)?, x.dim(3)?),
-            hidden_states: vec![],
-            feature_maps: maps,
-            latents: None,
-        })
+        ImageFeatures::from_map(pooled, logits, &x, maps, opts)
     }
 }
 

@@ -92,21 +92,7 @@ impl ImageEncoder for ResNet {
             .as_ref()
             .map(|h| candle_core::Module::forward(h, &pooled))
             .transpose()?;
-        let grid = (x.dim(2)?, x.dim(3)?);
-        Ok(ImageFeatures {
-            pooled,
-            projected: None,
-            logits,
-            prefix_tokens: None,
-            patch_tokens: opts
-                .tokens
-                .then(|| x.flatten_from(2)?.transpose(1, 2))
-                .transpose()?,
-            grid,
-            hidden_states: vec![],
-            feature_maps: maps,
-            latents: None,
-        })
+        ImageFeatures::from_map(pooled, logits, &x, maps, opts)
     }
 }
 

@@ -184,20 +184,7 @@ impl ImageEncoder for EfficientNet {
             .as_ref()
             .map(|c| candle_core::Module::forward(c, &pooled))
             .transpose()?;
-        Ok(ImageFeatures {
-            pooled,
-            projected: None,
-            logits,
-            prefix_tokens: None,
-            patch_tokens: opts
-                .tokens
-                .then(|| x.flatten_from(2)?.transpose(1, 2))
-                .transpose()?,
-            grid: (h, w),
-            hidden_states: vec![],
-            feature_maps: maps,
-            latents: None,
-        })
+        ImageFeatures::from_map(pooled, logits, &x, maps, opts)
     }
 }
 

@@ -96,21 +96,7 @@ impl ImageEncoder for MaxVit {
             .as_ref()
             .map(|fc| fc.forward(&pooled))
             .transpose()?;
-        let patch_tokens = opts
-            .tokens
-            .then(|| x.flatten_from(2)?.transpose(1, 2))
-            .transpose()?;
-        Ok(ImageFeatures {
-            pooled,
-            projected: None,
-            logits,
-            prefix_tokens: None,
-            patch_tokens,
-            grid: (x.dim(2)?, x.dim(3)?),
-            hidden_states: vec![],
-            feature_maps: maps,
-            latents: None,
-        })
+        ImageFeatures::from_map(pooled, logits, &x, maps, opts)
     }
 }
 
