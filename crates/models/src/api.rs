@@ -21,6 +21,20 @@ pub struct EncodeOptions {
     pub features: bool,
 }
 
+impl EncodeOptions {
+    /// Families without a single token sequence (CNNs, hierarchical and generative encoders) refuse
+    /// hidden-state layers rather than ignore them; their intermediate outputs are the feature maps.
+    pub(crate) fn refuse_layers(&self, family: &str) -> Result<()> {
+        if self.layers.is_empty() {
+            return Ok(());
+        }
+        Err(crate::error::ModelError::Unsupported {
+            what: "hidden-state layers",
+            name: format!("{family} has no single token sequence: ask for feature maps (`features`, `visenc embed --features`) instead"),
+        })
+    }
+}
+
 /// One map of a multi-scale feature pyramid.
 #[derive(Debug, Clone)]
 pub struct FeatureMap {

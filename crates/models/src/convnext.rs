@@ -296,6 +296,7 @@ impl ImageEncoder for ConvNeXt {
     // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/convnext/modeling_convnext.py#L266
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/convnext.py#L619
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        opts.refuse_layers("ConvNeXt")?;
         let mut x = self.stem_norm.forward(&self.stem.forward(pixels)?)?;
         let mut reduction = self.patch;
         let mut maps = Vec::new();

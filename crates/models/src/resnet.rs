@@ -62,6 +62,7 @@ pub struct ResNet {
 
 impl ImageEncoder for ResNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        opts.refuse_layers("ResNet")?;
         let mut maps = Vec::new();
         let stem = self.act.forward(&self.stem.forward(pixels)?)?;
         if opts.features && self.features == Features::Timm {

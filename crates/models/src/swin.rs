@@ -233,6 +233,7 @@ pub struct Swin {
 impl ImageEncoder for Swin {
     // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/swin/modeling_swin.py#L848
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        opts.refuse_layers("Swin")?;
         let (_, _, ph, pw) = pixels.dims4()?;
         // Pad the pixels on the right/bottom to whole patches.
         let px = pixels.pad_with_zeros(2, 0, ph.next_multiple_of(self.patch) - ph)?;

@@ -455,6 +455,7 @@ pub struct AutoencoderKl {
 impl ImageEncoder for AutoencoderKl {
     // Reference: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl.py#L158
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        opts.refuse_layers("the VAE encoder")?;
         let mut moments = self.encoder.forward(pixels)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;

