@@ -184,18 +184,6 @@ impl Default for HfTextConfig {
     }
 }
 
-fn hf_block(d: usize, mlp: usize, heads: usize, eps: f64, act: &str) -> Result<BlockConfig> {
-    Ok(BlockConfig {
-        dim: d,
-        heads,
-        mlp_dim: mlp,
-        eps,
-        act: Activation::from_name(act)?,
-        qkv_bias: true,
-        layer_scale: false,
-    })
-}
-
 /// Loads a transformers CLIP checkpoint (`model_type` `clip` or `clip_vision_model`).
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let vision_only = cfg.get("vision_config").is_none();
@@ -230,7 +218,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
     } else {
         let tc: HfTextConfig = parse(&cfg["text_config"], "text_config")?;
         let text_cfg = TextConfig {
-            block: hf_block(
+            block: BlockConfig::hf(
                 tc.hidden_size,
                 tc.intermediate_size,
                 tc.num_attention_heads,
@@ -275,7 +263,7 @@ pub(crate) fn load_hf_vision_tower(vc: &Value, vs: &Scope) -> Result<(ClipVision
     let vc: HfVisionConfig = parse(vc, "vision_config")?;
     vs.ignore("embeddings.position_ids");
     let trunk_cfg = TrunkConfig {
-        block: hf_block(
+        block: BlockConfig::hf(
             vc.hidden_size,
             vc.intermediate_size,
             vc.num_attention_heads,

@@ -117,6 +117,22 @@ pub struct BlockConfig {
     pub layer_scale: bool,
 }
 
+impl BlockConfig {
+    /// The block of the transformers CLIP/SigLIP encoders: biased q/k/v, no LayerScale, the
+    /// activation named by `hidden_act`.
+    pub fn hf(dim: usize, mlp_dim: usize, heads: usize, eps: f64, act: &str) -> Result<Self> {
+        Ok(Self {
+            dim,
+            heads,
+            mlp_dim,
+            eps,
+            act: Activation::from_name(act)?,
+            qkv_bias: true,
+            layer_scale: false,
+        })
+    }
+}
+
 /// Multi-head self-attention with separate projections after loading.
 pub struct Attention {
     q: candle_nn::Linear,

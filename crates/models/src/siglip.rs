@@ -10,9 +10,7 @@ use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo, Scoring}
 use crate::clip::scalar;
 use crate::error::Result;
 use crate::interpolate::PosInterp;
-use crate::nn::{
-    layer_norm, linear, Activation, Attention, BlockConfig, BlockKeys, Mlp, Projection, QkvKeys,
-};
+use crate::nn::{layer_norm, linear, Attention, BlockConfig, BlockKeys, Mlp, Projection, QkvKeys};
 use crate::text_transformer::{TextConfig, TextKeys, TextPool, TextTransformer};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
@@ -175,18 +173,6 @@ impl Default for TextCfg {
     }
 }
 
-fn block(d: usize, mlp: usize, heads: usize, eps: f64, act: &str) -> Result<BlockConfig> {
-    Ok(BlockConfig {
-        dim: d,
-        heads,
-        mlp_dim: mlp,
-        eps,
-        act: Activation::from_name(act)?,
-        qkv_bias: true,
-        layer_scale: false,
-    })
-}
-
 /// Loads a transformers SigLIP checkpoint (`model_type` `siglip` or `siglip_vision_model`).
 pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedModel> {
     let vision_only = cfg.get("vision_config").is_none();
@@ -200,7 +186,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
     )?;
     let root = w.root();
     let vs = root.pp("vision_model");
-    let bc = block(
+    let bc = BlockConfig::hf(
         vc.hidden_size,
         vc.intermediate_size,
         vc.num_attention_heads,
@@ -232,7 +218,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         let tc: TextCfg = parse(&cfg["text_config"], "text_config")?;
         let ts = root.pp("text_model");
         let text_cfg = TextConfig {
-            block: block(
+            block: BlockConfig::hf(
                 tc.hidden_size,
                 tc.intermediate_size,
                 tc.num_attention_heads,

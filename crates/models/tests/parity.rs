@@ -92,19 +92,7 @@ impl Fixture {
             }
         }
 
-        for i in 0..px.dim(0).unwrap() {
-            let one = self
-                .model
-                .image
-                .encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default())
-                .unwrap();
-            let e = rel_err(&one.pooled, &f.pooled.narrow(0, i, 1).unwrap());
-            assert!(
-                e <= BATCH_TOL,
-                "{}: single image {i} differs from its batch row by {e:e}",
-                self.name
-            );
-        }
+        self.check_single_equals_batch(px, &f.pooled);
     }
 
     /// Text embeddings and image-text logits from the fixture's token ids.

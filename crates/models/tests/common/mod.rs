@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use visenc_models::{load, LoadedModel};
+use visenc_models::{load, EncodeOptions, LoadedModel};
 use visenc_weights::{Checkpoint, LoadPolicy};
 
 /// Max relative error allowed in f32: max|ours - reference| / max|reference|.
@@ -63,6 +63,23 @@ impl Fixture {
         self.expected
             .get(k)
             .unwrap_or_else(|| panic!("{}: fixture lacks {k}", self.name))
+    }
+
+    /// Each image of `px` encoded alone gives its row of the batch's `pooled` (within BATCH_TOL).
+    pub fn check_single_equals_batch(&self, px: &Tensor, batch_pooled: &Tensor) {
+        for i in 0..px.dim(0).unwrap() {
+            let one = self
+                .model
+                .image
+                .encode(&px.narrow(0, i, 1).unwrap(), &EncodeOptions::default())
+                .unwrap();
+            let e = rel_err(&one.pooled, &batch_pooled.narrow(0, i, 1).unwrap());
+            assert!(
+                e <= BATCH_TOL,
+                "{}: single image {i} differs from its batch row by {e:e}",
+                self.name
+            );
+        }
     }
 
     pub fn check(&self, what: &str, ours: &Tensor, key: &str) {
