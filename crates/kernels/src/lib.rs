@@ -1,0 +1,8 @@
+//! CPU kernels behind visenc's encoders, on plain `f32` / `bf16` / `i8` slices (no tensor library).
+//!
+//! Every kernel has a portable implementation that runs on any target and, where it pays, an x86-64
+//! one chosen at run time from [`cpu::features`] (AVX-512F, AVX512-BF16, AVX512-VNNI), so one binary
+//! runs everywhere and uses what the machine has. Each module tests its kernels against a naive
+//! reference on random and odd shapes.
+
+pub mod cpu;
