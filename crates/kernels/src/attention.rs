@@ -13,11 +13,11 @@ use rayon::prelude::*;
 use crate::math::multiversion;
 use crate::softmax::{exp_sub_sum, scale_bias_max, scale_row};
 
-/// Largest key tile: beyond it the online softmax takes over (1024 keys x 64 queries = 256 KiB of
+/// Largest key tile: beyond it the online softmax takes over (1024 keys x 128 queries = 512 KiB of
 /// scores, with the key and value tiles inside a 1 MiB L2).
 const MAX_KEY_TILE: usize = 1024;
 /// Largest query tile.
-const MAX_QUERY_TILE: usize = 64;
+const MAX_QUERY_TILE: usize = 128;
 
 /// Sizes of an attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
