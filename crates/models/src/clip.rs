@@ -88,7 +88,7 @@ const OPEN_CLIP_TEXT: TextKeys = TextKeys {
 /// CLIP's image side: the trunk, `post_layernorm` on the CLS token, and the projection.
 pub struct ClipVision {
     pub(crate) trunk: VisionTransformer,
-    post_norm: candle_nn::LayerNorm,
+    post_norm: crate::nn::LayerNorm,
     projection: Option<Projection>,
 }
 

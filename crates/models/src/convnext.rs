@@ -145,7 +145,7 @@ impl Grn {
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/convnext.py#L203
 struct Block {
     dwconv: Conv,
-    norm: candle_nn::LayerNorm,
+    norm: crate::nn::LayerNorm,
     fc1: candle_nn::Linear,
     act: Activation,
     grn: Option<Grn>,
@@ -237,7 +237,7 @@ pub struct ConvNeXt {
     /// timm `head_norm_first`: a channels-first norm on the final map before pooling.
     norm_pre: Option<Norm2d>,
     /// The LayerNorm on the pooled vector (HF `layernorm`, timm `head.norm`).
-    head_norm: Option<candle_nn::LayerNorm>,
+    head_norm: Option<crate::nn::LayerNorm>,
     head: Option<candle_nn::Linear>,
 }
 

@@ -6,6 +6,7 @@ use candle_core::{DType, Module, Tensor, D};
 use visenc_weights::Scope;
 
 use crate::error::{config_err, Result};
+use crate::ops;
 
 /// Loads `name.weight` [out, in] and, if `bias`, `name.bias` [out].
 pub fn linear(
@@ -26,13 +27,31 @@ pub fn linear(
 }
 
 /// Loads a LayerNorm `name.{weight,bias}` of width `dim`.
-pub fn layer_norm(s: &Scope, name: &str, dim: usize, eps: f64) -> Result<candle_nn::LayerNorm> {
+pub fn layer_norm(s: &Scope, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
     let s = s.pp(name);
-    Ok(candle_nn::LayerNorm::new(
-        s.get(dim, "weight")?,
-        s.get(dim, "bias")?,
+    Ok(LayerNorm {
+        weight: s.get(dim, "weight")?,
+        bias: s.get(dim, "bias")?,
         eps,
-    ))
+    })
+}
+
+/// LayerNorm over the last dimension: visenc's kernel on CPU `f32`, candle's fused op elsewhere.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match ops::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            Some(y) => Ok(y),
+            None => candle_nn::LayerNorm::new(self.weight.clone(), self.bias.clone(), self.eps)
+                .forward(x),
+        }
+    }
 }
 
 /// Activation functions by their names in HF configs (`hidden_act`).
@@ -63,7 +82,33 @@ impl Activation {
             .map_err(|_| config_err("hidden_act", format!("unsupported activation {name:?}")))
     }
 
+    /// The fused kernel for this activation, if there is one.
+    fn kernel(self) -> Option<visenc_kernels::activation::Activation> {
+        use visenc_kernels::activation::Activation as K;
+        match self {
+            Self::QuickGelu => Some(K::QuickGelu),
+            Self::Gelu => Some(K::Gelu),
+            Self::GeluTanh => Some(K::GeluTanh),
+            Self::Silu => Some(K::Silu),
+            Self::Relu | Self::Relu6 => None,
+        }
+    }
+
+    /// `act(x)` into `x` itself when a kernel applies (the caller owns `x`: nothing else may share
+    /// its storage), else into a new tensor.
+    pub fn forward_owned(self, x: Tensor) -> Result<Tensor> {
+        match self.kernel() {
+            Some(k) if ops::activation_inplace(&x, k)? => Ok(x),
+            _ => self.forward(&x),
+        }
+    }
+
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        if let Some(k) = self.kernel() {
+            if let Some(y) = ops::activation(x, k)? {
+                return Ok(y);
+            }
+        }
         Ok(match self {
             Self::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
             Self::Gelu => x.gelu_erf()?,
@@ -133,11 +178,11 @@ impl BlockConfig {
     }
 }
 
-/// Multi-head self-attention with separate projections after loading.
+/// Multi-head attention with the query/key/value projections fused into one `[3D, D]` linear layer
+/// (concatenated at load from separate checkpoints), so one GEMM makes `[B, N, 3, H, d]` and the
+/// attention kernel reads q, k and v from it in place.
 pub struct Attention {
-    q: candle_nn::Linear,
-    k: candle_nn::Linear,
-    v: candle_nn::Linear,
+    qkv: candle_nn::Linear,
     out: candle_nn::Linear,
     heads: usize,
 }
@@ -157,12 +202,21 @@ impl Attention {
                 format!("{heads} heads do not divide width {dim}"),
             ));
         }
-        let (q, k, v) = match qkv {
-            QkvKeys::Separate { q, k, v } => (
-                linear(s, q, dim, dim, qkv_bias)?,
-                linear(s, k, dim, dim, qkv_bias)?,
-                linear(s, v, dim, dim, qkv_bias)?,
-            ),
+        let qkv = match qkv {
+            QkvKeys::Separate { q, k, v } => {
+                let parts = [q, k, v]
+                    .map(|name| linear(s, name, dim, dim, qkv_bias))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?;
+                let w = Tensor::cat(&parts.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
+                let b = parts
+                    .iter()
+                    .map(|l| l.bias().cloned())
+                    .collect::<Option<Vec<_>>>()
+                    .map(|b| Tensor::cat(&b, 0))
+                    .transpose()?;
+                candle_nn::Linear::new(w, b)
+            }
             QkvKeys::Fused { weight, bias } => {
                 let w = s.get((3 * dim, dim), weight)?;
                 let b = if qkv_bias {
@@ -170,33 +224,18 @@ impl Attention {
                 } else {
                     None
                 };
-                let part = |i: usize| -> Result<candle_nn::Linear> {
-                    let b = b.as_ref().map(|b| b.narrow(0, i * dim, dim)).transpose()?;
-                    Ok(candle_nn::Linear::new(
-                        w.narrow(0, i * dim, dim)?.contiguous()?,
-                        b,
-                    ))
-                };
-                (part(0)?, part(1)?, part(2)?)
+                candle_nn::Linear::new(w, b)
             }
         };
         Ok(Self {
-            q,
-            k,
-            v,
+            qkv,
             out: linear(s, out, dim, dim, true)?,
             heads,
         })
     }
 
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, d / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    }
-
-    /// `x`: [B, N, D] queries; `kv`: keys/values source (self-attention when `None`);
+    /// `x`: [B, N, D] queries; `kv`: keys/values source (self-attention when `None`; for
+    /// cross-attention the fused projection runs on both and the unused thirds are ignored);
     /// `bias`: additive mask broadcastable to [B, H, N, M].
     pub fn forward(
         &self,
@@ -205,13 +244,31 @@ impl Attention {
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
-        let kv = kv.unwrap_or(x);
         let hd = d / self.heads;
-        let q = (self.split_heads(&self.q.forward(x)?)? * (hd as f64).powf(-0.5))?;
-        let k = self.split_heads(&self.k.forward(kv)?)?;
-        let v = self.split_heads(&self.v.forward(kv)?)?;
-        let y = attention(&q, &k, &v, bias)?;
-        let y = y.transpose(1, 2)?.reshape((b, n, d))?;
+        let scale = (hd as f64).powf(-0.5);
+        // [B, len, 3D] -> the i-th of q/k/v as a [B, H, len, d] view.
+        let part = |t: &Tensor, i: usize| -> Result<Tensor> {
+            let len = t.dim(1)?;
+            Ok(t.reshape((b, len, 3, self.heads, hd))?
+                .narrow(2, i, 1)?
+                .squeeze(2)?
+                .transpose(1, 2)?)
+        };
+        let qkv = self.qkv.forward(x)?;
+        let kv = match kv {
+            Some(kv) => self.qkv.forward(kv)?,
+            None => qkv.clone(),
+        };
+        let (q, k, v) = (part(&qkv, 0)?, part(&kv, 1)?, part(&kv, 2)?);
+        let y = match ops::attention(&q, &k, &v, bias, scale as f32)? {
+            Some(y) => y.reshape((b, n, d))?,
+            None => {
+                let q = (q.contiguous()? * scale)?;
+                attention(&q, &k.contiguous()?, &v.contiguous()?, bias)?
+                    .transpose(1, 2)?
+                    .reshape((b, n, d))?
+            }
+        };
         Ok(self.out.forward(&y)?)
     }
 }
@@ -223,8 +280,13 @@ const MAX_SCORES: usize = 1 << 26;
 
 /// `softmax(q k^T + bias) v` for pre-scaled `q` [B, H, N, d], `k`, `v` [B, H, M, d] and an additive
 /// `bias` broadcastable to [B, H, N, M]; queries in blocks when the score matrix would be too big.
+/// On CPU `f32` the fused kernel runs instead (tiles with an online softmax: no size limit) and the
+/// result is a [B, H, N, d] view of a [B, N, H, d] buffer.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, bias, MAX_SCORES)
+    match ops::attention(q, k, v, bias, 1.0)? {
+        Some(y) => Ok(y.transpose(1, 2)?),
+        None => attention_in_blocks(q, k, v, bias, MAX_SCORES),
+    }
 }
 
 fn attention_in_blocks(
@@ -290,19 +352,18 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .fc2
-            .forward(&self.act.forward(&self.fc1.forward(x)?)?)?)
+        let h = self.act.forward_owned(self.fc1.forward(x)?)?;
+        Ok(self.fc2.forward(&h)?)
     }
 }
 
 /// Pre-norm transformer block: `x + ls1*attn(norm1(x))`, then `x + ls2*mlp(norm2(x))`.
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/clip/modeling_clip.py#L585
 pub struct Block {
-    norm1: candle_nn::LayerNorm,
+    norm1: LayerNorm,
     attn: Attention,
     ls1: Option<Tensor>,
-    norm2: candle_nn::LayerNorm,
+    norm2: LayerNorm,
     mlp: Mlp,
     ls2: Option<Tensor>,
 }

@@ -56,7 +56,7 @@ const TEXT: TextKeys = TextKeys {
 struct AttentionPool {
     probe: Tensor,
     attention: Attention,
-    norm: candle_nn::LayerNorm,
+    norm: crate::nn::LayerNorm,
     mlp: Mlp,
 }
 

@@ -39,11 +39,11 @@ const QKV: QkvKeys = QkvKeys::Separate {
 /// One Swin block (`SwinLayer`): `x + attn(window(norm1(x)))`, then `x + mlp(norm2(x))`.
 // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/swin/modeling_swin.py#L508
 struct Block {
-    norm1: candle_nn::LayerNorm,
+    norm1: crate::nn::LayerNorm,
     attn: Attention,
     /// The relative position bias of one window, [1, heads, N, N] with N = window².
     rel_bias: Tensor,
-    norm2: candle_nn::LayerNorm,
+    norm2: crate::nn::LayerNorm,
     mlp: Mlp,
     /// Half a window in odd blocks, 0 in even ones (before the small-grid rule).
     shift: usize,
@@ -194,7 +194,7 @@ impl Block {
 /// Linear 4C -> 2C without bias.
 // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/swin/modeling_swin.py#L289
 struct PatchMerging {
-    norm: candle_nn::LayerNorm,
+    norm: crate::nn::LayerNorm,
     reduction: candle_nn::Linear,
 }
 
@@ -223,10 +223,10 @@ struct Stage {
 pub struct Swin {
     patch_embed: Conv,
     patch: usize,
-    embed_norm: candle_nn::LayerNorm,
+    embed_norm: crate::nn::LayerNorm,
     stages: Vec<Stage>,
     window: usize,
-    norm: candle_nn::LayerNorm,
+    norm: crate::nn::LayerNorm,
     head: Option<candle_nn::Linear>,
 }
 

@@ -46,7 +46,7 @@ pub struct TextTransformer {
     token: Tensor,
     pos: Tensor,
     encoder: Encoder,
-    final_norm: candle_nn::LayerNorm,
+    final_norm: crate::nn::LayerNorm,
     projection: Projection,
 }
 

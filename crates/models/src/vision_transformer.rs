@@ -73,9 +73,9 @@ pub struct VisionTransformer {
     prefix: Option<Tensor>,
     pos_prefix: Option<Tensor>,
     pos_patch: Tensor,
-    pre_norm: Option<candle_nn::LayerNorm>,
+    pre_norm: Option<crate::nn::LayerNorm>,
     encoder: Encoder,
-    final_norm: Option<candle_nn::LayerNorm>,
+    final_norm: Option<crate::nn::LayerNorm>,
 }
 
 impl VisionTransformer {

@@ -35,7 +35,7 @@ pub enum HeadInput {
 pub struct ViT {
     pub(crate) trunk: VisionTransformer,
     pub(crate) pool: Pool,
-    pub(crate) fc_norm: Option<candle_nn::LayerNorm>,
+    pub(crate) fc_norm: Option<crate::nn::LayerNorm>,
     pub(crate) head: Option<candle_nn::Linear>,
     pub(crate) head_input: HeadInput,
 }

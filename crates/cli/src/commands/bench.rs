@@ -755,6 +755,39 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
         },
     )?;
 
+    // The same attention, and the ViT block's LayerNorm and quick-GELU, through visenc's own kernels
+    // (`visenc_models::ops`, what nn::Block runs on CPU f32): fused attention reads q, k, v in place.
+    bench(
+        "attention fused (visenc)",
+        format!("b{b}, {h} heads, {t} tokens, head dim {hd}"),
+        g,
+        &mut || {
+            let y = visenc::models::ops::attention(&q, &kt, &v, None, 0.125)?;
+            y.context("the fused attention kernel did not apply")
+        },
+    )?;
+    let xs = randt(&[b, t, 768], 10)?;
+    let (g1, b1) = (randt(&[768], 12)?, randt(&[768], 13)?);
+    bench(
+        "layer_norm (visenc)",
+        format!("{}x768", b * t),
+        0.0,
+        &mut || {
+            let y = visenc::models::ops::layer_norm(&xs, &g1, &b1, 1e-5)?;
+            y.context("the LayerNorm kernel did not apply")
+        },
+    )?;
+    let hid = randt(&[b, t, 3072], 14)?;
+    bench(
+        "quick_gelu (visenc)",
+        format!("{}x3072", b * t),
+        0.0,
+        &mut || {
+            let y = visenc::models::nn::Activation::QuickGelu.forward(&hid)?;
+            Ok(y)
+        },
+    )?;
+
     let kernels_json: Vec<Value> = ks.iter().map(|k| k.json(peak)).collect();
     let vit = vit_block_breakdown(&plan)?;
     let resnet = resnet50_conv_breakdown(&plan)?;

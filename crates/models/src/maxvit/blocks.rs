@@ -295,10 +295,10 @@ impl Attention {
 struct PartitionAttention {
     grid: bool,
     size: (usize, usize),
-    norm1: candle_nn::LayerNorm,
+    norm1: crate::nn::LayerNorm,
     attn: Attention,
     ls1: Option<Tensor>,
-    norm2: candle_nn::LayerNorm,
+    norm2: crate::nn::LayerNorm,
     mlp: Mlp,
     ls2: Option<Tensor>,
 }

@@ -27,7 +27,7 @@ use blocks::{conv_padding, Block};
 /// `pre_logits` fc + tanh, fc), else `ClassifierHead` (pool, fc) after the model's final `norm`.
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/layers/classifier.py#L266
 struct Head {
-    norm: Option<candle_nn::LayerNorm>,
+    norm: Option<crate::nn::LayerNorm>,
     pre_logits: Option<candle_nn::Linear>,
     fc: Option<candle_nn::Linear>,
 }

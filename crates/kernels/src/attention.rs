@@ -1,0 +1,517 @@
+//! Fused multi-head attention `softmax(scale q k^T + bias) v` per (batch, head), in query tiles x key
+//! tiles with an online softmax (FlashAttention-2, Dao 2023, Algorithm 1), so the score matrix is
+//! never materialised beyond one L2-sized tile. The tile products run on the `gemm` crate (AVX-512 when
+//! available) reading q, k and v in place through strides, so a fused `[B, N, 3, H, d]` projection is
+//! used without any copy; the output is written in `[B, N, H, d]` order (heads merged).
+//
+// Reference: https://github.com/Dao-AILab/flash-attention/blob/v2.6.3/README.md (FlashAttention-2,
+// arXiv:2307.08691, Algorithm 1: per key tile, m_new = max(m, rowmax S), P = exp(S - m_new),
+// l = e^{m - m_new} l + rowsum P, O = e^{m - m_new} O + P V; finally O / l).
+
+use rayon::prelude::*;
+
+use crate::math::multiversion;
+use crate::softmax::{exp_sub_sum, scale_bias_max, scale_row};
+
+/// Largest key tile: beyond it the online softmax takes over (1024 keys x 128 queries = 512 KiB of
+/// scores, with the key and value tiles inside a 1 MiB L2).
+const MAX_KEY_TILE: usize = 1024;
+/// Largest query tile.
+const MAX_QUERY_TILE: usize = 128;
+
+/// Sizes of an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    pub batch: usize,
+    pub heads: usize,
+    /// Queries per (batch, head).
+    pub queries: usize,
+    /// Keys (= values) per (batch, head).
+    pub keys: usize,
+    pub head_dim: usize,
+}
+
+/// Where element `(b, h, i, c)` of a `[batch, heads, rows, cols]` operand lives in its slice:
+/// `offset + b * batch + h * head + i * row + c * col`. Broadcast dimensions have stride 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strides {
+    pub offset: usize,
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+    pub col: usize,
+}
+
+/// A read-only operand: its data and how to index it.
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub strides: Strides,
+}
+
+/// An operand whose strides would read outside its slice, or a bias whose keys are not contiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutError(pub String);
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "attention operand layout: {}", self.0)
+    }
+}
+
+impl std::error::Error for LayoutError {}
+
+impl Operand<'_> {
+    /// The largest index read for `rows x cols` per (batch, head), checked against the slice.
+    fn check(&self, name: &str, d: &Dims, rows: usize, cols: usize) -> Result<(), LayoutError> {
+        let s = &self.strides;
+        let last = s.offset
+            + (d.batch - 1) * s.batch
+            + (d.heads - 1) * s.head
+            + (rows - 1) * s.row
+            + (cols - 1) * s.col;
+        if last >= self.data.len() {
+            return Err(LayoutError(format!(
+                "{name} reads index {last} of {} values ({d:?}, {s:?})",
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn at(&self, b: usize, h: usize, i: usize) -> *const f32 {
+        let s = &self.strides;
+        self.data[s.offset + b * s.batch + h * s.head + i * s.row..].as_ptr()
+    }
+}
+
+/// Output pointer shared by the tasks, which write disjoint rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only the rows of its own (batch, head, query tile).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `softmax(scale q k^T + bias) v` for `q` [B, H, N, d], `k` and `v` [B, H, M, d] and an optional
+/// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
+/// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row.
+pub fn attention(
+    d: Dims,
+    q: Operand,
+    k: Operand,
+    v: Operand,
+    bias: Option<Operand>,
+    scale: f32,
+) -> Result<Vec<f32>, LayoutError> {
+    let out_len = d.batch * d.queries * d.heads * d.head_dim;
+    if out_len == 0 {
+        return Ok(Vec::new());
+    }
+    if d.keys == 0 {
+        // Softmax over no keys: nothing to attend to.
+        return Ok(vec![0.0; out_len]);
+    }
+    q.check("q", &d, d.queries, d.head_dim)?;
+    k.check("k", &d, d.keys, d.head_dim)?;
+    v.check("v", &d, d.keys, d.head_dim)?;
+    if let Some(b) = &bias {
+        if b.strides.col != 1 {
+            return Err(LayoutError("the bias must be contiguous along keys".into()));
+        }
+        b.check("bias", &d, d.queries, d.keys)?;
+    }
+    let mut out = vec![0.0f32; out_len];
+    let q_tiles = d.queries.div_ceil(MAX_QUERY_TILE);
+    let q_tile = d.queries.div_ceil(q_tiles);
+    let k_tiles = d.keys.div_ceil(MAX_KEY_TILE);
+    let k_tile = d.keys.div_ceil(k_tiles);
+    let ptr = OutPtr(out.as_mut_ptr());
+    let tiles = Tiles {
+        d,
+        q,
+        k,
+        v,
+        bias,
+        scale,
+        q_tile,
+        k_tile,
+    };
+    (0..d.batch * d.heads * q_tiles)
+        .into_par_iter()
+        .for_each_init(
+            || vec![0.0f32; q_tile * k_tile + 2 * q_tile],
+            |scratch, t| {
+                let (bh, qt) = (t / q_tiles, t % q_tiles);
+                let ptr = ptr;
+                // SAFETY: the output rows of (bh, qt) belong to this task only; strides checked.
+                unsafe { query_tile(&tiles, bh / d.heads, bh % d.heads, qt, scratch, ptr.0) }
+            },
+        );
+    Ok(out)
+}
+
+struct Tiles<'a> {
+    d: Dims,
+    q: Operand<'a>,
+    k: Operand<'a>,
+    v: Operand<'a>,
+    bias: Option<Operand<'a>>,
+    scale: f32,
+    q_tile: usize,
+    k_tile: usize,
+}
+
+/// `dst[m x n] (+)= lhs[m x k] rhs[k x n]` with explicit (row, col) strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    (dst_rs, dst_cs): (usize, usize),
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        dst_cs as isize,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// One (batch, head, query tile): all key tiles with the online softmax.
+///
+/// # Safety
+/// Operand strides checked by [`attention`]; `out` is the `[B, N, H, d]` output.
+unsafe fn query_tile(t: &Tiles, b: usize, h: usize, qt: usize, scratch: &mut [f32], out: *mut f32) {
+    let d = &t.d;
+    let i0 = qt * t.q_tile;
+    let rows = t.q_tile.min(d.queries - i0);
+    let hd = d.head_dim;
+    let out_rs = d.heads * hd;
+    let o = out.add(((b * d.queries + i0) * d.heads + h) * hd);
+    let (s, ml) = scratch.split_at_mut(t.q_tile * t.k_tile);
+    let (m_run, l_run) = ml.split_at_mut(t.q_tile);
+    let q = t.q.at(b, h, i0);
+    let mut j0 = 0;
+    while j0 < d.keys {
+        let cols = t.k_tile.min(d.keys - j0);
+        let first = j0 == 0;
+        // S = Q K^T for this tile: K^T is [d x cols] with (row, col) strides (col, row) of K.
+        tile_gemm(
+            (rows, cols, hd),
+            s.as_mut_ptr(),
+            (cols, 1),
+            false,
+            q,
+            (t.q.strides.row, t.q.strides.col),
+            t.k.at(b, h, j0),
+            (t.k.strides.col, t.k.strides.row),
+        );
+        let at = At {
+            b,
+            h,
+            i0,
+            j0,
+            cols,
+            first,
+        };
+        softmax_tile(t, at, &mut s[..rows * cols], m_run, l_run, o);
+        // O (+)= P V.
+        tile_gemm(
+            (rows, hd, cols),
+            o,
+            (out_rs, 1),
+            !first,
+            s.as_ptr(),
+            (cols, 1),
+            t.v.at(b, h, j0),
+            (t.v.strides.row, t.v.strides.col),
+        );
+        j0 += cols;
+    }
+    finish_rows(o, out_rs, hd, &l_run[..rows]);
+}
+
+/// Which tile of scores [`softmax_tile`] works on.
+#[derive(Clone, Copy)]
+struct At {
+    b: usize,
+    h: usize,
+    /// First query and first key of the tile.
+    i0: usize,
+    j0: usize,
+    /// Keys in the tile.
+    cols: usize,
+    /// Whether this is the first key tile (nothing accumulated yet).
+    first: bool,
+}
+
+multiversion! {
+    /// Scores of one tile -> probabilities relative to the running maxima; rescales the output rows
+    /// already accumulated (`o`, `[B, N, H, d]` rows) when a maximum grows.
+    fn softmax_tile<L>(
+        t: &Tiles,
+        at: At,
+        s: &mut [f32],
+        m_run: &mut [f32],
+        l_run: &mut [f32],
+        o: *mut f32,
+    ) {
+        let At { b, h, i0, j0, cols, first } = at;
+        let out_rs = t.d.heads * t.d.head_dim;
+        for (r, row) in s.chunks_exact_mut(cols).enumerate() {
+            let bias = t.bias.as_ref().map(|bo| {
+                let p = bo.at(b, h, i0 + r);
+                // SAFETY: checked by `attention`: cols keys from j0 are inside the bias slice.
+                unsafe { std::slice::from_raw_parts(p.add(j0), cols) }
+            });
+            let mx = scale_bias_max::<L>(row, t.scale, bias);
+            if first {
+                m_run[r] = mx;
+                l_run[r] = exp_sub_sum::<L>(row, mx);
+            } else {
+                let m_new = m_run[r].max(mx);
+                let sum = exp_sub_sum::<L>(row, m_new);
+                if m_new > m_run[r] {
+                    let corr = if m_run[r] == f32::NEG_INFINITY { 0.0 } else { (m_run[r] - m_new).exp() };
+                    l_run[r] *= corr;
+                    // SAFETY: the output row r of this tile, head_dim values.
+                    let orow = unsafe { std::slice::from_raw_parts_mut(o.add(r * out_rs), t.d.head_dim) };
+                    scale_row::<L>(orow, corr);
+                }
+                m_run[r] = m_new;
+                l_run[r] += sum;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// O /= l per row (zero rows where every key was masked).
+    fn finish_rows<L>(o: *mut f32, out_rs: usize, hd: usize, l: &[f32]) {
+        for (r, &l) in l.iter().enumerate() {
+            // SAFETY: the output row r of this tile, hd values.
+            let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * out_rs), hd) };
+            scale_row::<L>(row, if l > 0.0 { 1.0 / l } else { 0.0 });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::math::tests::uniform;
+
+    /// Absolute tolerance against the f64 reference (outputs are averages of values in [-1, 1]).
+    const ATOL: f64 = 2e-5;
+
+    fn contiguous(rows: usize, hd: usize, heads: usize) -> Strides {
+        Strides {
+            offset: 0,
+            batch: heads * rows * hd,
+            head: rows * hd,
+            row: hd,
+            col: 1,
+        }
+    }
+
+    fn get(o: &Operand, b: usize, h: usize, i: usize, c: usize) -> f64 {
+        let s = &o.strides;
+        o.data[s.offset + b * s.batch + h * s.head + i * s.row + c * s.col] as f64
+    }
+
+    /// Naive f64 attention, output [B, N, H, d].
+    fn naive(
+        d: Dims,
+        q: Operand,
+        k: Operand,
+        v: Operand,
+        bias: Option<Operand>,
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0.0; d.batch * d.queries * d.heads * d.head_dim];
+        for b in 0..d.batch {
+            for h in 0..d.heads {
+                for i in 0..d.queries {
+                    let s: Vec<f64> = (0..d.keys)
+                        .map(|j| {
+                            let dot: f64 = (0..d.head_dim)
+                                .map(|c| get(&q, b, h, i, c) * get(&k, b, h, j, c))
+                                .sum();
+                            dot * scale + bias.as_ref().map_or(0.0, |bo| get(bo, b, h, i, j))
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    if mx == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                    let sum: f64 = p.iter().sum();
+                    for c in 0..d.head_dim {
+                        let y: f64 =
+                            (0..d.keys).map(|j| p[j] * get(&v, b, h, j, c)).sum::<f64>() / sum;
+                        out[((b * d.queries + i) * d.heads + h) * d.head_dim + c] = y;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= ATOL,
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    }
+
+    /// Separate contiguous q/k/v with odd sizes, several query tiles and several key tiles (online
+    /// softmax), with and without a per-query bias holding -inf entries and a fully masked query.
+    #[test]
+    fn matches_naive_contiguous() {
+        for (batch, heads, n, m, hd) in [
+            (1usize, 1usize, 1usize, 1usize, 1usize),
+            (2, 3, 37, 29, 8),
+            (1, 2, 130, 2100, 16),
+        ] {
+            let d = Dims {
+                batch,
+                heads,
+                queries: n,
+                keys: m,
+                head_dim: hd,
+            };
+            let qd = uniform(1, batch * heads * n * hd, -1.0, 1.0);
+            let kd = uniform(2, batch * heads * m * hd, -1.0, 1.0);
+            let vd = uniform(3, batch * heads * m * hd, -1.0, 1.0);
+            let q = Operand {
+                data: &qd,
+                strides: contiguous(n, hd, heads),
+            };
+            let k = Operand {
+                data: &kd,
+                strides: contiguous(m, hd, heads),
+            };
+            let v = Operand {
+                data: &vd,
+                strides: contiguous(m, hd, heads),
+            };
+            let scale = 1.0 / (hd as f32).sqrt();
+            let got = attention(d, q, k, v, None, scale).unwrap();
+            assert_close(&got, &naive(d, q, k, v, None, scale as f64), "no bias");
+
+            // Bias [1, 1, N, M] broadcast over batch and heads: -inf on some keys, and on every key
+            // of the last query, which must give a zero row.
+            let mut bd = uniform(4, n * m, -2.0, 2.0);
+            for (i, x) in bd.iter_mut().enumerate() {
+                if i % 7 == 3 || i >= (n - 1) * m {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            let bias = Operand {
+                data: &bd,
+                strides: Strides {
+                    offset: 0,
+                    batch: 0,
+                    head: 0,
+                    row: m,
+                    col: 1,
+                },
+            };
+            let got = attention(d, q, k, v, Some(bias), scale).unwrap();
+            let want = naive(d, q, k, v, Some(bias), scale as f64);
+            assert_close(&got, &want, "bias");
+            let last = &got[((batch - 1) * n + n - 1) * heads * hd..];
+            assert!(last.iter().all(|&x| x == 0.0), "fully masked query");
+        }
+    }
+
+    /// q, k, v read in place from a fused [B, N, 3, H, d] projection, with a [B, 1, 1, M] key
+    /// padding bias (broadcast over heads and queries).
+    #[test]
+    fn matches_naive_fused_qkv_layout() {
+        let (batch, heads, n, hd) = (2usize, 4usize, 197usize, 24usize);
+        let d = Dims {
+            batch,
+            heads,
+            queries: n,
+            keys: n,
+            head_dim: hd,
+        };
+        let data = uniform(5, batch * n * 3 * heads * hd, -1.0, 1.0);
+        let part = |p: usize| Operand {
+            data: &data,
+            strides: Strides {
+                offset: p * heads * hd,
+                batch: n * 3 * heads * hd,
+                head: hd,
+                row: 3 * heads * hd,
+                col: 1,
+            },
+        };
+        let bd: Vec<f32> = (0..batch * n)
+            .map(|i| {
+                if i % n >= n - 5 && i >= n {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let bias = Operand {
+            data: &bd,
+            strides: Strides {
+                offset: 0,
+                batch: n,
+                head: 0,
+                row: 0,
+                col: 1,
+            },
+        };
+        let got = attention(d, part(0), part(1), part(2), Some(bias), 0.2).unwrap();
+        assert_close(
+            &got,
+            &naive(d, part(0), part(1), part(2), Some(bias), 0.2),
+            "fused",
+        );
+    }
+
+    #[test]
+    fn rejects_out_of_bounds_strides() {
+        let data = vec![0.0f32; 10];
+        let d = Dims {
+            batch: 1,
+            heads: 1,
+            queries: 3,
+            keys: 3,
+            head_dim: 4,
+        };
+        let op = Operand {
+            data: &data,
+            strides: contiguous(3, 4, 1),
+        };
+        let err = attention(d, op, op, op, None, 1.0).unwrap_err();
+        assert!(err.to_string().contains("q reads index 11 of 10"), "{err}");
+    }
+}
