@@ -6,3 +6,9 @@
 //! reference on random and odd shapes.
 
 pub mod cpu;
+pub mod gemm_bf16;
+pub mod gemm_int8;
+mod panel;
+pub mod precision;
+
+pub use precision::Precision;
