@@ -14,7 +14,7 @@ pub fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
-) -> Result<candle_nn::Linear> {
+) -> Result<crate::linear::Linear> {
     let s = s.pp(name);
     let w = s.get((out_dim, in_dim), "weight")?;
     let b = if bias {
@@ -22,7 +22,7 @@ pub fn linear(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(w, b))
+    crate::linear::Linear::load(&s, w, b)
 }
 
 /// Loads a LayerNorm `name.{weight,bias}` of width `dim`.
@@ -135,10 +135,10 @@ impl BlockConfig {
 
 /// Multi-head self-attention with separate projections after loading.
 pub struct Attention {
-    q: candle_nn::Linear,
-    k: candle_nn::Linear,
-    v: candle_nn::Linear,
-    out: candle_nn::Linear,
+    q: crate::linear::Linear,
+    k: crate::linear::Linear,
+    v: crate::linear::Linear,
+    out: crate::linear::Linear,
     heads: usize,
 }
 
@@ -170,12 +170,9 @@ impl Attention {
                 } else {
                     None
                 };
-                let part = |i: usize| -> Result<candle_nn::Linear> {
+                let part = |i: usize| -> Result<crate::linear::Linear> {
                     let b = b.as_ref().map(|b| b.narrow(0, i * dim, dim)).transpose()?;
-                    Ok(candle_nn::Linear::new(
-                        w.narrow(0, i * dim, dim)?.contiguous()?,
-                        b,
-                    ))
+                    crate::linear::Linear::load(s, w.narrow(0, i * dim, dim)?.contiguous()?, b)
                 };
                 (part(0)?, part(1)?, part(2)?)
             }
@@ -268,8 +265,8 @@ fn attention_in_blocks(
 
 /// Two-layer MLP with an activation in between.
 pub struct Mlp {
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: crate::linear::Linear,
+    fc2: crate::linear::Linear,
     act: Activation,
 }
 
@@ -450,7 +447,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// (HF `visual_projection`, SigLIP text `head`) or as a bare matrix [D, P] used as `x @ proj`
 /// (open_clip `visual.proj`, `text_projection`).
 pub enum Projection {
-    Linear(candle_nn::Linear),
+    Linear(crate::linear::Linear),
     Matrix(Tensor),
 }
 
