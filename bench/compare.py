@@ -18,12 +18,19 @@ What one run does, strictly one measurement at a time:
      ort         onnxruntime, intra_op_num_threads=2, inter_op 1, ORT_SEQUENTIAL, all graph optimisations
      torch       PyTorch f32, torch.set_num_threads(2), inference_mode, channels_last for CNNs
      torch-bf16  the same under torch.autocast("cpu", dtype=torch.bfloat16)
-     visenc      `visenc bench --json` with RAYON_NUM_THREADS=2 (f32; and --dtype bf16 at batch 8)
+     visenc      `visenc bench --json` with RAYON_NUM_THREADS=2 (f32)
+   and the low-precision rows:
+     visenc-bf16 / visenc-int8   the same with `--precision bf16` / `--precision int8`
+     ort-int8    ONNX Runtime on the graph quantised by onnxruntime.quantization.quantize_dynamic
+                 (per_channel=True, int8 weights, uint8 activations; transformer workloads only)
+   `--runtimes` picks a subset (e.g. `--only clip-vit-b16-224 --batches 8 --runtimes visenc-int8 ort-int8`).
    Every runtime computes the same thing: CLIP image_embeds (vision tower + projection); timm pre-logits
    and logits (the full forward). The batch-1 process of each runtime first encodes one fixed check batch
    (2 images) and writes its embedding; cosines against PyTorch f32 are reported.
 3. kernel micro-benchmarks: `visenc bench --kernels --json` (candle kernels as visenc calls them, FMA
    peak) and the same shapes through PyTorch (MKL / oneDNN) for context.
+   For CLIP ViT-B/16 @224, `visenc embed --precision bf16|int8` on the real photos in assets/photos is compared
+   with `--precision f32` (per-image cosine; random weights, so this checks the arithmetic, not accuracy).
 4. writes bench/results/latest.json and the generated part of BENCHMARKS.md.
 
 The machine is shared: before each measurement the script waits (bounded) until other processes use less
@@ -62,6 +69,10 @@ WORKLOADS = {
 }
 BF16_TARGET = 1.25  # visenc bf16 vs PyTorch bf16 autocast
 RUNTIMES = ["ort", "torch", "torch-bf16", "visenc"]
+LOWP_RUNTIMES = ["visenc-bf16", "visenc-int8", "ort-int8"]
+PRECISION = {"visenc-bf16": "bf16", "visenc-int8": "int8"}
+INT8_TARGET = 1.0  # visenc int8 vs ORT dynamic int8
+INT8_MIN_COSINE = 0.995  # int8 embeddings vs f32 on real photos (the issue's criterion)
 CHECK_BATCH = 2
 LOADED = 0.3  # cores of other processes' CPU use above which a measurement is flagged (and retried)
 
@@ -128,6 +139,10 @@ def ckpt_dir(cache, w):
 
 def onnx_path(cache, w):
     return os.path.join(cache, "onnx", w + ".onnx")
+
+
+def int8_onnx_path(cache, w):
+    return os.path.join(cache, "onnx", f"{w}.int8.onnx")
 
 
 def check_input_path(cache, w):
@@ -260,6 +275,13 @@ def prepare(cache, force=False):
                                   output_names=names,
                                   dynamic_axes={"pixel_values": {0: "batch"}, **{n: {0: "batch"} for n in names}})
             print(f"prepare: exported {p} ({time.time() - t:.1f} s)", file=sys.stderr)
+        q = int8_onnx_path(cache, w)
+        if spec["kind"] == "clip" and (force or not os.path.exists(q)):
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            t = time.time()
+            quantize_dynamic(p, q, per_channel=True, weight_type=QuantType.QInt8)
+            print(f"prepare: quantised {q} ({time.time() - t:.1f} s)", file=sys.stderr)
         c = check_input_path(cache, w)
         if force or not os.path.exists(c):
             np.save(c, pixels(1000, CHECK_BATCH, spec["size"]))
@@ -275,7 +297,7 @@ def worker(a):
     rss0 = proc_status_mib("VmRSS")
     t0 = time.perf_counter()
     result = dict(runtime=a.runtime, workload=a.workload, batch=a.batch, size=[size, size], threads=THREADS)
-    if a.runtime == "ort":
+    if a.runtime in ("ort", "ort-int8"):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -283,7 +305,8 @@ def worker(a):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(onnx_path(a.cache, a.workload), so, providers=["CPUExecutionProvider"])
+        graph = (int8_onnx_path if a.runtime == "ort-int8" else onnx_path)(a.cache, a.workload)
+        sess = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         result["version"] = ort.__version__
         run = lambda x: sess.run(None, {"pixel_values": x})[0]
         prep = lambda x: x
@@ -450,10 +473,12 @@ def timing_for(a, w, batch):
 
 
 def measure(a):
-    os.makedirs(os.path.join(a.cache, "out"), exist_ok=True)
+    # Per-run names: other sessions may run this script on the same cache at the same time.
+    a.outdir = os.path.join(a.cache, "out", str(os.getpid()))
+    os.makedirs(a.outdir, exist_ok=True)
     # The shared target dir may be rebuilt by others during the run: time a private copy.
     os.makedirs(os.path.join(a.cache, "bin"), exist_ok=True)
-    binary = os.path.join(a.cache, "bin", "visenc")
+    binary = os.path.join(a.cache, "bin", f"visenc-{os.getpid()}")
     shutil.copy2(a.visenc, binary)
     a.visenc_built = datetime.datetime.fromtimestamp(os.path.getmtime(a.visenc)).strftime("%Y-%m-%d %H:%M")
     a.visenc = binary
@@ -480,14 +505,14 @@ def measure(a):
         for batch in a.batches:
             warmup, seconds, min_iters = timing_for(a, w, batch)
             timing = ["--warmup", str(warmup), "--seconds", str(seconds), "--min-iters", str(min_iters)]
-            runs = list(RUNTIMES)
-            if batch == 8 and a.visenc_bf16:
-                runs.append("visenc-bf16")
+            runs = [rt for rt in RUNTIMES + LOWP_RUNTIMES if rt in a.runtimes]
             for rt in runs:
+                if rt == "ort-int8" and spec["kind"] != "clip":
+                    continue
                 key = f"{rt}@b{batch}"
                 check_out = None
-                if batch == min(a.batches) or (rt == "visenc-bf16"):
-                    check_out = os.path.join(a.cache, "out", f"{w}.{rt}.npy")
+                if batch == min(a.batches) or rt in LOWP_RUNTIMES:
+                    check_out = os.path.join(a.outdir, f"{w}.{rt}.npy")
                     if os.path.exists(check_out):
                         os.remove(check_out)
                 if rt.startswith("visenc"):
@@ -496,8 +521,8 @@ def measure(a):
                         continue
                     cmd = R.visenc("bench", "--model", d, "--batch", str(batch), "--size", str(spec["size"]),
                                    "--json", *timing)
-                    if rt == "visenc-bf16":
-                        cmd += ["--dtype", "bf16"]
+                    if rt in PRECISION:
+                        cmd += ["--precision", PRECISION[rt]]
                     if check_out:
                         cmd += ["--check-input", check_input_path(a.cache, w), "--check-output", check_out]
                 else:
@@ -507,11 +532,11 @@ def measure(a):
                         cmd += ["--check-input", check_input_path(a.cache, w), "--check-output", check_out]
                 entry["cells"][key] = R.cell(cmd, f"{w:18s} b{batch} {rt:11s}")
         # Output agreement with PyTorch f32 on the check batch.
-        ref_p = os.path.join(a.cache, "out", f"{w}.torch.npy")
+        ref_p = os.path.join(a.outdir, f"{w}.torch.npy")
         if os.path.exists(ref_p):
             ref = np.load(ref_p).astype(np.float64)
-            for rt in RUNTIMES[:] + ["visenc-bf16"]:
-                p = os.path.join(a.cache, "out", f"{w}.{rt}.npy")
+            for rt in RUNTIMES + LOWP_RUNTIMES:
+                p = os.path.join(a.outdir, f"{w}.{rt}.npy")
                 if rt == "torch" or not os.path.exists(p):
                     continue
                 o = np.load(p).astype(np.float64)
@@ -521,6 +546,8 @@ def measure(a):
                 cos = (o * ref).sum(1) / (np.linalg.norm(o, axis=1) * np.linalg.norm(ref, axis=1))
                 entry["checks"][rt] = dict(min_cosine=float(cos.min()),
                                            max_rel_err=float(np.abs(o - ref).max() / np.abs(ref).max()))
+        if w == "clip-vit-b16-224" and supported and any(PRECISION.get(rt) for rt in a.runtimes):
+            entry["photo_checks"] = photo_checks(a, d, w, [PRECISION[rt] for rt in a.runtimes if rt in PRECISION])
         save(a, results)
 
     retry_loaded(a, R, results, a.retry_budget)
@@ -540,6 +567,27 @@ def measure(a):
     results["meta"]["waited_for_quiet_s"] = R.waited
     save(a, results)
     render(a, results)
+
+
+def photo_checks(a, d, w, precisions):
+    """Per-image cosine of `visenc embed --precision p` to `--precision f32` on the real photos."""
+    photos = os.path.join(ROOT, "assets", "photos")
+    embs, out = {}, {}
+    for p in ["f32"] + precisions:
+        path = os.path.join(a.outdir, f"{w}.photos.{p}.npy")
+        r = subprocess.run([a.visenc, "embed", "--model", d, photos, "--out", path, "--precision", p, "--quiet"],
+                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, RAYON_NUM_THREADS="2"))
+        if r.returncode != 0:
+            out[p] = dict(error=(r.stderr.strip().splitlines() or ["?"])[-1])
+            continue
+        embs[p] = np.load(path).astype(np.float64)
+    for p in precisions:
+        if p in embs and "f32" in embs:
+            x, y = embs[p], embs["f32"]
+            cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+            out[p] = dict(images=len(cos), min_cosine=float(cos.min()), mean_cosine=float(cos.mean()))
+            print(f"{w} photos {p}: min cosine to f32 {cos.min():.5f} over {len(cos)} images", file=sys.stderr)
+    return out
 
 
 def retry_loaded(a, R, results, budget):
@@ -712,6 +760,32 @@ def report(res):
                      f"{cratio(w, 'visenc', 'torch-bf16', b)} |")
         L.append("")
 
+    lowp = [rt for rt in LOWP_RUNTIMES if any(f"{rt}@b{b}" in W[w]["cells"] for w in W for b in batches)]
+    if lowp:
+        L += ["### Low precision: throughput (img/s, median; min–max) and agreement with PyTorch f32", "",
+              "bf16: bf16 products with f32 sums (visenc `--precision bf16`, PyTorch autocast). int8: int8 weights per "
+              "output channel, uint8 activations quantised at run time (visenc `--precision int8`: per row; ORT "
+              "`quantize_dynamic(per_channel=True)`: per tensor). Attention, norms and activations stay f32 in visenc.",
+              "", "| workload | batch | visenc bf16 | PyTorch bf16 autocast | visenc bf16/PyTorch bf16 | visenc int8 | "
+              "ORT int8 | visenc int8/ORT int8 | cos visenc int8 | cos ORT int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for w in W:
+            for b in sorted(batches, reverse=True):
+                def cos(rt):
+                    c = W[w]["checks"].get(rt, {})
+                    return f"{c['min_cosine']:.5f}" if "min_cosine" in c else "–"
+                L.append(f"| {W[w]['title']} | {b} | {fmt_ips(w, 'visenc-bf16', b)} | {fmt_ips(w, 'torch-bf16', b)} | "
+                         f"{cratio(w, 'visenc-bf16', 'torch-bf16', b)} | {fmt_ips(w, 'visenc-int8', b)} | "
+                         f"{fmt_ips(w, 'ort-int8', b)} | {cratio(w, 'visenc-int8', 'ort-int8', b)} | "
+                         f"{cos('visenc-int8')} | {cos('ort-int8')} |")
+        L.append("")
+        for w in W:
+            pc = W[w].get("photo_checks")
+            if pc:
+                L += [f"{W[w]['title']} on the real photos (`assets/photos`), `visenc embed --precision p` vs "
+                      "`--precision f32`, per-image cosine: " + "; ".join(
+                          f"{p}: min {c['min_cosine']:.5f}, mean {c['mean_cosine']:.5f} over {c['images']} images"
+                          if "min_cosine" in c else f"{p}: {c.get('error')}" for p, c in pc.items()) + ".", ""]
+
     if 1 in batches:
         L += ["### Latency at batch 1 (ms per image: median / p90)", "",
               "| workload | visenc f32 | ONNX Runtime f32 | PyTorch f32 | PyTorch bf16 autocast |",
@@ -747,10 +821,11 @@ def report(res):
           "(`import torch` alone is a few hundred MiB); visenc's is the whole `visenc bench` process.", ""]
 
     L += ["### Output agreement with PyTorch f32 (check batch of 2 images, embedding: CLIP image_embeds, timm "
-          "pre-logits)", "", "| workload | ONNX Runtime | PyTorch bf16 | visenc f32 | visenc bf16 |", "|---|---|---|---|---|"]
+          "pre-logits)", "", "| workload | ONNX Runtime | PyTorch bf16 | visenc f32 | visenc bf16 | visenc int8 | "
+          "ONNX Runtime int8 |", "|---|---|---|---|---|---|---|"]
     for w in W:
         row = [W[w]["title"]]
-        for rt in ["ort", "torch-bf16", "visenc", "visenc-bf16"]:
+        for rt in ["ort", "torch-bf16", "visenc", "visenc-bf16", "visenc-int8", "ort-int8"]:
             c = W[w]["checks"].get(rt)
             if c and "min_cosine" in c:
                 row.append(f"cos {c['min_cosine']:.6f}, rel {c['max_rel_err']:.1e}")
@@ -794,30 +869,27 @@ def report(res):
     for w, spec in WORKLOADS.items():
         if w not in W or not W[w].get("visenc_supported", True):
             continue
-        x = ips(w, "visenc-bf16", 8)
-        label = f"{spec['title']} bf16 ≥ {BF16_TARGET:.2f}× PyTorch bf16"
-        if x:
-            tgt(label + " (visenc `--dtype bf16`)", x, ips(w, "torch-bf16", 8), None, None, BF16_TARGET,
-                bx=best(w, "visenc-bf16", 8), by=best(w, "torch-bf16", 8),
-                unsure=loaded(w, "visenc-bf16", 8) or loaded(w, "torch-bf16", 8))
-        else:
-            tgt(label + " (visenc has no working bf16 path: its f32 shown)", ips(w, "visenc", 8),
-                ips(w, "torch-bf16", 8), None, None, BF16_TARGET, bx=best(w, "visenc", 8), by=best(w, "torch-bf16", 8),
-                unsure=loaded(w, "visenc", 8) or loaded(w, "torch-bf16", 8))
+        tgt(f"{spec['title']} bf16 ≥ {BF16_TARGET:.2f}× PyTorch bf16 (visenc `--precision bf16`)",
+            ips(w, "visenc-bf16", 8), ips(w, "torch-bf16", 8), ips(w, "visenc-bf16", 1), ips(w, "torch-bf16", 1),
+            BF16_TARGET, bx=best(w, "visenc-bf16", 8), by=best(w, "torch-bf16", 8),
+            unsure=loaded(w, "visenc-bf16", 8) or loaded(w, "torch-bf16", 8))
+        if spec["kind"] == "clip":
+            tgt(f"{spec['title']} int8 ≥ {INT8_TARGET:.2f}× ORT dynamic int8 (visenc `--precision int8`)",
+                ips(w, "visenc-int8", 8), ips(w, "ort-int8", 8), ips(w, "visenc-int8", 1), ips(w, "ort-int8", 1),
+                INT8_TARGET, bx=best(w, "visenc-int8", 8), by=best(w, "ort-int8", 8),
+                unsure=loaded(w, "visenc-int8", 8) or loaded(w, "ort-int8", 8))
+        pc = W[w].get("photo_checks", {}).get("int8", {})
+        if "min_cosine" in pc:
+            ok = pc["min_cosine"] >= INT8_MIN_COSINE
+            L.append(f"| {spec['title']} int8 embeddings at cosine ≥ {INT8_MIN_COSINE} to f32 on real photos | "
+                     f"min {pc['min_cosine']:.5f} | – | {'**yes**' if ok else 'no'} | "
+                     f"{'–' if ok else 'below the bound'} |")
     retried = [(W[w]["title"], k, c["first_attempt"]) for w in W for k, c in W[w]["cells"].items()
                if "first_attempt" in c]
     L += ["", f"† other processes used more than {LOADED} cores during this measurement (shared machine), even "
           "after measuring it again at the end of the run; treat it as a lower bound."
           + (f" Measured again because of load: {len(retried)} cells ("
              + ", ".join(f"{t} {k.replace('@', ' ')}" for t, k, _ in retried) + ")." if retried else ""), ""]
-
-    if any("visenc-bf16@b8" in W[w]["cells"] for w in W):
-        def bf(w):
-            c = cell(w, "visenc-bf16", 8)
-            return f"{fmt_ips(w, 'visenc-bf16', 8)} img/s" if "img_per_s" in c else f"fails (`{c.get('error', '?')}`)"
-
-        L += ["visenc `bench --dtype bf16` (bf16 weights and activations on candle's CPU kernels), batch 8: "
-              + "; ".join(f"{W[w]['title']}: {bf(w)}" for w in W if "visenc-bf16@b8" in W[w]["cells"]) + ".", ""]
 
     K = res.get("kernels") or {}
     TK = {k["name"]: k for k in (res.get("torch_kernels") or {}).get("kernels", [])}
@@ -877,7 +949,8 @@ def main():
     ap.add_argument("--seconds-b1", type=float, default=3.0, help="time budget per batch-1 cell")
     ap.add_argument("--seconds-b8", type=float, default=6.0, help="time budget per batch-8 cell")
     ap.add_argument("--kernel-seconds", type=float, default=1.0)
-    ap.add_argument("--no-visenc-bf16", dest="visenc_bf16", action="store_false")
+    ap.add_argument("--runtimes", nargs="*", default=RUNTIMES + LOWP_RUNTIMES, choices=RUNTIMES + LOWP_RUNTIMES,
+                    help="the runtimes (rows) to measure; default all")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--quiet-cores", type=float, default=0.25,
                     help="wait until other processes use less CPU than this before each measurement")
@@ -889,7 +962,7 @@ def main():
                     help="niceness increment of the measured processes (negative needs root; 0 to keep)")
     ap.add_argument("--force", action="store_true", help="rebuild the cached models and ONNX files")
     # worker options
-    ap.add_argument("--runtime", choices=["ort", "torch", "torch-bf16"])
+    ap.add_argument("--runtime", choices=["ort", "ort-int8", "torch", "torch-bf16"])
     ap.add_argument("--workload", choices=list(WORKLOADS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)

@@ -17,6 +17,7 @@ pub fn load_encoder(m: &ModelArgs) -> Result<Encoder> {
         opts.policy = visenc::weights::LoadPolicy::AllowMismatch;
     }
     opts.limits.max_pixels = m.max_pixels;
+    opts.precision = m.precision;
     let enc =
         Encoder::load(&m.model, &opts).with_context(|| format!("loading model {}", m.model))?;
     if !enc.load_report().is_clean() {

@@ -119,3 +119,50 @@ fn efficientnet_lite0_embeddings_equal_the_reference_pipeline() {
         );
     }
 }
+
+/// `--precision bf16|int8` changes only the classifier (the convolutions stay f32): the same top-1
+/// classes, and espresso's probability within `LOW_PRECISION_PROB_TOL` of the reference's. Bound: the
+/// 1280-wide classifier's logits carry ~1 % relative error in int8 (~0.3 % in bf16; see
+/// crates/models/tests/precision.rs), i.e. ~0.1 on logits spread over ~10; a probability p moves by at
+/// most ~2 p (1 - p) 0.1 ≈ 0.01 at p = 0.95.
+#[test]
+fn efficientnet_lite0_low_precision_classifier() {
+    const LOW_PRECISION_PROB_TOL: f64 = 0.02;
+    let model = asset("efficientnet-lite0-57934424.pth");
+    let names = asset("imagenet_classes.txt");
+    let logits = reference("coffee_logits");
+    let max = logits.iter().copied().fold(f32::MIN, f32::max);
+    let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
+    let espresso = ((logits[967] - max).exp() / sum) as f64;
+    for precision in ["bf16", "int8"] {
+        let run = visenc(&[
+            "classify",
+            "-q",
+            "--json",
+            "--top",
+            "1",
+            "--precision",
+            precision,
+            "-m",
+            &model,
+            "--class-names",
+            &names,
+            &photo("chelsea.png"),
+            &photo("coffee.png"),
+        ]);
+        run.expect_code(0);
+        let rows = run.json_lines();
+        let top = |i: usize| rows[i]["top"][0]["index"].as_u64().unwrap();
+        assert_eq!(
+            top(0),
+            top1(&reference("chelsea_logits")) as u64,
+            "{precision}"
+        );
+        assert_eq!(top(1), 967, "{precision}");
+        let p = rows[1]["top"][0]["probability"].as_f64().unwrap();
+        assert!(
+            (p - espresso).abs() <= LOW_PRECISION_PROB_TOL,
+            "{precision}: espresso probability {p} vs reference {espresso}"
+        );
+    }
+}

@@ -8,6 +8,12 @@
 pub mod activation;
 pub mod attention;
 pub mod cpu;
+pub mod gemm_bf16;
+pub mod gemm_int8;
 pub mod math;
 pub mod norm;
+mod panel;
+pub mod precision;
 pub mod softmax;
+
+pub use precision::Precision;

@@ -146,10 +146,10 @@ impl Grn {
 struct Block {
     dwconv: Conv,
     norm: crate::nn::LayerNorm,
-    fc1: candle_nn::Linear,
+    fc1: crate::linear::Linear,
     act: Activation,
     grn: Option<Grn>,
-    fc2: candle_nn::Linear,
+    fc2: crate::linear::Linear,
     gamma: Option<Tensor>,
 }
 
@@ -215,13 +215,13 @@ fn pointwise(
     cin: usize,
     cout: usize,
     conv: bool,
-) -> Result<candle_nn::Linear> {
+) -> Result<crate::linear::Linear> {
     if !conv {
         return linear(s, name, cin, cout, true);
     }
     let s = s.pp(name);
     let w = s.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
-    Ok(candle_nn::Linear::new(w, Some(s.get(cout, "bias")?)))
+    crate::linear::Linear::load(&s, w, Some(s.get(cout, "bias")?))
 }
 
 struct Stage {
@@ -238,7 +238,7 @@ pub struct ConvNeXt {
     norm_pre: Option<Norm2d>,
     /// The LayerNorm on the pooled vector (HF `layernorm`, timm `head.norm`).
     head_norm: Option<crate::nn::LayerNorm>,
-    head: Option<candle_nn::Linear>,
+    head: Option<crate::linear::Linear>,
 }
 
 impl ConvNeXt {

@@ -11,6 +11,7 @@ pub mod dinov2;
 pub mod efficientnet;
 mod error;
 pub mod interpolate;
+pub mod linear;
 pub mod llava;
 pub mod maxvit;
 pub mod nn;
@@ -33,6 +34,7 @@ pub use api::{
     Scoring, TextEncoder, TextFeatures, VisualTokens,
 };
 pub use error::{ModelError, Result};
+pub use visenc_kernels::Precision;
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.
 pub struct LoadedModel {

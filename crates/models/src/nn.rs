@@ -15,7 +15,7 @@ pub fn linear(
     in_dim: usize,
     out_dim: usize,
     bias: bool,
-) -> Result<candle_nn::Linear> {
+) -> Result<crate::linear::Linear> {
     let s = s.pp(name);
     let w = s.get((out_dim, in_dim), "weight")?;
     let b = if bias {
@@ -23,7 +23,7 @@ pub fn linear(
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(w, b))
+    crate::linear::Linear::load(&s, w, b)
 }
 
 /// Loads a LayerNorm `name.{weight,bias}` of width `dim`.
@@ -182,8 +182,8 @@ impl BlockConfig {
 /// (concatenated at load from separate checkpoints), so one GEMM makes `[B, N, 3, H, d]` and the
 /// attention kernel reads q, k and v from it in place.
 pub struct Attention {
-    qkv: candle_nn::Linear,
-    out: candle_nn::Linear,
+    qkv: crate::linear::Linear,
+    out: crate::linear::Linear,
     heads: usize,
 }
 
@@ -202,31 +202,34 @@ impl Attention {
                 format!("{heads} heads do not divide width {dim}"),
             ));
         }
-        let qkv = match qkv {
+        let (w, b) = match qkv {
             QkvKeys::Separate { q, k, v } => {
-                let parts = [q, k, v]
-                    .map(|name| linear(s, name, dim, dim, qkv_bias))
+                let get = |name: &str, shape: &[usize], what: &str| s.pp(name).get(shape, what);
+                let w = [q, k, v]
+                    .map(|name| get(name, &[dim, dim], "weight"))
                     .into_iter()
-                    .collect::<Result<Vec<_>>>()?;
-                let w = Tensor::cat(&parts.iter().map(|l| l.weight()).collect::<Vec<_>>(), 0)?;
-                let b = parts
-                    .iter()
-                    .map(|l| l.bias().cloned())
-                    .collect::<Option<Vec<_>>>()
-                    .map(|b| Tensor::cat(&b, 0))
-                    .transpose()?;
-                candle_nn::Linear::new(w, b)
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let b = if qkv_bias {
+                    let b = [q, k, v]
+                        .map(|name| get(name, &[dim], "bias"))
+                        .into_iter()
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    Some(Tensor::cat(&b, 0)?)
+                } else {
+                    None
+                };
+                (Tensor::cat(&w, 0)?, b)
             }
             QkvKeys::Fused { weight, bias } => {
-                let w = s.get((3 * dim, dim), weight)?;
                 let b = if qkv_bias {
                     Some(s.get(3 * dim, bias)?)
                 } else {
                     None
                 };
-                candle_nn::Linear::new(w, b)
+                (s.get((3 * dim, dim), weight)?, b)
             }
         };
+        let qkv = crate::linear::Linear::load(s, w, b)?;
         Ok(Self {
             qkv,
             out: linear(s, out, dim, dim, true)?,
@@ -330,8 +333,8 @@ fn attention_in_blocks(
 
 /// Two-layer MLP with an activation in between.
 pub struct Mlp {
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: crate::linear::Linear,
+    fc2: crate::linear::Linear,
     act: Activation,
 }
 
@@ -511,7 +514,7 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// (HF `visual_projection`, SigLIP text `head`) or as a bare matrix [D, P] used as `x @ proj`
 /// (open_clip `visual.proj`, `text_projection`).
 pub enum Projection {
-    Linear(candle_nn::Linear),
+    Linear(crate::linear::Linear),
     Matrix(Tensor),
 }
 

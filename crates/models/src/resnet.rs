@@ -56,7 +56,7 @@ pub struct ResNet {
     stem: Conv,
     stages: Vec<Vec<Block>>,
     act: Activation,
-    head: Option<candle_nn::Linear>,
+    head: Option<crate::linear::Linear>,
     features: Features,
 }
 
@@ -88,11 +88,7 @@ impl ImageEncoder for ResNet {
             }
         }
         let pooled = global_avg_pool(&x)?;
-        let logits = self
-            .head
-            .as_ref()
-            .map(|h| candle_core::Module::forward(h, &pooled))
-            .transpose()?;
+        let logits = self.head.as_ref().map(|h| h.forward(&pooled)).transpose()?;
         ImageFeatures::from_map(pooled, logits, &x, maps, opts)
     }
 }

@@ -195,7 +195,7 @@ impl Block {
 // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/swin/modeling_swin.py#L289
 struct PatchMerging {
     norm: crate::nn::LayerNorm,
-    reduction: candle_nn::Linear,
+    reduction: crate::linear::Linear,
 }
 
 impl PatchMerging {
@@ -227,7 +227,7 @@ pub struct Swin {
     stages: Vec<Stage>,
     window: usize,
     norm: crate::nn::LayerNorm,
-    head: Option<candle_nn::Linear>,
+    head: Option<crate::linear::Linear>,
 }
 
 impl ImageEncoder for Swin {

@@ -36,7 +36,7 @@ pub struct ViT {
     pub(crate) trunk: VisionTransformer,
     pub(crate) pool: Pool,
     pub(crate) fc_norm: Option<crate::nn::LayerNorm>,
-    pub(crate) head: Option<candle_nn::Linear>,
+    pub(crate) head: Option<crate::linear::Linear>,
     pub(crate) head_input: HeadInput,
 }
 

@@ -22,7 +22,7 @@ pub use visenc_image as image;
 pub use visenc_models as models;
 pub use visenc_models::{
     nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo,
-    Scoring, TextFeatures,
+    Precision, Scoring, TextFeatures,
 };
 pub use visenc_weights as weights;
 
@@ -59,6 +59,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
+    /// What linear layers compute in: f32 (candle's product, any device), or bf16 / int8 on visenc's
+    /// CPU kernels with weights packed at load (CPU only, f32 `dtype`).
+    pub precision: Precision,
     /// Strict by default: missing, unexpected or mis-shaped tensors fail the load.
     pub policy: LoadPolicy,
     /// Guards for decoding untrusted images.
@@ -70,6 +73,7 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            precision: Precision::F32,
             policy: LoadPolicy::Strict,
             limits: Limits::default(),
         }
@@ -84,6 +88,7 @@ pub struct Encoder {
     tokenizer: Option<TextTokenizer>,
     report: LoadReport,
     device: Device,
+    precision: Precision,
     limits: Limits,
 }
 
@@ -155,8 +160,16 @@ fn tokenizer_for(ckpt: &Checkpoint, context_length: usize) -> Result<TextTokeniz
 impl Encoder {
     /// Loads a local checkpoint directory or a Hugging Face hub id.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        if opts.precision != Precision::F32 && (!opts.device.is_cpu() || opts.dtype != DType::F32) {
+            return Err(Error::Input(format!(
+                "precision {} runs on the CPU kernels with f32 weights (asked: {:?} on {:?})",
+                opts.precision, opts.dtype, opts.device
+            )));
+        }
         let ckpt = Checkpoint::open(spec)?;
-        let weights = ckpt.load_weights(opts.dtype, &opts.device)?;
+        let weights = ckpt
+            .load_weights(opts.dtype, &opts.device)?
+            .with_precision(opts.precision);
         let (mut model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
         let preprocess = preprocess_for(&ckpt, &model.info)?;
         if model.info.image_size == (0, 0) {
@@ -179,12 +192,18 @@ impl Encoder {
             tokenizer,
             report,
             device: opts.device.clone(),
+            precision: opts.precision,
             limits: opts.limits,
         })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.model.info
+    }
+
+    /// What the linear layers compute in (as loaded).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn preprocess(&self) -> &Preprocess {

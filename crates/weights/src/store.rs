@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Shape, Tensor};
 
+use visenc_kernels::Precision;
+
 use crate::error::WeightsError;
 
 /// What to do when the checkpoint and the model disagree.
@@ -80,6 +82,8 @@ pub struct Weights {
     source: PathBuf,
     dtype: DType,
     device: Device,
+    /// What the model's linear layers compute in; they pack their weights for it as they load.
+    precision: Precision,
     used: RefCell<BTreeSet<String>>,
     ignored: RefCell<BTreeSet<String>>,
     missing: RefCell<BTreeSet<String>>,
@@ -99,6 +103,7 @@ impl Weights {
             source: source.into(),
             dtype,
             device: device.clone(),
+            precision: Precision::F32,
             used: RefCell::default(),
             ignored: RefCell::default(),
             missing: RefCell::default(),
@@ -113,6 +118,16 @@ impl Weights {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Sets the precision the model's linear layers are loaded for (f32 by default).
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn device(&self) -> &Device {
@@ -251,6 +266,11 @@ impl<'a> Scope<'a> {
 
     pub fn device(&self) -> &Device {
         &self.w.device
+    }
+
+    /// The precision linear layers under this scope are loaded for.
+    pub fn precision(&self) -> Precision {
+        self.w.precision
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -41,9 +41,10 @@ pub struct BenchArgs {
     /// Fewest timed passes when timing by --seconds.
     #[arg(long, default_value_t = 3)]
     min_iters: usize,
-    /// Weight and activation dtype: f32 (the default everywhere else in visenc), bf16 or f16.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    dtype: String,
+    /// What linear layers compute in: f32, bf16 or int8 (as `--precision` of the other commands;
+    /// `--dtype` is the old name).
+    #[arg(long, alias = "dtype", default_value_t = visenc::Precision::F32)]
+    precision: visenc::Precision,
     /// Input size `HxW` (or `N` for NxN); default: the model's input size.
     #[arg(long)]
     size: Option<String>,
@@ -221,28 +222,12 @@ fn model(a: &BenchArgs) -> Result<Value> {
     }
     let rss_start = proc_status_mib("VmRSS");
     let t = Instant::now();
-    let dtype = match a.dtype.as_str() {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
-    };
-    let enc = if dtype == DType::F32 {
-        batch::load_encoder(&ModelArgs {
-            model: spec.clone(),
-            allow_mismatch: a.allow_mismatch,
-            max_pixels: visenc::image::Limits::default().max_pixels,
-        })?
-    } else {
-        let mut opts = visenc::LoadOptions {
-            dtype,
-            ..Default::default()
-        };
-        if a.allow_mismatch {
-            opts.policy = visenc::weights::LoadPolicy::AllowMismatch;
-        }
-        visenc::Encoder::load(&spec, &opts)
-            .with_context(|| format!("loading model {spec} as {dtype:?}"))?
-    };
+    let enc = batch::load_encoder(&ModelArgs {
+        model: spec.clone(),
+        allow_mismatch: a.allow_mismatch,
+        max_pixels: visenc::image::Limits::default().max_pixels,
+        precision: a.precision,
+    })?;
     let load_s = t.elapsed().as_secs_f64();
     let rss_loaded = proc_status_mib("VmRSS");
     let info = enc.info().clone();
@@ -308,7 +293,7 @@ fn model(a: &BenchArgs) -> Result<Value> {
         "architecture": info.architecture,
         "family": info.family,
         "parameters": info.parameters,
-        "dtype": a.dtype,
+        "precision": a.precision.name(),
         "batch": a.batch,
         "size": [h, w],
         "threads": rayon::current_num_threads(),
@@ -685,12 +670,13 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
 
     // ViT-B/16 GEMMs at batch 8 (M = 8 x 197 tokens), as nn::Linear calls them: x [8, 197, K] @ W[N, K]^T.
     let (b, t) = (8usize, 197usize);
-    for (label, kk, nn) in [
+    let vit_gemms = [
         ("vit linear qkv (fused)", 768usize, 2304usize),
         ("vit linear q/k/v/out", 768, 768),
         ("vit linear fc1", 768, 3072),
         ("vit linear fc2", 3072, 768),
-    ] {
+    ];
+    for (label, kk, nn) in vit_gemms {
         let x = randt(&[b, t, kk], 3)?;
         let w = randt(&[nn, kk], 4)?;
         let g = 2.0 * (b * t * kk * nn) as f64 / 1e9;
@@ -700,6 +686,24 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
             g,
             &mut || Ok(linear(&x, &w, None)?),
         )?;
+    }
+    // The same GEMMs through visenc's bf16 and int8 linear layers (weights packed once, as at load;
+    // activations converted / quantised per call). Their peak is not the f32 FMA peak: bf16 is
+    // compared with `bf16_dot_peak_gflops`.
+    for precision in [visenc::Precision::Bf16, visenc::Precision::Int8] {
+        for (label, kk, nn) in vit_gemms {
+            let x = randt(&[b, t, kk], 3)?;
+            let w = randt(&[nn, kk], 4)?;
+            let bias = randt(&[nn], 5)?;
+            let l = visenc::models::linear::Linear::with_precision(w, Some(bias), precision)?;
+            let g = 2.0 * (b * t * kk * nn) as f64 / 1e9;
+            bench(
+                &format!("{label} {precision} (visenc)"),
+                format!("{}x{kk}x{nn} (b{b} x {t} tokens)", b * t),
+                g,
+                &mut || Ok(l.forward(&x)?),
+            )?;
+        }
     }
 
     // Convolutions, NCHW. Dense ones run candle's im2col + GEMM; depthwise ones run visenc's direct

@@ -26,7 +26,8 @@ pub fn run(a: InfoArgs) -> Result<usize> {
             out,
             "{}",
             serde_json::to_string_pretty(
-                &json!({"model": a.model.model, "info": info, "preprocess": pre})
+                &json!({"model": a.model.model, "info": info, "preprocess": pre,
+                        "precision": enc.precision().name()})
             )?
         )?;
         return Ok(0);
@@ -49,6 +50,11 @@ pub fn run(a: InfoArgs) -> Result<usize> {
         p => writeln!(out, "image size     {h}x{w}, patch {p}")?,
     }
     writeln!(out, "layers         {}", info.num_layers)?;
+    writeln!(
+        out,
+        "precision      {} (linear layers; convolutions f32)",
+        enc.precision()
+    )?;
     writeln!(
         out,
         "hidden size    {} (pooled embedding)",

@@ -136,7 +136,7 @@ pub struct EfficientNet {
     /// The 1x1 head convolution + BN + act (timm `conv_head`/`bn2`, HF `top_conv`/`top_bn`).
     head: ConvBnAct,
     pool: Pool,
-    classifier: Option<candle_nn::Linear>,
+    classifier: Option<crate::linear::Linear>,
     taps: Vec<Tap>,
 }
 
@@ -183,7 +183,7 @@ impl ImageEncoder for EfficientNet {
         let logits = self
             .classifier
             .as_ref()
-            .map(|c| candle_core::Module::forward(c, &pooled))
+            .map(|c| c.forward(&pooled))
             .transpose()?;
         ImageFeatures::from_map(pooled, logits, &x, maps, opts)
     }

@@ -6,7 +6,7 @@
 
 use std::str::FromStr;
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use visenc_weights::{Scope, Weights};
 
 use crate::error::{config_err, Result};
@@ -49,13 +49,13 @@ impl FromStr for ProjectorType {
 
 /// Linear layers with an activation between consecutive ones (none for `identity`).
 pub struct Projector {
-    layers: Vec<candle_nn::Linear>,
+    layers: Vec<crate::linear::Linear>,
     act: Activation,
     out_dim: Option<usize>,
 }
 
 /// A linear module whose sizes the checkpoint decides: `name.weight` [out, in] (+ `name.bias`).
-fn linear_any(s: &Scope, name: &str, bias: bool) -> Result<(candle_nn::Linear, usize)> {
+fn linear_any(s: &Scope, name: &str, bias: bool) -> Result<(crate::linear::Linear, usize)> {
     let shape = s.pp(name).shape_of("weight").unwrap_or_default();
     let [out, inp] = shape[..] else {
         return Err(config_err(

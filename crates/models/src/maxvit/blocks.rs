@@ -71,18 +71,18 @@ impl Downsample {
 /// Squeeze-and-excitation (`SEModule`): channel gates from the spatial mean.
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/layers/squeeze_excite.py#L21
 struct SqueezeExcite {
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: crate::linear::Linear,
+    fc2: crate::linear::Linear,
     act: Activation,
 }
 
 impl SqueezeExcite {
     fn load(s: &Scope, c: usize, rd: usize, act: Activation) -> Result<Self> {
         // 1x1 convolutions on a 1x1 map, run as linear layers.
-        let fc = |name: &str, cin: usize, cout: usize| -> Result<candle_nn::Linear> {
+        let fc = |name: &str, cin: usize, cout: usize| -> Result<crate::linear::Linear> {
             let s = s.pp(name);
             let w = s.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
-            Ok(candle_nn::Linear::new(w, Some(s.get(cout, "bias")?)))
+            crate::linear::Linear::load(&s, w, Some(s.get(cout, "bias")?))
         };
         Ok(Self {
             fc1: fc("fc1", c, rd)?,
@@ -231,8 +231,8 @@ fn rel_pos_bias(s: &Scope, kind: RelPos, heads: usize, (ph, pw): (usize, usize))
 struct Attention {
     /// Rows ordered [q | k | v], each [heads x dim_head] (the `head_first=False` layout; `head_first`
     /// checkpoints, [heads x (q | k | v) x dim_head], are reordered at load time).
-    qkv: candle_nn::Linear,
-    proj: candle_nn::Linear,
+    qkv: crate::linear::Linear,
+    proj: crate::linear::Linear,
     heads: usize,
     rel_bias: Tensor,
 }
@@ -265,7 +265,7 @@ impl Attention {
             RelPos::Swin
         };
         Ok(Self {
-            qkv: candle_nn::Linear::new(w, b),
+            qkv: crate::linear::Linear::load(s, w, b)?,
             proj: linear(s, "proj", dim, dim, t.attn_bias)?,
             heads,
             rel_bias: rel_pos_bias(&s.pp("rel_pos"), kind, heads, partition)?,

@@ -28,8 +28,8 @@ use blocks::{conv_padding, Block};
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/layers/classifier.py#L266
 struct Head {
     norm: Option<crate::nn::LayerNorm>,
-    pre_logits: Option<candle_nn::Linear>,
-    fc: Option<candle_nn::Linear>,
+    pre_logits: Option<crate::linear::Linear>,
+    fc: Option<crate::linear::Linear>,
 }
 
 /// `LayerNorm2d` over the channels of a [B, C, H, W] map.

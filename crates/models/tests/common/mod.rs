@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use visenc_models::{load, EncodeOptions, LoadedModel};
+use visenc_models::{load, EncodeOptions, LoadedModel, Precision};
 use visenc_weights::{Checkpoint, LoadPolicy};
 
 /// Max relative error allowed in f32: max|ours - reference| / max|reference|.
@@ -30,9 +30,17 @@ pub fn fixture_dir(group: &str, name: &str) -> PathBuf {
 }
 
 pub fn load_fixture(group: &str, name: &'static str) -> Fixture {
+    load_fixture_in(group, name, Precision::F32)
+}
+
+/// A fixture whose linear layers run in `precision`.
+pub fn load_fixture_in(group: &str, name: &'static str, precision: Precision) -> Fixture {
     let dir = fixture_dir(group, name);
     let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
-    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let w = ckpt
+        .load_weights(DType::F32, &Device::Cpu)
+        .unwrap()
+        .with_precision(precision);
     let (model, report) =
         load(&ckpt, &w, LoadPolicy::Strict).unwrap_or_else(|e| panic!("{name}: {e}"));
     assert!(report.is_clean());

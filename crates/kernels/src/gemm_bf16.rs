@@ -1,0 +1,387 @@
+//! bf16 GEMM: `C[m, n] (f32) = bf16(A[m, k]) · bf16(W[n, k])ᵀ + bias`, accumulated in f32.
+//!
+//! The weights are rounded to bf16 and packed once ([`PackedBf16::pack`]); the f32 activations are
+//! rounded to bf16 per call. On AVX512-BF16 the register tile runs on `vdpbf16ps`, which multiplies
+//! bf16 pairs and adds both products to an f32 lane (Intel SDM, VDPBF16PS), so the packed layout keeps
+//! consecutive `k` pairs of one output column together: per `k` pair, 64 columns x 2 values — one
+//! 512-bit load feeds 16 columns, and one 32-bit broadcast of an activation pair feeds them all.
+//! Elsewhere a portable loop computes the same products (both operands are the same bf16 values; only
+//! the order of the f32 additions differs).
+
+use crate::cpu::Features;
+use crate::panel::{dispatch_tile, for_each_tile, panel_cols, with_scratch, OutPtr, MR, NR};
+
+/// Rounds to bf16 like `vcvtneps2bf16`: round to nearest even, subnormals to signed zero, NaN stays a
+/// (quiet) NaN.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7f80_0000 == 0 {
+        return (b >> 16) as u16 & 0x8000;
+    }
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The f32 value of a bf16.
+#[inline(always)]
+pub fn bf16_to_f32(x: u16) -> f32 {
+    f32::from_bits((x as u32) << 16)
+}
+
+/// A weight matrix [n, k] rounded to bf16 and packed for [`gemm_bf16`].
+#[derive(Debug, Clone)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// `k` rounded up to pairs.
+    pairs: usize,
+    /// Per panel of [`NR`] columns, per `k` pair, per column: `[w[col][2p], w[col][2p + 1]]`; columns
+    /// past `n` and the odd `k` tail are zero.
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    /// Packs `w`, row-major [n, k] (the layout of a PyTorch `nn.Linear` weight).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "bf16 pack: weight is not {n} x {k}");
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u16; panels * pairs * NR * 2];
+        for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
+            let panel = &mut data[(j / NR) * pairs * NR * 2..][..pairs * NR * 2];
+            for (p, &v) in row.iter().enumerate() {
+                panel[(p / 2) * NR * 2 + (j % NR) * 2 + p % 2] = f32_to_bf16(v);
+            }
+        }
+        Self { n, k, pairs, data }
+    }
+
+    /// Output width.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    fn panel(&self, panel: usize) -> &[u16] {
+        &self.data[panel * self.pairs * NR * 2..][..self.pairs * NR * 2]
+    }
+}
+
+thread_local! {
+    static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `c[m, n] = bf16(a[m, k]) · bf16(w)ᵀ + bias`, on the fastest path `features` allow.
+/// `a` is row-major [m, k], `c` row-major [m, n], `bias` [n].
+pub fn gemm_bf16(
+    a: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    features: Features,
+) {
+    let (n, k, pairs) = (w.n, w.k, w.pairs);
+    assert_eq!(a.len(), m * k, "gemm_bf16: activations are not {m} x {k}");
+    assert_eq!(c.len(), m * n, "gemm_bf16: output is not {m} x {n}");
+    assert!(
+        bias.is_none_or(|b| b.len() == n),
+        "gemm_bf16: bias is not {n} wide"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let native = features.avx512bf16;
+    #[cfg(not(target_arch = "x86_64"))]
+    let native = {
+        let _ = features;
+        false
+    };
+    with_scratch(&A_BF16, m * pairs, |a16| {
+        // Activations as bf16 pairs, one u32 per pair (the broadcast unit), the odd tail zero.
+        a16.chunks_mut(pairs.max(1))
+            .zip(a.chunks(k.max(1)))
+            .for_each(|(dst, src)| to_pairs(src, dst, native));
+        let a16: &[u32] = a16;
+        let out = OutPtr(c.as_mut_ptr());
+        for_each_tile(m, n, k, |row0, rows, panel| {
+            let out = out;
+            let cols = panel_cols(n, panel);
+            let bias = bias.map(|b| &b[panel * NR..panel * NR + cols]);
+            let b = w.panel(panel);
+            for r in (row0..row0 + rows).step_by(MR) {
+                let mr = MR.min(row0 + rows - r);
+                let a = &a16[r * pairs..(r + mr) * pairs];
+                // SAFETY: this task alone writes rows r..r+mr of columns panel*NR..+cols.
+                let c = unsafe { out.0.add(r * n + panel * NR) };
+                #[cfg(target_arch = "x86_64")]
+                if native {
+                    // SAFETY: AVX512-BF16 (and so AVX-512F) is present; the slices cover the tile.
+                    unsafe {
+                        x86::tile(a, pairs, b, mr, cols, bias, c, n);
+                    }
+                    continue;
+                }
+                portable_tile(a, pairs, b, mr, cols, bias, c, n);
+            }
+        });
+    });
+}
+
+/// Rounds one activation row to bf16 pairs (zero-padded to `dst.len()` pairs).
+fn to_pairs(src: &[f32], dst: &mut [u32], native: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if native {
+        // SAFETY: AVX512-BF16 is present.
+        unsafe { x86::to_pairs(src, dst) };
+        return;
+    }
+    let _ = native;
+    for (p, d) in dst.iter_mut().enumerate() {
+        let lo = src.get(2 * p).map_or(0, |&x| f32_to_bf16(x));
+        let hi = src.get(2 * p + 1).map_or(0, |&x| f32_to_bf16(x));
+        *d = lo as u32 | (hi as u32) << 16;
+    }
+}
+
+/// The register tile without SIMD intrinsics: `mr` rows x `cols` columns of one panel.
+#[allow(clippy::too_many_arguments)]
+fn portable_tile(
+    a: &[u32],
+    pairs: usize,
+    b: &[u16],
+    mr: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    for r in 0..mr {
+        let mut acc = [0f32; NR];
+        for (p, wp) in b.chunks_exact(NR * 2).enumerate() {
+            let pair = a[r * pairs + p];
+            let (a0, a1) = (bf16_to_f32(pair as u16), bf16_to_f32((pair >> 16) as u16));
+            for (acc, w) in acc.iter_mut().zip(wp.chunks_exact(2)) {
+                *acc += a0 * bf16_to_f32(w[0]) + a1 * bf16_to_f32(w[1]);
+            }
+        }
+        for (j, &v) in acc.iter().enumerate().take(cols) {
+            // SAFETY: the caller's tile covers rows 0..mr and columns 0..cols from `c`.
+            unsafe { *c.add(r * ldc + j) = v + bias.map_or(0.0, |b| b[j]) };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+    use crate::panel::lane_mask;
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) fn to_pairs(src: &[f32], dst: &mut [u32]) {
+        let k = src.len();
+        let full = k / 16;
+        let out = dst.as_mut_ptr() as *mut u16;
+        for i in 0..full {
+            // SAFETY: 16 floats at 16 i are in `src`; 16 bf16 (8 pairs) at 16 i are in `dst`.
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_storeu_si256(out.add(16 * i) as *mut __m256i, h);
+            }
+        }
+        for p in full * 8..dst.len() {
+            let lo = src.get(2 * p).map_or(0, |&x| f32_to_bf16(x));
+            let hi = src.get(2 * p + 1).map_or(0, |&x| f32_to_bf16(x));
+            dst[p] = lo as u32 | (hi as u32) << 16;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn tile(
+        a: &[u32],
+        pairs: usize,
+        b: &[u16],
+        mr: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let nv = cols.div_ceil(16);
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            dispatch_tile!(
+                kernel,
+                mr,
+                nv,
+                a.as_ptr(),
+                pairs,
+                b.as_ptr(),
+                cols,
+                bias,
+                c,
+                ldc
+            )
+        }
+    }
+
+    /// `MR` rows x `16 NV` columns: per `k` pair, NV panel loads, MR broadcasts, MR x NV `vdpbf16ps`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel<const MR: usize, const NV: usize>(
+        a: *const u32,
+        pairs: usize,
+        b: *const u16,
+        cols: usize,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        // SAFETY: `a` holds MR rows of `pairs` pairs; `b` holds `pairs` x NR x 2 values.
+        unsafe {
+            for p in 0..pairs {
+                let bp = b.add(p * NR * 2);
+                let mut wv = [_mm512_setzero_si512(); NV];
+                for (v, w) in wv.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(bp.add(32 * v) as *const __m512i);
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*a.add(r * pairs + p) as i32));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_dpbf16_ps(
+                            *x,
+                            av,
+                            std::mem::transmute::<__m512i, __m512bh>(wv[v]),
+                        );
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (v, &x) in row.iter().enumerate() {
+                    let mask = lane_mask(cols - 16 * v);
+                    let x = if bias.is_null() {
+                        x
+                    } else {
+                        _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
+                    };
+                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::panel::{reference, test_values};
+
+    /// Relative error bound of one bf16 dot product against the exact one, as a fraction of
+    /// `sum |a_i w_i|`: bf16 keeps 8 significant bits, so each operand carries a relative rounding
+    /// error of at most 2^-8 and each product at most 2^-7 + 2^-16; f32 accumulation adds ~`k` 2^-24,
+    /// negligible at these `k`.
+    const BF16_DOT_REL: f32 = 1.0 / 128.0 + 1.0 / 65536.0 + 600.0 / 16_777_216.0;
+
+    fn check(m: usize, n: usize, k: usize, bias: bool, features: Features) {
+        let a = test_values(m * k, 1 + m as u64);
+        let w = test_values(n * k, 2 + n as u64);
+        let b = bias.then(|| test_values(n, 3));
+        let want = reference(&a, &w, b.as_deref(), m, n, k);
+        let packed = PackedBf16::pack(&w, n, k);
+        let mut got = vec![f32::NAN; m * n];
+        gemm_bf16(&a, m, &packed, b.as_deref(), &mut got, features);
+        for i in 0..m {
+            for j in 0..n {
+                let scale: f32 = (0..k).map(|p| (a[i * k + p] * w[j * k + p]).abs()).sum();
+                let err = (got[i * n + j] - want[i * n + j]).abs();
+                assert!(
+                    err <= BF16_DOT_REL * scale + 1e-6,
+                    "{m}x{n}x{k} {features:?} at ({i},{j}): {} vs {} (bound {})",
+                    got[i * n + j],
+                    want[i * n + j],
+                    BF16_DOT_REL * scale
+                );
+            }
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (1, 7, 3),
+        (2, 64, 16),
+        (5, 65, 33),
+        (6, 130, 31),
+        (7, 17, 2),
+        (13, 200, 77),
+        (97, 129, 250),
+        (200, 100, 513),
+    ];
+
+    #[test]
+    fn detected_path_matches_reference() {
+        for (m, n, k) in SHAPES {
+            check(m, n, k, true, crate::cpu::features());
+            check(m, n, k, false, crate::cpu::features());
+        }
+    }
+
+    #[test]
+    fn portable_path_matches_reference() {
+        for (m, n, k) in SHAPES {
+            check(m, n, k, true, Features::PORTABLE);
+        }
+    }
+
+    /// Both paths round the operands identically; their sums differ only in f32 addition order.
+    #[test]
+    fn paths_agree() {
+        let (m, n, k) = (31, 75, 301);
+        let a = test_values(m * k, 5);
+        let w = PackedBf16::pack(&test_values(n * k, 6), n, k);
+        let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
+        gemm_bf16(&a, m, &w, None, &mut x, crate::cpu::features());
+        gemm_bf16(&a, m, &w, None, &mut y, Features::PORTABLE);
+        for (x, y) in x.iter().zip(&y) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn rounding_matches_vcvtneps2bf16() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to even (1).
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is a tie between 1 + 2^-7 and 1 + 2^-6: to even (1 + 2^-6).
+        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(f32_to_bf16(-2.5), 0xc020);
+        assert_eq!(f32_to_bf16(f32::from_bits(1)), 0);
+        assert_eq!(f32_to_bf16(-f32::from_bits(1)), 0x8000);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+        // The native conversion agrees on a row of mixed values (incl. the odd tail).
+        let src = test_values(37, 9)
+            .iter()
+            .map(|x| x * 1e3)
+            .collect::<Vec<_>>();
+        let (mut x, mut y) = (vec![0u32; 19], vec![0u32; 19]);
+        to_pairs(&src, &mut x, crate::cpu::features().avx512bf16);
+        to_pairs(&src, &mut y, false);
+        assert_eq!(x, y);
+    }
+}

@@ -1,0 +1,143 @@
+//! What the low-precision GEMMs ([`crate::gemm_bf16`], [`crate::gemm_int8`]) share: the panel width of
+//! packed weights, the register tile, and the parallel loop over output tiles.
+//!
+//! `C[m, n] = A[m, k] · Wᵀ + bias`, with `W` [n, k] (a PyTorch `nn.Linear` weight) packed once into
+//! panels of [`NR`] output columns, each panel holding its whole `k` contiguously. There is no `k`
+//! blocking: one panel is at most 64 x 3072 bf16 (384 KiB), which stays in the 1 MiB L2 while a block of
+//! [`MC`] rows streams past it, and a full-`k` dot product lets the epilogue (bias, int8 dequantisation)
+//! run once, straight from the accumulators — the order of BLIS' `jr`/`ir` loops with `kc = k`
+//! (<https://github.com/flame/blis/blob/0.9.0/docs/KernelsHowTo.md>).
+
+use rayon::prelude::*;
+
+/// Output columns per packed panel: four 16-lane registers.
+pub(crate) const NR: usize = 64;
+/// Rows per register tile: 6 x 4 accumulators leave registers for the 4 panel vectors and a broadcast.
+pub(crate) const MR: usize = 6;
+/// Rows per parallel task; the task's rows are `MC / MR` register tiles over one panel.
+const MC: usize = 96;
+/// Below this many multiply-adds one thread does the whole product (rayon's hand-off costs more).
+const SERIAL_MACS: usize = 1 << 18;
+
+/// A pointer to the output that tasks writing disjoint tiles share.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub *mut f32);
+// SAFETY: every task writes a disjoint set of rows x panel columns of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Calls `tile(row0, rows, panel)` for every block of up to [`MC`] rows and every panel of an
+/// `m` x `n` output, in parallel when the product is large enough.
+pub(crate) fn for_each_tile(
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: impl Fn(usize, usize, usize) + Sync,
+) {
+    let panels = n.div_ceil(NR);
+    let blocks = m.div_ceil(MC);
+    let run = |t: usize| {
+        let (block, panel) = (t / panels, t % panels);
+        let row0 = block * MC;
+        tile(row0, MC.min(m - row0), panel);
+    };
+    if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 {
+        (0..blocks * panels).for_each(run);
+    } else {
+        (0..blocks * panels).into_par_iter().for_each(run);
+    }
+}
+
+/// Runs `f` with a scratch vector of at least `len` elements kept per thread between calls, so the hot
+/// path does not allocate (and page-fault) a fresh buffer per layer. A nested call on the same thread
+/// (rayon may run another task while this one waits) gets a fresh vector instead.
+pub(crate) fn with_scratch<T: Copy + Default + 'static, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<Vec<T>>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, T::default());
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![T::default(); len]),
+    })
+}
+
+/// The valid columns of panel `panel` in an output `n` wide.
+pub(crate) fn panel_cols(n: usize, panel: usize) -> usize {
+    NR.min(n - panel * NR)
+}
+
+/// Mask of the first `cols.min(16)` lanes of 16.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn lane_mask(cols: usize) -> u16 {
+    if cols >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << cols) - 1
+    }
+}
+
+/// Calls `$kernel::<MR, NV>($args)` for run-time `$mr` in 1..=6 and `$nv` in 1..=4 (the register tile
+/// is a compile-time shape so its accumulators live in registers).
+macro_rules! dispatch_tile {
+    ($kernel:ident, $mr:expr, $nv:expr, $($args:expr),* $(,)?) => {
+        match ($mr, $nv) {
+            (1, 1) => $kernel::<1, 1>($($args),*), (1, 2) => $kernel::<1, 2>($($args),*),
+            (1, 3) => $kernel::<1, 3>($($args),*), (1, 4) => $kernel::<1, 4>($($args),*),
+            (2, 1) => $kernel::<2, 1>($($args),*), (2, 2) => $kernel::<2, 2>($($args),*),
+            (2, 3) => $kernel::<2, 3>($($args),*), (2, 4) => $kernel::<2, 4>($($args),*),
+            (3, 1) => $kernel::<3, 1>($($args),*), (3, 2) => $kernel::<3, 2>($($args),*),
+            (3, 3) => $kernel::<3, 3>($($args),*), (3, 4) => $kernel::<3, 4>($($args),*),
+            (4, 1) => $kernel::<4, 1>($($args),*), (4, 2) => $kernel::<4, 2>($($args),*),
+            (4, 3) => $kernel::<4, 3>($($args),*), (4, 4) => $kernel::<4, 4>($($args),*),
+            (5, 1) => $kernel::<5, 1>($($args),*), (5, 2) => $kernel::<5, 2>($($args),*),
+            (5, 3) => $kernel::<5, 3>($($args),*), (5, 4) => $kernel::<5, 4>($($args),*),
+            (6, 1) => $kernel::<6, 1>($($args),*), (6, 2) => $kernel::<6, 2>($($args),*),
+            (6, 3) => $kernel::<6, 3>($($args),*), (6, 4) => $kernel::<6, 4>($($args),*),
+            _ => unreachable!("register tile {}x{} out of range", $mr, $nv),
+        }
+    };
+}
+pub(crate) use dispatch_tile;
+
+/// Deterministic pseudo-random numbers for the kernels' tests (xorshift64*).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let u = (s.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+            2.0 * u - 1.0
+        })
+        .collect()
+}
+
+/// Naive `A · Wᵀ + bias` in f64, the reference of the kernels' tests.
+#[cfg(test)]
+pub(crate) fn reference(
+    a: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                .sum();
+            c[i * n + j] = (dot + bias.map_or(0.0, |b| b[j] as f64)) as f32;
+        }
+    }
+    c
+}
