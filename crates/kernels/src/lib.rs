@@ -5,4 +5,5 @@
 //! runs everywhere and uses what the machine has. Each module tests its kernels against a naive
 //! reference on random and odd shapes.
 
+pub mod conv;
 pub mod cpu;
