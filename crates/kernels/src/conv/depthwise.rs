@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{fma_available, vectorised, ConvShape, Epilogue};
+use super::{multiversion, ConvShape, Epilogue};
 
 const LANES: usize = 16;
 
@@ -21,7 +21,6 @@ pub(super) fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, o
     let (oh, ow) = s.out_hw();
     let (c, plane_in, plane_out) = (s.cin, s.h * s.w, oh * ow);
     let taps = s.kh * s.kw;
-    let fused = fma_available();
     // Small planes (late stages: 7x7 with a thousand channels) go several to a task.
     let min_len = (4096 / plane_out.max(1)).max(1);
     out.par_chunks_mut(plane_out)
@@ -36,23 +35,16 @@ pub(super) fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, o
                 residual: e.residual.map(|r| &r[i * plane_out..(i + 1) * plane_out]),
                 act: e.act,
             };
-            PLANE.with_borrow_mut(|buf| {
-                vectorised(|| {
-                    if fused {
-                        plane::<true>(xin, w, s, e, buf, o)
-                    } else {
-                        plane::<false>(xin, w, s, e, buf, o)
-                    }
-                })
-            });
+            PLANE.with_borrow_mut(|buf| plane(xin, w, s, e, buf, o));
         });
 }
 
-/// One output plane (`e` holds this channel's bias and this plane's residual). The scratch buffer holds, for every padded input row, `stride` phases of
-/// `wq` values: phase `q` holds padded columns `q, q + stride, q + 2 stride, ...`, so the tap at
-/// column offset `kx` of output column `ox` is element `ox + kx / stride` of phase `kx % stride`.
-#[inline(always)]
-fn plane<const FUSED: bool>(
+multiversion! {
+/// One output plane (`e` holds this channel's bias and this plane's residual). The scratch
+/// buffer holds, for every padded input row, `stride` phases of `wq` values: phase `q` holds
+/// padded columns `q, q + stride, q + 2 stride, ...`, so the tap at column offset `kx` of output
+/// column `ox` is element `ox + kx / stride` of phase `kx % stride`.
+fn plane(
     x: &[f32],
     w: &[f32],
     s: &ConvShape,
@@ -97,7 +89,7 @@ fn plane<const FUSED: bool>(
                     let start = (kx % st) * wq + c0 + kx / st;
                     let src: &[f32; LANES] = row[start..start + LANES].try_into().unwrap();
                     for l in 0..LANES {
-                        acc[l] = if FUSED {
+                        acc[l] = if FMA {
                             wv.mul_add(src[l], acc[l])
                         } else {
                             wv * src[l] + acc[l]
@@ -120,6 +112,7 @@ fn plane<const FUSED: bool>(
         }
     }
 }
+}
 
 #[cfg(test)]
 mod tests {
@@ -139,9 +132,48 @@ mod tests {
             (2, 19, 14, 14, 7, 1, Pad::same(3)),
             (1, 5, 23, 37, 7, 2, Pad::same(3)),
             // TF "SAME" with the extra pixel at the bottom/right: 3x3 s2 on 12x13 -> 6x7.
-            (2, 33, 12, 13, 3, 2, Pad { top: 0, bottom: 1, left: 1, right: 1 }),
-            (1, 4, 15, 16, 5, 2, Pad { top: 1, bottom: 2, left: 1, right: 2 }),
-            (1, 3, 40, 33, 3, 1, Pad { top: 1, bottom: 1, left: 1, right: 1 }),
+            (
+                2,
+                33,
+                12,
+                13,
+                3,
+                2,
+                Pad {
+                    top: 0,
+                    bottom: 1,
+                    left: 1,
+                    right: 1,
+                },
+            ),
+            (
+                1,
+                4,
+                15,
+                16,
+                5,
+                2,
+                Pad {
+                    top: 1,
+                    bottom: 2,
+                    left: 1,
+                    right: 2,
+                },
+            ),
+            (
+                1,
+                3,
+                40,
+                33,
+                3,
+                1,
+                Pad {
+                    top: 1,
+                    bottom: 1,
+                    left: 1,
+                    right: 1,
+                },
+            ),
         ];
         for (i, (b, c, h, w, k, stride, pad)) in cases.into_iter().enumerate() {
             let s = ConvShape {

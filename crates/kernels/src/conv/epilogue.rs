@@ -91,7 +91,10 @@ mod tests {
             act.apply(&mut v);
             for (&x, &y) in xs.iter().zip(&v) {
                 let r = act.scalar(x);
-                assert!((y - r).abs() <= 1e-6 * r.abs().max(1.0), "{act:?}({x}) = {y}, want {r}");
+                assert!(
+                    (y - r).abs() <= 1e-6 * r.abs().max(1.0),
+                    "{act:?}({x}) = {y}, want {r}"
+                );
             }
         }
         assert_eq!(Act::Silu.scalar(-100.0), -0.0);

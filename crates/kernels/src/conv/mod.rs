@@ -45,9 +45,8 @@ impl Pad {
     /// `ceil(size / stride)` and the odd pixel of padding goes at the bottom/right.
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.11/timm/layers/padding.py#L17
     pub fn tf_same(h: usize, w: usize, kh: usize, kw: usize, stride: usize) -> Self {
-        let total = |size: usize, k: usize| {
-            ((size.div_ceil(stride) - 1) * stride + k).saturating_sub(size)
-        };
+        let total =
+            |size: usize, k: usize| ((size.div_ceil(stride) - 1) * stride + k).saturating_sub(size);
         let (ph, pw) = (total(h, kh), total(w, kw));
         Self {
             top: ph / 2,
@@ -117,12 +116,29 @@ pub struct Epilogue<'a> {
 pub fn conv2d(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32]) {
     let (oh, ow) = s.out_hw();
     assert!(oh > 0 && ow > 0, "convolution output is empty: {s:?}");
-    assert!(!s.depthwise || s.cin == s.cout, "depthwise needs cout == cin: {s:?}");
-    assert_eq!(x.len(), s.batch * s.cin * s.h * s.w, "input length for {s:?}");
+    assert!(
+        !s.depthwise || s.cin == s.cout,
+        "depthwise needs cout == cin: {s:?}"
+    );
+    assert_eq!(
+        x.len(),
+        s.batch * s.cin * s.h * s.w,
+        "input length for {s:?}"
+    );
     assert_eq!(weight.len(), s.weight_len(), "weight length for {s:?}");
-    assert!(e.bias.is_none_or(|b| b.len() == s.cout), "bias length for {s:?}");
-    assert_eq!(out.len(), s.batch * s.cout * oh * ow, "output length for {s:?}");
-    assert!(e.residual.is_none_or(|r| r.len() == out.len()), "residual length for {s:?}");
+    assert!(
+        e.bias.is_none_or(|b| b.len() == s.cout),
+        "bias length for {s:?}"
+    );
+    assert_eq!(
+        out.len(),
+        s.batch * s.cout * oh * ow,
+        "output length for {s:?}"
+    );
+    assert!(
+        e.residual.is_none_or(|r| r.len() == out.len()),
+        "residual length for {s:?}"
+    );
     if s.depthwise {
         depthwise::depthwise(x, weight, s, e, out);
     } else {
@@ -225,7 +241,7 @@ fn dense(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32])
             });
         }
         if e.act != Act::None {
-            vectorised(|| (0..s.cout).for_each(|co| e.act.apply(row(co))));
+            act_rows(e.act, OutPtr(o), s.cout, n, t);
         }
     };
     if outer {
@@ -289,37 +305,55 @@ fn im2col(xb: &[f32], s: &ConvShape, ow: usize, p0: usize, t: usize, cols: &mut 
     }
 }
 
-/// Whether [`vectorised`] code has hardware FMA (then `mul_add` is one instruction, not a libm
-/// call).
-fn fma_available() -> bool {
-    let f = crate::cpu::features();
-    f.avx512f || f.avx2_fma
+/// Defines `fn $name(args)` that runs `$body` (which calls `#[inline(always)]` code) compiled for
+/// the widest vector extension this machine has: AVX-512F, else AVX2 + FMA, else the baseline. In
+/// `$body`, the constant `FMA` says whether `mul_add` is one instruction (else a libm call, so the
+/// portable path multiplies and adds instead).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    #[allow(dead_code)]
+                    const FMA: bool = true;
+                    $body
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    #[allow(dead_code)]
+                    const FMA: bool = true;
+                    $body
+                }
+                let f = crate::cpu::features();
+                // SAFETY: the features were detected on this machine.
+                if f.avx512f {
+                    return unsafe { avx512($($arg),*) };
+                }
+                if f.avx2_fma {
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            #[allow(dead_code)]
+            const FMA: bool = false;
+            $body
+        }
+    };
 }
+pub(crate) use multiversion;
 
-/// Runs `f` compiled for the widest vector extension this machine has (AVX-512F, else AVX2+FMA,
-/// else the baseline), so that the `#[inline(always)]` loops it calls vectorise to that width.
-#[inline(always)]
-fn vectorised<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,fma")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        let feat = crate::cpu::features();
-        // SAFETY: the features were detected on this machine.
-        if feat.avx512f {
-            return unsafe { avx512(f) };
-        }
-        if feat.avx2_fma {
-            return unsafe { avx2(f) };
+multiversion! {
+    /// Applies `act` to `rows` rows of `len` values, `stride` apart, starting at `base`.
+    ///
+    /// The rows must be inside one live, exclusively borrowed allocation.
+    fn act_rows(act: Act, base: OutPtr, rows: usize, stride: usize, len: usize) {
+        for r in 0..rows {
+            // SAFETY: the caller's contract.
+            act.apply(unsafe { std::slice::from_raw_parts_mut(base.at(r * stride), len) });
         }
     }
-    f()
 }
 
 #[cfg(test)]
@@ -406,7 +440,21 @@ pub(crate) mod tests {
             (2, 64, 29, 29, 64, 3, 1, Pad::same(1)),
             // 7x7 stride 2 pad 3 (ResNet stem), TF "SAME" asymmetric 3x3 s2 (EfficientNet stem).
             (1, 3, 37, 41, 8, 7, 2, Pad::same(3)),
-            (2, 3, 20, 23, 32, 3, 2, Pad { top: 0, bottom: 1, left: 1, right: 1 }),
+            (
+                2,
+                3,
+                20,
+                23,
+                32,
+                3,
+                2,
+                Pad {
+                    top: 0,
+                    bottom: 1,
+                    left: 1,
+                    right: 1,
+                },
+            ),
             // Patchify 4x4 s4 and 2x2 s2 (ConvNeXt stem and downsampling), no padding.
             (2, 3, 16, 20, 24, 4, 4, Pad::same(0)),
             (1, 24, 10, 9, 48, 2, 2, Pad::same(0)),
@@ -450,7 +498,12 @@ pub(crate) mod tests {
         // timm get_same_padding: 7 with k3 s2 -> total 2 (1, 1); 8 -> total 1 (0, 1).
         assert_eq!(
             Pad::tf_same(7, 8, 3, 3, 2),
-            Pad { top: 1, bottom: 1, left: 0, right: 1 }
+            Pad {
+                top: 1,
+                bottom: 1,
+                left: 0,
+                right: 1
+            }
         );
         // Stride 1, k5: total 4 on any size.
         assert_eq!(Pad::tf_same(9, 4, 5, 5, 1), Pad::same(2));
