@@ -69,10 +69,17 @@ fn plane(
             let n = wd.min(wq.saturating_sub(s.pad.left));
             dst[s.pad.left..s.pad.left + n].copy_from_slice(&src[..n]);
         } else {
-            for (ix, &v) in src.iter().enumerate() {
-                let p = ix + s.pad.left;
-                if p / st < wq {
-                    dst[(p % st) * wq + p / st] = v;
+            // Phase q holds the inputs ix with (ix + pad) % stride == q, from column
+            // (ix + pad) / stride on.
+            for q in 0..st {
+                let ix0 = (q + st - s.pad.left % st) % st;
+                let j0 = (ix0 + s.pad.left) / st;
+                let phase = &mut dst[q * wq..(q + 1) * wq];
+                for (d, &v) in phase[j0.min(wq)..]
+                    .iter_mut()
+                    .zip(src[ix0.min(wd)..].iter().step_by(st))
+                {
+                    *d = v;
                 }
             }
         }

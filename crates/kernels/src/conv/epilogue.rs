@@ -34,8 +34,11 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n through the exponent bits; n is in [-126, 127] after the clamp. Adding 1.5 * 2^23 puts
+    // the integer n in the low mantissa bits (no float-to-int conversion, which does not
+    // vectorise with Rust's saturating `as`).
+    let bits = (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000 - 127) << 23;
+    e * f32::from_bits(bits)
 }
 
 impl Act {
