@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod cpu;
 pub mod gemm_bf16;
 pub mod gemm_int8;

@@ -1,10 +1,12 @@
 //! Convolution building blocks shared by the CNN and hybrid families: convolutions with PyTorch or
 //! TensorFlow "SAME" padding, BatchNorm folded into the preceding convolution at load time, pooling.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Layout, Storage, Tensor, D};
+use visenc_kernels::conv::{conv2d, Act, ConvShape, Epilogue, Pad};
 use visenc_weights::Scope;
 
-use crate::error::{config_err, Result};
+use crate::error::{config_err, ModelError, Result};
+use crate::nn::Activation;
 
 /// How a convolution pads its input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,90 +125,159 @@ impl Conv {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None, None)
+    }
+
+    /// `act(conv(x) + residual)`: on the CPU in f32 the bias, the residual and a ReLU, ReLU6 or
+    /// SiLU run inside the convolution kernel (`visenc_kernels::conv`); elsewhere, or for other
+    /// groupings and activations, through candle.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
+        let fast = x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+            && self.dilation == 1;
+        if fast {
+            let e = Fused {
+                bias: self.bias.as_ref(),
+                residual,
+                act,
+            };
+            if let Some(y) = conv2d_cpu(x, &self.weight, self.stride, self.padding, self.groups, e)?
+            {
+                return Ok(y);
+            }
+        }
         let k = self.weight.dim(2)?;
         let (x, pad) = match self.padding {
             Padding::Symmetric(p) => (x.clone(), p),
             Padding::TfSame => (pad_same(x, k, self.stride, self.dilation)?, 0),
         };
-        let depthwise = self.groups > 1 && self.weight.dim(1)? == 1 && x.dim(1)? == self.groups;
-        let y = if depthwise && self.dilation == 1 && x.device().is_cpu() {
-            depthwise_cpu(&x, &self.weight, self.stride, pad)?
-        } else {
-            x.conv2d(&self.weight, pad, self.stride, self.dilation, self.groups)?
-        };
-        Ok(match &self.bias {
+        let y = x.conv2d(&self.weight, pad, self.stride, self.dilation, self.groups)?;
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
             None => y,
-        })
+        };
+        let y = match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        act.map_or(Ok(y.clone()), |a| a.forward(&y))
     }
 }
 
-/// A depthwise convolution (one k x k filter per channel, `weight` [C, 1, k, k]) with zero padding
-/// `pad` on every side, as a direct loop over the channel planes in f32, split across threads.
-/// candle's grouped `conv2d` runs one convolution per group, which for the hundreds of channels of
-/// EfficientNet, ConvNeXt or MaxViT blocks is 10-50x slower than this.
-pub fn depthwise_cpu(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+/// What [`conv2d_cpu`] adds to the convolution and the activation it applies after:
+/// `act(conv + bias + residual)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fused<'a> {
+    /// [cout].
+    pub bias: Option<&'a Tensor>,
+    /// The output's shape.
+    pub residual: Option<&'a Tensor>,
+    pub act: Option<Activation>,
+}
+
+/// An f32 CPU convolution through `visenc_kernels::conv`: dense (groups = 1) or depthwise
+/// (`weight` [C, 1, kh, kw] on C channels), with the bias, the residual and the activation fused
+/// where the kernel has it (ReLU, ReLU6, SiLU; other activations run after). `None` for other
+/// groupings (candle's path).
+pub fn conv2d_cpu(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: Padding,
+    groups: usize,
+    e: Fused,
+) -> Result<Option<Tensor>> {
+    let (cout, per_group, kh, kw) = weight.dims4()?;
     let (b, c, h, w) = x.dims4()?;
-    let (_, _, kh, kw) = weight.dims4()?;
-    if h + 2 * pad < kh || w + 2 * pad < kw {
-        return Err(crate::error::ModelError::Input(format!(
-            "a {h}x{w} map is smaller than the {kh}x{kw} depthwise kernel"
+    if c != per_group * groups {
+        return Err(ModelError::Input(format!(
+            "a convolution over {} input channels got a map with {c}",
+            per_group * groups
         )));
     }
-    let (oh, ow) = (
-        (h + 2 * pad - kh) / stride + 1,
-        (w + 2 * pad - kw) / stride + 1,
+    let depthwise = groups > 1 && per_group == 1 && cout == c;
+    if groups != 1 && !depthwise {
+        return Ok(None);
+    }
+    let pad = match padding {
+        Padding::Symmetric(p) => Pad::same(p),
+        Padding::TfSame => Pad::tf_same(h, w, kh, kw, stride),
+    };
+    let shape = ConvShape {
+        batch: b,
+        cin: c,
+        h,
+        w,
+        cout,
+        kh,
+        kw,
+        stride,
+        pad,
+        depthwise,
+    };
+    let (oh, ow) = shape.out_hw();
+    if oh == 0 || ow == 0 {
+        return Err(ModelError::Input(format!(
+            "a {h}x{w} map is smaller than the {kh}x{kw} convolution over it"
+        )));
+    }
+    if let Some(r) = e.residual {
+        if r.dims() != [b, cout, oh, ow] {
+            return Err(ModelError::Input(format!(
+                "a residual of shape {:?} cannot be added to a convolution output {:?}",
+                r.dims(),
+                [b, cout, oh, ow]
+            )));
+        }
+    }
+    let fused = match e.act {
+        None => Some(Act::None),
+        Some(Activation::Relu) => Some(Act::Relu),
+        Some(Activation::Relu6) => Some(Act::Relu6),
+        Some(Activation::Silu) => Some(Act::Silu),
+        Some(_) => None,
+    };
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let bias = e.bias.map(Tensor::contiguous).transpose()?;
+    let residual = e.residual.map(Tensor::contiguous).transpose()?;
+    let (xg, wg) = (x.storage_and_layout(), weight.storage_and_layout());
+    let bg = bias.as_ref().map(Tensor::storage_and_layout);
+    let rg = residual.as_ref().map(Tensor::storage_and_layout);
+    let epilogue = Epilogue {
+        bias: bg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?,
+        residual: rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?,
+        act: fused.unwrap_or_default(),
+    };
+    let mut out = vec![0f32; b * cout * oh * ow];
+    conv2d(
+        cpu_f32(&xg.0, xg.1)?,
+        cpu_f32(&wg.0, wg.1)?,
+        &shape,
+        epilogue,
+        &mut out,
     );
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let ws = weight
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut out = vec![0f32; b * c * oh * ow];
-    // The output columns `ox` whose input column `ox * stride + k - pad` lies inside [0, size).
-    let valid = |k: usize, size: usize, n: usize| {
-        let lo = pad.saturating_sub(k).div_ceil(stride);
-        let hi = (size + pad)
-            .checked_sub(k + 1)
-            .map_or(0, |v| (v / stride + 1).min(n));
-        (lo, hi.max(lo))
+    let y = Tensor::from_vec(out, (b, cout, oh, ow), x.device())?;
+    Ok(Some(match (e.act, fused) {
+        (Some(a), None) => a.forward(&y)?,
+        _ => y,
+    }))
+}
+
+/// The f32 data of a contiguous CPU tensor.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(ModelError::Input("an f32 CPU tensor was expected".into()));
     };
-    let plane = |i: usize, o: &mut [f32]| {
-        let (xin, wk) = (
-            &xs[i * h * w..(i + 1) * h * w],
-            &ws[(i % c) * kh * kw..(i % c + 1) * kh * kw],
-        );
-        for ky in 0..kh {
-            let (y0, y1) = valid(ky, h, oh);
-            for kx in 0..kw {
-                let (x0, x1) = valid(kx, w, ow);
-                let wv = wk[ky * kw + kx];
-                for oy in y0..y1 {
-                    let row = &xin[(oy * stride + ky - pad) * w..];
-                    let orow = &mut o[oy * ow..(oy + 1) * ow];
-                    for ox in x0..x1 {
-                        orow[ox] += wv * row[ox * stride + kx - pad];
-                    }
-                }
-            }
-        }
-    };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(b * c)
-        .max(1);
-    let per = (b * c).div_ceil(threads) * oh * ow;
-    std::thread::scope(|s| {
-        for (t, chunk) in out.chunks_mut(per.max(1)).enumerate() {
-            let plane = &plane;
-            s.spawn(move || {
-                for (j, o) in chunk.chunks_mut(oh * ow).enumerate() {
-                    plane(t * per / (oh * ow) + j, o);
-                }
-            });
-        }
-    });
-    Ok(Tensor::from_vec(out, (b, c, oh, ow), x.device())?.to_dtype(x.dtype())?)
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| ModelError::Input("a contiguous tensor was expected".into()))?;
+    Ok(&cpu.as_slice::<f32>()?[start..end])
 }
 
 /// TensorFlow "SAME" zero padding for a k x k window.
@@ -255,34 +326,6 @@ pub fn layer_norm_2d(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Re
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn depthwise_matches_grouped_conv() {
-        let dev = Device::Cpu;
-        for (c, h, w, k, stride, pad) in [
-            (6, 9, 7, 3, 1, 1),
-            (4, 8, 11, 5, 2, 2),
-            (3, 5, 6, 3, 2, 0),
-            (2, 4, 4, 5, 1, 2),
-            (3, 1, 2, 5, 1, 2),
-            (2, 2, 3, 5, 2, 2),
-        ] {
-            let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1., (c, 1, k, k), &dev).unwrap();
-            let ours = depthwise_cpu(&x, &wt, stride, pad).unwrap();
-            let reference = x.conv2d(&wt, pad, stride, 1, c).unwrap();
-            assert_eq!(ours.dims(), reference.dims());
-            let diff = (ours - reference)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "c{c} {h}x{w} k{k} s{stride} p{pad}: {diff}");
-        }
-    }
 
     #[test]
     fn tf_same_padding_keeps_ceil_size() {

@@ -28,18 +28,17 @@ struct Block {
 
 impl Block {
     fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let mut y = x.clone();
-        for (i, c) in self.convs.iter().enumerate() {
-            y = c.forward(&y)?;
-            if i + 1 < self.convs.len() {
-                y = act.forward(&y)?;
-            }
-        }
         let residual = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        act.forward(&(y + residual)?)
+        let mut y = x.clone();
+        for (i, c) in self.convs.iter().enumerate() {
+            // The last convolution adds the shortcut before the activation.
+            let r = (i + 1 == self.convs.len()).then_some(&residual);
+            y = c.forward_with(&y, r, Some(act))?;
+        }
+        Ok(y)
     }
 }
 
@@ -64,7 +63,7 @@ impl ImageEncoder for ResNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("ResNet")?;
         let mut maps = Vec::new();
-        let stem = self.act.forward(&self.stem.forward(pixels)?)?;
+        let stem = self.stem.forward_with(pixels, None, Some(self.act))?;
         if opts.features && self.features == Features::Timm {
             maps.push(FeatureMap {
                 reduction: 2,

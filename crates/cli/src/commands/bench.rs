@@ -590,9 +590,22 @@ fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::layer_norm(x, g, b, 1e-5)?)
 }
 
-/// visenc's direct depthwise convolution (`visenc_models::conv::depthwise_cpu`).
-fn depthwise_cpu(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    Ok(visenc::models::conv::depthwise_cpu(x, weight, stride, pad)?)
+/// visenc's f32 CPU convolution (`visenc_models::conv::conv2d_cpu`: dense or depthwise, bias fused).
+fn visenc_conv(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    use visenc::models::conv::{conv2d_cpu, Fused, Padding};
+    let fused = Fused {
+        bias,
+        ..Fused::default()
+    };
+    conv2d_cpu(x, weight, stride, Padding::Symmetric(pad), groups, fused)?
+        .ok_or_else(|| anyhow::anyhow!("visenc has no CPU kernel for {groups} groups"))
 }
 
 fn randt(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -706,13 +719,13 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
         }
     }
 
-    // Convolutions, NCHW. Dense ones run candle's im2col + GEMM; depthwise ones run visenc's direct
-    // kernel (`conv::depthwise_cpu`, copied below), and once through candle's grouped conv2d (one
-    // convolution per group) for comparison.
-    let conv_cases: [(&str, usize, usize, usize, usize, usize, bool); 5] = [
+    // Convolutions, NCHW, through visenc's kernels (`conv::conv2d_cpu`), and once each through
+    // candle's im2col + GEMM and its grouped conv2d (one convolution per group) for comparison.
+    let conv_cases: [(&str, usize, usize, usize, usize, usize, bool); 6] = [
         // name, channels in, out, kernel, groups, spatial, through candle's conv2d
-        ("conv3x3 64->64", 64, 64, 3, 1, 56, true),
-        ("conv1x1 256->64", 256, 64, 1, 1, 56, true),
+        ("conv3x3 64->64", 64, 64, 3, 1, 56, false),
+        ("conv3x3 64->64 via candle conv2d", 64, 64, 3, 1, 56, true),
+        ("conv1x1 256->64", 256, 64, 1, 1, 56, false),
         ("depthwise 3x3, 144 ch", 144, 144, 3, 144, 56, false),
         ("depthwise 7x7, 96 ch", 96, 96, 7, 96, 56, false),
         (
@@ -737,7 +750,7 @@ fn kernels(a: &BenchArgs) -> Result<Value> {
                 Ok(if candle {
                     x.conv2d(&w, kk / 2, 1, 1, groups)?
                 } else {
-                    depthwise_cpu(&x, &w, 1, kk / 2)?
+                    visenc_conv(&x, &w, None, 1, kk / 2, groups)?
                 })
             },
         )?;
@@ -898,8 +911,9 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
     }))
 }
 
-/// Times every convolution shape of ResNet-50 (timm `resnet50`, 224x224, batch 8) once each, with
-/// the bias (folded BatchNorm) add; x count gives the convolution share of a forward.
+/// Times every convolution shape of ResNet-50 (timm `resnet50`, 224x224, batch 8) once each through
+/// visenc's kernels, with the bias (folded BatchNorm) fused; x count gives the convolution share of a
+/// forward.
 fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
     // (cin, cout, k, stride, input size, count)
     let mut convs: Vec<(usize, usize, usize, usize, usize, usize)> = vec![(3, 64, 7, 2, 224, 1)];
@@ -934,9 +948,9 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
     for (cin, cout, k, s, hw, count) in convs {
         let x = randt(&[8, cin, hw, hw], 21)?;
         let w = randt(&[cout, cin, k, k], 22)?;
-        let bias = randt(&[cout], 23)?.reshape((1, cout, 1, 1))?;
+        let bias = randt(&[cout], 23)?;
         let stats = plan.time(|| {
-            std::hint::black_box(x.conv2d(&w, k / 2, s, 1, 1)?.broadcast_add(&bias)?);
+            std::hint::black_box(visenc_conv(&x, &w, Some(&bias), s, k / 2, 1)?);
             Ok(())
         })?;
         let ho = (hw + 2 * (k / 2) - k) / s + 1;
@@ -950,7 +964,7 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
         );
     }
     Ok(json!({
-        "note": "every convolution of timm resnet50 at 224x224, batch 8, with its folded-BN bias add, timed alone",
+        "note": "every convolution of timm resnet50 at 224x224, batch 8, through visenc's kernels with the folded-BN bias fused, timed alone",
         "convs": rows,
         "total_ms": total * 1e3,
         "total_gflop": total_gflop,

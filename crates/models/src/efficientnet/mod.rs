@@ -51,17 +51,16 @@ struct ConvBnAct {
 }
 
 impl ConvBnAct {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match self.pad {
-            Some(p) => self.conv.forward(
+    /// `act(conv(pad(x)) + residual)`.
+    fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        match self.pad {
+            Some(p) => self.conv.forward_with(
                 &x.pad_with_zeros(2, p.top, p.bottom)?
                     .pad_with_zeros(3, p.left, p.right)?,
-            )?,
-            None => self.conv.forward(x)?,
-        };
-        match self.act {
-            Some(a) => a.forward(&y),
-            None => Ok(y),
+                residual,
+                self.act,
+            ),
+            None => self.conv.forward_with(x, residual, self.act),
         }
     }
 }
@@ -99,15 +98,18 @@ impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = x.clone();
         for c in &self.convs {
-            y = c.forward(&y)?;
+            y = c.forward(&y, None)?;
         }
         if let Some(se) = &self.se {
             y = se.forward(&y)?;
         }
-        if let Some(p) = &self.project {
-            y = p.forward(&y)?;
-        }
-        Ok(if self.residual { (y + x)? } else { y })
+        let residual = self.residual.then_some(x);
+        Ok(match &self.project {
+            // The projection adds the shortcut in its epilogue.
+            Some(p) => p.forward(&y, residual)?,
+            None if self.residual => (y + x)?,
+            None => y,
+        })
     }
 }
 
@@ -144,7 +146,7 @@ impl ImageEncoder for EfficientNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("EfficientNet")?;
         let mut maps = Vec::new();
-        let mut x = self.stem.forward(pixels)?;
+        let mut x = self.stem.forward(pixels, None)?;
         let mut tap = |stage: Option<usize>, x: &Tensor| {
             if opts.features {
                 for t in self.taps.iter().filter(|t| t.stage == stage) {
@@ -162,7 +164,7 @@ impl ImageEncoder for EfficientNet {
             }
             tap(Some(i), &x);
         }
-        let x = self.head.forward(&x)?;
+        let x = self.head.forward(&x, None)?;
         let (h, w) = (x.dim(2)?, x.dim(3)?);
         let pooled = match self.pool {
             Pool::Mean => global_avg_pool(&x)?,
