@@ -92,6 +92,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the whole (`Send`) wrapper, not the raw pointer.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `softmax(scale q k^T + bias) v` for `q` [B, H, N, d], `k` and `v` [B, H, M, d] and an optional
 /// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
 /// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row.
@@ -142,9 +149,8 @@ pub fn attention(
             || vec![0.0f32; q_tile * k_tile + 2 * q_tile],
             |scratch, t| {
                 let (bh, qt) = (t / q_tiles, t % q_tiles);
-                let ptr = ptr;
                 // SAFETY: the output rows of (bh, qt) belong to this task only; strides checked.
-                unsafe { query_tile(&tiles, bh / d.heads, bh % d.heads, qt, scratch, ptr.0) }
+                unsafe { query_tile(&tiles, bh / d.heads, bh % d.heads, qt, scratch, ptr.get()) }
             },
         );
     Ok(out)

@@ -64,7 +64,7 @@ pub trait Lanes: Copy {
             .mul_add(r, Self::splat(8.333_452e-3))
             .mul_add(r, Self::splat(4.166_579_6e-2))
             .mul_add(r, Self::splat(1.666_666_5e-1))
-            .mul_add(r, Self::splat(5.000_000_1e-1));
+            .mul_add(r, Self::splat(0.5));
         let e = p.mul(r.mul(r)).add(r).add(Self::splat(1.0));
         e.scale_pow2(n)
     }
@@ -81,7 +81,7 @@ pub trait Lanes: Copy {
             .mul_add(x2, Self::splat(-2.101_024e-6))
             .mul_add(x2, Self::splat(-5.692_506_4e-5))
             .mul_add(x2, Self::splat(-7.349_906_3e-4))
-            .mul_add(x2, Self::splat(-2.954_600_0e-3))
+            .mul_add(x2, Self::splat(-2.954_6e-3))
             .mul_add(x2, Self::splat(-1.609_603_3e-2))
             .mul(x);
         let q = Self::splat(-1.456_607_2e-5)

@@ -53,7 +53,7 @@ multiversion! {
 pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
     let dim = gamma.len();
     assert!(
-        dim > 0 && beta.len() == dim && x.len() == out.len() && x.len() % dim == 0,
+        dim > 0 && beta.len() == dim && x.len() == out.len() && x.len().is_multiple_of(dim),
         "layer_norm: x {} / out {} values, gamma {}, beta {}",
         x.len(),
         out.len(),

@@ -25,9 +25,9 @@ pub(crate) fn scale_bias_max<L: Lanes>(row: &mut [f32], scale: f32, bias: Option
                     mx = mx.max(v);
                     i += L::N;
                 }
-                for j in i..n {
-                    *p.add(j) = *p.add(j) * scale + b[j];
-                    tail = tail.max(*p.add(j));
+                for (x, &bj) in row[i..].iter_mut().zip(&b[i..]) {
+                    *x = *x * scale + bj;
+                    tail = tail.max(*x);
                 }
             }
             None => {
@@ -99,7 +99,7 @@ multiversion! {
 /// If `len` is 0 or does not divide `xs.len()`.
 pub fn softmax_rows_inplace(xs: &mut [f32], len: usize) {
     assert!(
-        len > 0 && xs.len() % len == 0,
+        len > 0 && xs.len().is_multiple_of(len),
         "softmax: {} values in rows of {len}",
         xs.len()
     );

@@ -196,7 +196,7 @@ impl Attention {
         heads: usize,
         qkv_bias: bool,
     ) -> Result<Self> {
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             return Err(config_err(
                 "num_attention_heads",
                 format!("{heads} heads do not divide width {dim}"),

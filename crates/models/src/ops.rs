@@ -110,7 +110,7 @@ impl CustomOp3 for LayerNormOp {
 
 /// LayerNorm of the last dimension by the kernel; `None` where it does not apply.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    if !(cpu_f32(x) && cpu_f32(w) && cpu_f32(b)) || !x.is_contiguous() {
+    if !(cpu_f32(x) && cpu_f32(w) && cpu_f32(b) && x.is_contiguous()) {
         return Ok(None);
     }
     Ok(Some(x.apply_op3_no_bwd(w, b, &LayerNormOp(eps as f32))?))
