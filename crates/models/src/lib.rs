@@ -14,6 +14,7 @@ pub mod interpolate;
 pub mod llava;
 pub mod maxvit;
 pub mod nn;
+pub mod resampler;
 pub mod resnet;
 pub mod siglip;
 pub mod swin;
