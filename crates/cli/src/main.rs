@@ -61,6 +61,8 @@ enum Command {
     Info(commands::info::InfoArgs),
     /// Time a model's forward pass (img/s, latency, peak RSS) or the kernel micro-benchmarks.
     Bench(commands::bench::BenchArgs),
+    /// LLaVA / LLaVA-NeXT: per image, the projected visual tokens and where they go in the LLM input.
+    LlmTokens(commands::llm_tokens::LlmTokensArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Similarity(a) => commands::similarity::run(a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::LlmTokens(a) => commands::llm_tokens::run(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

@@ -9,7 +9,9 @@
 //! * [`Preprocess`]: resize, centre crop or pad, rescale and normalise, built from the config a
 //!   checkpoint ships with (transformers, timm or open_clip) and matching that library's eval
 //!   transform.
+//! * [`Preprocess::anyres_tiles`]: LLaVA-NeXT's tiles of one image (base image + grid).
 
+mod anyres;
 mod config;
 mod decode;
 mod error;
@@ -17,6 +19,7 @@ mod gif;
 mod preprocess;
 mod resample;
 
+pub use anyres::{AnyresLayout, AnyresTiles};
 pub use decode::{decode, decode_named, decode_with, open, open_with, Alpha, Limits};
 pub use error::ImageError;
 pub use image::RgbImage;

@@ -220,6 +220,9 @@ pub struct VisualTokens {
     /// Rows of `tokens` that are the learned `image_newline` vector (LLaVA-NeXT: one per row of the
     /// unpadded tile grid; empty for LLaVA).
     pub newlines: Vec<usize>,
+    /// The first `base_tokens` rows come from the downscaled base image (LLaVA-NeXT), or are the
+    /// whole sequence (LLaVA); the unpadded tile grid follows, row by row.
+    pub base_tokens: usize,
 }
 
 /// A vision tower plus the projector into a language model's embedding space (LLaVA, LLaVA-NeXT).
@@ -235,12 +238,19 @@ pub trait MultimodalEncoder: Send + Sync {
         image_size: Option<(usize, usize)>,
     ) -> Result<VisualTokens>;
     /// How many tokens [`Self::encode_image`] returns for an image of this original size (height, width)
-    /// preprocessed for this checkpoint (the processor's count of image placeholder tokens).
-    fn num_tokens(&self, image_size: (usize, usize)) -> usize;
+    /// preprocessed for this checkpoint (the processor's count of image placeholder tokens). Fails for
+    /// sizes the model refuses (see [`crate::llava::Anyres::checked_plan`]).
+    fn num_tokens(&self, image_size: (usize, usize)) -> Result<usize>;
     /// LLaVA-NeXT: the tiles an image of this original size (height, width) needs (best pinpoint,
-    /// resize, padding, grid), for the preprocessing that makes them; `None` without anyres.
-    fn anyres_plan(&self, image_size: (usize, usize)) -> Option<crate::llava::AnyresPlan> {
+    /// resize, padding, grid), for the preprocessing that makes them; `None` without anyres. Fails
+    /// for sizes the model refuses.
+    fn anyres_plan(&self, image_size: (usize, usize)) -> Result<Option<crate::llava::AnyresPlan>> {
         let _ = image_size;
+        Ok(None)
+    }
+    /// The id of the placeholder token the language model's prompt repeats once per visual token
+    /// (`image_token_index` of the config), when the checkpoint says.
+    fn image_token_index(&self) -> Option<u32> {
         None
     }
 }

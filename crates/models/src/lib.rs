@@ -16,6 +16,7 @@ pub mod llava;
 pub mod maxvit;
 pub mod nn;
 pub mod ops;
+pub mod resampler;
 pub mod resnet;
 pub mod siglip;
 pub mod swin;

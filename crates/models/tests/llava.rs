@@ -38,8 +38,8 @@ fn llava_hf_default_strategy_layer_minus_2() {
         let e = rel_err(&v.tokens, &f.image_features(i));
         assert!(e <= common::F32_TOL, "image {i}: {e:e}");
     }
-    assert_eq!(m.num_tokens((32, 32)), 16);
-    assert!(m.anyres_plan((32, 32)).is_none());
+    assert_eq!(m.num_tokens((32, 32)).unwrap(), 16);
+    assert!(m.anyres_plan((32, 32)).unwrap().is_none());
 }
 
 #[test]
@@ -53,7 +53,7 @@ fn llava_hf_layer_list_full_strategy_no_bias() {
         let e = rel_err(&v.tokens, &f.image_features(i));
         assert!(e <= common::F32_TOL, "image {i}: {e:e}");
     }
-    assert_eq!(m.num_tokens((32, 32)), 17);
+    assert_eq!(m.num_tokens((32, 32)).unwrap(), 17);
 }
 
 #[test]
@@ -105,8 +105,12 @@ fn llava_next_packed_sequences_with_newlines() {
         let tiles = f.get(&format!("pixel_values.{k}"));
         let v = m.encode_image(tiles, Some(size)).unwrap();
         assert_eq!(v.tokens.dim(0).unwrap() as i64, lens[k], "image {k} length");
-        assert_eq!(m.num_tokens(size) as i64, lens[k], "image {k} token count");
-        let plan = m.anyres_plan(size).unwrap();
+        assert_eq!(
+            m.num_tokens(size).unwrap() as i64,
+            lens[k],
+            "image {k} token count"
+        );
+        let plan = m.anyres_plan(size).unwrap().unwrap();
         assert_eq!(plan.num_tiles, tiles.dim(0).unwrap(), "image {k} tiles");
         f.check("packed sequence", &v.tokens, &format!("image_features.{k}"));
         // Each newline position holds image_newline, and they end the rows of the grid.
@@ -264,4 +268,178 @@ fn llava_next_hub_key_layout() {
         .encode_image(f.get("pixel_values.1"), Some((70, 50)))
         .unwrap();
     f.check("packed sequence (hub keys)", &v.tokens, "image_features.1");
+}
+
+/// A copy of a fixture with its config and tensors edited, loaded strictly.
+fn load_edited(
+    name: &str,
+    edit_cfg: impl Fn(&mut Value),
+    edit_tensors: impl Fn(&mut std::collections::HashMap<String, Tensor>),
+) -> Result<(), String> {
+    let dir = fixture_dir("llava", name);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit_cfg(&mut cfg);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let mut t =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    edit_tensors(&mut t);
+    candle_core::safetensors::save(&t, tmp.path().join("model.safetensors")).unwrap();
+    let ckpt = Checkpoint::open(tmp.path().to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    visenc_models::load(&ckpt, &w, LoadPolicy::Strict)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn zeros(shape: (usize, usize)) -> Tensor {
+    Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Projector / vision-tower / language-model width mismatches and unknown projector settings are
+/// refused at load time, naming the setting (not a shape error deep inside a matmul).
+#[test]
+fn llava_dimension_mismatches_name_the_setting() {
+    let err = load_edited(
+        "llava_hf",
+        |_| {},
+        |t| {
+            t.insert(
+                "multi_modal_projector.linear_1.weight".into(),
+                zeros((48, 40)),
+            );
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("multi_modal_projector.linear_1")
+            && err.contains("takes 40 features but the vision tower gives 32"),
+        "{err}"
+    );
+    // Two layers concatenated (llava_hf_layers) give 64 features.
+    let err = load_edited(
+        "llava_hf_layers",
+        |c| c["vision_feature_layer"] = serde_json::json!([1, 2, -1]),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("gives 96") && err.contains("3 vision_feature_layer"),
+        "{err}"
+    );
+    let err = load_edited(
+        "llava_hf",
+        |_| {},
+        |t| {
+            t.insert(
+                "multi_modal_projector.linear_2.weight".into(),
+                zeros((48, 40)),
+            );
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("multi_modal_projector.linear_2") && err.contains("layer before"),
+        "{err}"
+    );
+    let err = load_edited(
+        "llava_hf",
+        |c| c["text_config"]["hidden_size"] = 64.into(),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.contains("text_config.hidden_size"), "{err}");
+    let err = load_edited(
+        "llava_next_hf",
+        |_| {},
+        |t| {
+            t.insert(
+                "image_newline".into(),
+                Tensor::zeros(40, DType::F32, &Device::Cpu).unwrap(),
+            );
+        },
+    )
+    .unwrap_err();
+    assert!(err.contains("image_newline"), "{err}");
+    let err = load_edited(
+        "llava_hf",
+        |c| c["projector_hidden_act"] = "swish_glu".into(),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("projector_hidden_act") && err.contains("swish_glu"),
+        "{err}"
+    );
+    let err = load_edited(
+        "llava_next_hf",
+        |c| c["image_grid_pinpoints"] = serde_json::json!([[32, 48]]),
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.contains("image_grid_pinpoints"), "{err}");
+}
+
+/// The original-LLaVA projector: an unknown type and a broken layer chain are named.
+#[test]
+fn mm_projector_bad_types_and_shapes() {
+    let err = "mlp2x_relu"
+        .parse::<ProjectorType>()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("mm_projector_type") && err.contains("mlp2x_relu"),
+        "{err}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = std::collections::HashMap::new();
+    t.insert("model.mm_projector.0.weight".to_string(), zeros((48, 32)));
+    t.insert(
+        "model.mm_projector.0.bias".to_string(),
+        Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap(),
+    );
+    t.insert("model.mm_projector.2.weight".to_string(), zeros((48, 40)));
+    t.insert(
+        "model.mm_projector.2.bias".to_string(),
+        Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let path = tmp.path().join("mm_projector.safetensors");
+    candle_core::safetensors::save(&t, &path).unwrap();
+    let ckpt = Checkpoint::open(path.to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let err = load_mm_projector(&w, None).err().unwrap().to_string();
+    assert!(
+        err.contains("model.mm_projector.2") && err.contains("gives 48"),
+        "{err}"
+    );
+    // A good projector against a tower of another width.
+    let dir = fixture_dir("llava", "mm_projector");
+    let ckpt = Checkpoint::open(dir.join("mm_projector.bin").to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let p = load_mm_projector(&w, None).unwrap();
+    assert_eq!(p.in_dim(), Some(32));
+    let err = p
+        .check_input("mm_projector", 1024, "CLIP ViT-L/14 hidden_size")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("takes 32 features but the vision tower gives 1024"),
+        "{err}"
+    );
+}
+
+/// Sizes the anyres grid cannot use: refused by name, where the reference would keep no tile.
+#[test]
+fn anyres_refuses_images_too_thin_for_the_grid() {
+    let f = fixture("llava_next_hf");
+    let m = mm(&f);
+    for size in [(10000, 1), (1, 10000), (512, 30), (0, 5)] {
+        let err = m.num_tokens(size).unwrap_err().to_string();
+        assert!(err.contains("LLaVA-NeXT"), "{size:?}: {err}");
+        assert!(m.anyres_plan(size).is_err());
+    }
+    // 1x1 and 5x3 pixels still have a grid, as in the reference (fixtures/llava/anyres_photos).
+    assert_eq!(m.num_tokens((1, 1)).unwrap(), 36);
+    assert_eq!(m.num_tokens((5, 3)).unwrap(), 28);
 }

@@ -9,6 +9,8 @@
 //! # Ok::<(), visenc::Error>(())
 //! ```
 
+mod llava;
+
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +27,8 @@ pub use visenc_models::{
     Precision, Scoring, TextFeatures,
 };
 pub use visenc_weights as weights;
+
+pub use llava::{LlmTokens, TokenKind, TokenLayout};
 
 /// Every error visenc's library can return.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,9 @@ pub enum Error {
     NoTokenizer { spec: String, reason: String },
     #[error("{spec}: no usable preprocessing config: {reason}")]
     NoPreprocess { spec: String, reason: String },
+    /// Visual tokens for a language model were asked of a model without a multimodal projector.
+    #[error("{spec}: not a LLaVA-style model (no multimodal projector to a language model)")]
+    NotMultimodal { spec: String },
     #[error("the label list is empty")]
     EmptyLabels,
     #[error("bad input: {0}")]

@@ -149,7 +149,8 @@ impl HfDefaults {
         };
         let standard = Some((IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD));
         let defaults = match kind {
-            "CLIPImageProcessor" | "BitImageProcessor" => clip,
+            // LlavaNextImageProcessor: CLIP's defaults; its tiling is `Preprocess::anyres_tiles`.
+            "CLIPImageProcessor" | "BitImageProcessor" | "LlavaNextImageProcessor" => clip,
             "SiglipImageProcessor" => HfDefaults {
                 size: Some(HfSize::square(224)),
                 crop_size: None,

@@ -125,6 +125,33 @@ impl Anyres {
         }
     }
 
+    /// [`Self::plan`] for an image the model can use: refused when a side is 0, or when the image is
+    /// so thin that unpadding leaves no row or no column of tile features (the reference would then
+    /// silently keep only the base image: e.g. 1x10000 pixels, or 30x512 with 32 px tiles).
+    pub fn checked_plan(&self, original: (usize, usize)) -> Result<AnyresPlan> {
+        let (h, w) = original;
+        if h == 0 || w == 0 {
+            return Err(ModelError::Input(format!(
+                "LLaVA-NeXT: an image of {w}x{h} pixels has nothing to tile"
+            )));
+        }
+        let p = self.plan(original);
+        if p.unpadded.0 == 0 || p.unpadded.1 == 0 {
+            return Err(ModelError::Input(format!(
+                "LLaVA-NeXT: a {w}x{h} image is too thin for the anyres grid (image_grid_pinpoints \
+                 {:?}, tile {} px): its best pinpoint {}x{} unpads to {}x{} tile features (rows x \
+                 columns), so none of its tiles would reach the language model",
+                self.pinpoints,
+                self.tile,
+                p.best_resolution.1,
+                p.best_resolution.0,
+                p.unpadded.0,
+                p.unpadded.1
+            )));
+        }
+        Ok(p)
+    }
+
     /// `LlavaNextModel.pack_image_features` for one image: projected tile features [n, side², D]
     /// (base tile first) -> ([L, D] sequence, rows that are `newline`).
     // Reference: transformers v5.24.0 src/transformers/models/llava_next/modeling_llava_next.py pack_image_features
@@ -141,7 +168,7 @@ impl Anyres {
             let seq = Tensor::cat(&[features.get(0)?, newline.get(0)?], 0)?;
             return Ok((seq, vec![t]));
         }
-        let plan = self.plan(original);
+        let plan = self.checked_plan(original)?;
         let (r, c) = plan.grid;
         let s = self.side;
         if n != r * c + 1 || t != s * s {

@@ -49,6 +49,8 @@ struct LlavaConfig {
     vision_feature_select_strategy: SelectStrategy,
     multimodal_projector_bias: bool,
     image_grid_pinpoints: Option<Vec<[usize; 2]>>,
+    image_token_index: Option<u32>,
+    text_config: Value,
     /// Only in original-LLaVA (haotian-liu) configs.
     mm_projector_type: Option<String>,
 }
@@ -62,6 +64,8 @@ impl Default for LlavaConfig {
             vision_feature_select_strategy: SelectStrategy::Default,
             multimodal_projector_bias: true,
             image_grid_pinpoints: None,
+            image_token_index: None,
+            text_config: Value::Null,
             mm_projector_type: None,
         }
     }
@@ -82,6 +86,7 @@ pub struct Llava {
     side: usize,
     /// LLaVA-NeXT: anyres tiling and the learned `image_newline` [D_llm].
     anyres: Option<(Anyres, Tensor)>,
+    image_token_index: Option<u32>,
 }
 
 impl Llava {
@@ -138,8 +143,10 @@ impl MultimodalEncoder for Llava {
                         feats.dim(0)?
                     )));
                 }
+                let tokens = feats.squeeze(0)?;
                 Ok(VisualTokens {
-                    tokens: feats.squeeze(0)?,
+                    base_tokens: tokens.dim(0)?,
+                    tokens,
                     newlines: vec![],
                 })
             }
@@ -148,20 +155,31 @@ impl MultimodalEncoder for Llava {
                     ModelError::Input("LLaVA-NeXT needs the original image size".into())
                 })?;
                 let (tokens, newlines) = anyres.pack(&feats, size, newline)?;
-                Ok(VisualTokens { tokens, newlines })
+                Ok(VisualTokens {
+                    tokens,
+                    newlines,
+                    base_tokens: feats.dim(1)?,
+                })
             }
         }
     }
 
-    fn num_tokens(&self, image_size: (usize, usize)) -> usize {
-        match &self.anyres {
-            Some((a, _)) => a.plan(image_size).num_tokens,
+    fn num_tokens(&self, image_size: (usize, usize)) -> Result<usize> {
+        Ok(match &self.anyres {
+            Some((a, _)) => a.checked_plan(image_size)?.num_tokens,
             None => self.side * self.side + (self.strategy == SelectStrategy::Full) as usize,
-        }
+        })
     }
 
-    fn anyres_plan(&self, image_size: (usize, usize)) -> Option<AnyresPlan> {
-        self.anyres.as_ref().map(|(a, _)| a.plan(image_size))
+    fn anyres_plan(&self, image_size: (usize, usize)) -> Result<Option<AnyresPlan>> {
+        self.anyres
+            .as_ref()
+            .map(|(a, _)| a.checked_plan(image_size))
+            .transpose()
+    }
+
+    fn image_token_index(&self) -> Option<u32> {
+        self.image_token_index
     }
 }
 
@@ -221,7 +239,31 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         &c.projector_hidden_act,
         c.multimodal_projector_bias,
     )?;
-    let llm_dim = projector.out_dim().unwrap_or(info.hidden_size);
+    let layers = match c.vision_feature_layer {
+        FeatureLayer::One(l) => vec![l],
+        FeatureLayer::Many(v) if !v.is_empty() => v,
+        FeatureLayer::Many(_) => return Err(config_err("vision_feature_layer", "empty list")),
+    };
+    crate::nn::resolve_layers(&layers, info.num_layers)?;
+    let vision_dim = info.hidden_size * layers.len();
+    projector.check_input(
+        &format!("{proj}.linear_1"),
+        vision_dim,
+        &format!(
+            "vision_config.hidden_size {} x {} vision_feature_layer(s)",
+            info.hidden_size,
+            layers.len()
+        ),
+    )?;
+    let llm_dim = projector.out_dim().unwrap_or(vision_dim);
+    if let Some(d) = c.text_config.get("hidden_size").and_then(Value::as_u64) {
+        if d as usize != llm_dim {
+            return Err(config_err(
+                "text_config.hidden_size",
+                format!("{d}, but the multimodal projector outputs {llm_dim} features"),
+            ));
+        }
+    }
     // The language model (`language_model.*`, `lm_head.*`) is the LLM's business, not the encoder's:
     // its tensors are ignored by name so the strict load report still catches anything else unused.
     let lm: Vec<String> = w
@@ -236,12 +278,6 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
     for n in &lm {
         w.ignore(n);
     }
-    let layers = match c.vision_feature_layer {
-        FeatureLayer::One(l) => vec![l],
-        FeatureLayer::Many(v) if !v.is_empty() => v,
-        FeatureLayer::Many(_) => return Err(config_err("vision_feature_layer", "empty list")),
-    };
-    crate::nn::resolve_layers(&layers, info.num_layers)?;
     let side = info.image_size.0 / info.patch_size;
     let anyres = if next {
         if c.vision_feature_select_strategy == SelectStrategy::Full {
@@ -290,6 +326,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
             llm_dim,
             side,
             anyres,
+            image_token_index: c.image_token_index,
         }),
         text: None,
         info,

@@ -51,64 +51,95 @@ impl FromStr for ProjectorType {
 pub struct Projector {
     layers: Vec<crate::linear::Linear>,
     act: Activation,
-    out_dim: Option<usize>,
+    /// (in, out) of the first and last layer; `None` for `identity`.
+    dims: Option<(usize, usize)>,
 }
 
-/// A linear module whose sizes the checkpoint decides: `name.weight` [out, in] (+ `name.bias`).
-fn linear_any(s: &Scope, name: &str, bias: bool) -> Result<(crate::linear::Linear, usize)> {
-    let shape = s.pp(name).shape_of("weight").unwrap_or_default();
-    let [out, inp] = shape[..] else {
-        return Err(config_err(
-            s.path(name),
-            format!("expected a [out, in] weight, found shape {shape:?}"),
-        ));
-    };
-    Ok((crate::nn::linear(s, name, inp, out, bias)?, out))
+/// Linear modules whose sizes the checkpoint decides (`name.weight` [out, in], + `name.bias`), each
+/// taking the previous one's output: the layers and (first in, last out).
+fn linear_chain(
+    s: &Scope,
+    names: &[String],
+    bias: bool,
+) -> Result<(Vec<crate::linear::Linear>, (usize, usize))> {
+    let mut layers = Vec::with_capacity(names.len());
+    let mut dims: Option<(usize, usize)> = None;
+    for name in names {
+        let shape = s.pp(name).shape_of("weight").unwrap_or_default();
+        let [out, inp] = shape[..] else {
+            return Err(config_err(
+                s.path(name),
+                format!("expected a [out, in] weight, found shape {shape:?}"),
+            ));
+        };
+        if let Some((_, prev)) = dims.filter(|&(_, prev)| prev != inp) {
+            return Err(config_err(
+                s.path(name),
+                format!("takes {inp} features but the layer before it gives {prev}"),
+            ));
+        }
+        layers.push(crate::nn::linear(s, name, inp, out, bias)?);
+        dims = Some((dims.map_or(inp, |d| d.0), out));
+    }
+    Ok((layers, dims.unwrap_or_default()))
 }
 
 impl Projector {
     /// transformers `LlavaMultiModalProjector` at scope `s` (`linear_1`, `linear_2`).
     // Reference: transformers v5.24.0 src/transformers/models/llava/modeling_llava.py LlavaMultiModalProjector
     pub fn load_hf(s: &Scope, act: &str, bias: bool) -> Result<Self> {
-        let (l1, _) = linear_any(s, "linear_1", bias)?;
-        let (l2, out) = linear_any(s, "linear_2", bias)?;
+        let act = Activation::from_name(act).map_err(|_| {
+            config_err(
+                "projector_hidden_act",
+                format!("unsupported activation {act:?}"),
+            )
+        })?;
+        let (layers, dims) = linear_chain(s, &["linear_1".into(), "linear_2".into()], bias)?;
         Ok(Self {
-            layers: vec![l1, l2],
-            act: Activation::from_name(act)?,
-            out_dim: Some(out),
+            layers,
+            act,
+            dims: Some(dims),
         })
     }
 
     /// The original LLaVA `mm_projector` at scope `s` (e.g. `model.mm_projector`).
     pub fn load_original(s: &Scope, kind: ProjectorType) -> Result<Self> {
-        let (layers, out_dim) = match kind {
-            ProjectorType::Identity => (vec![], None),
-            ProjectorType::Linear => {
-                let (l, out) = linear_any(s, "", true)?;
-                (vec![l], Some(out))
-            }
+        let names: Vec<String> = match kind {
+            ProjectorType::Identity => vec![],
+            ProjectorType::Linear => vec![String::new()],
             // nn.Sequential(Linear, GELU, Linear, GELU, ...): the linears are modules 0, 2, 4, ...
-            ProjectorType::MlpGelu(n) => {
-                let mut layers = Vec::with_capacity(n);
-                let mut out = 0;
-                for i in 0..n {
-                    let (l, o) = linear_any(s, &(2 * i).to_string(), true)?;
-                    layers.push(l);
-                    out = o;
-                }
-                (layers, Some(out))
-            }
+            ProjectorType::MlpGelu(n) => (0..n).map(|i| (2 * i).to_string()).collect(),
         };
+        let (layers, dims) = linear_chain(s, &names, true)?;
         Ok(Self {
+            dims: (!layers.is_empty()).then_some(dims),
             layers,
             act: Activation::Gelu,
-            out_dim,
         })
     }
 
     /// Output width, `None` for `identity` (it keeps the input width).
     pub fn out_dim(&self) -> Option<usize> {
-        self.out_dim
+        self.dims.map(|d| d.1)
+    }
+
+    /// Input width, `None` for `identity` (it takes any).
+    pub fn in_dim(&self) -> Option<usize> {
+        self.dims.map(|d| d.0)
+    }
+
+    /// Fails, naming the projector's first layer `name` and the vision side `what`, unless the
+    /// projector takes `dim` features.
+    pub fn check_input(&self, name: &str, dim: usize, what: &str) -> Result<()> {
+        match self.in_dim() {
+            Some(d) if d != dim => Err(config_err(
+                name,
+                format!(
+                    "the projector takes {d} features but the vision tower gives {dim} ({what})"
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// [.., D_vision] -> [.., D_llm]
