@@ -12,7 +12,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::error::{data_err, Result, TrainError};
+use crate::error::{data_err, Result};
+use crate::io::{file_err, save_f32};
 use crate::lbfgs::{self, Lbfgs, Minimum};
 
 /// Settings of [`fit`].
@@ -182,27 +183,11 @@ impl LinearHead {
             "classes".into(),
             serde_json::to_string(&self.classes).map_err(|e| file_err(path, e))?,
         );
-        let w = self
-            .weight
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let b = self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let (wb, bb) = (bytes(&w), bytes(&b));
-        let view = safetensors::tensor::TensorView::new;
-        let f32 = safetensors::Dtype::F32;
-        let tensors = [
-            (
-                "weight",
-                view(f32, self.weight.dims().to_vec(), &wb).map_err(|e| file_err(path, e))?,
-            ),
-            (
-                "bias",
-                view(f32, self.bias.dims().to_vec(), &bb).map_err(|e| file_err(path, e))?,
-            ),
-        ];
-        safetensors::serialize_to_file(tensors, Some(meta), path).map_err(|e| file_err(path, e))
+        save_f32(
+            path,
+            &[("weight", &self.weight), ("bias", &self.bias)],
+            meta,
+        )
     }
 
     /// Reads a head written by [`LinearHead::save`]; returns it with the file's metadata.
@@ -247,12 +232,5 @@ impl LinearHead {
             },
             meta,
         ))
-    }
-}
-
-fn file_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
-    TrainError::File {
-        path: path.display().to_string(),
-        reason: e.to_string(),
     }
 }

@@ -73,6 +73,10 @@ fn probe_matches_scikit_learn_logistic_regression_on_real_embeddings() {
     assert!(min.converged, "{min:?}");
     let xva = rows(&f.x, &f.val);
     let acc = head.accuracy(&xva, &yva).unwrap();
+    eprintln!(
+        "validation accuracy {acc:.4} (scikit-learn {:.4}), {} L-BFGS iterations",
+        f.sklearn_accuracy, min.iterations
+    );
     assert!(
         (acc - f.sklearn_accuracy).abs() <= 0.01,
         "validation accuracy {acc} vs scikit-learn {}",

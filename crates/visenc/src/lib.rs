@@ -24,6 +24,8 @@ pub use visenc_models::{
     nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo,
     Scoring, TextFeatures,
 };
+/// Tokenizers of the text towers.
+pub use visenc_text as text;
 pub use visenc_weights as weights;
 
 /// Every error visenc's library can return.

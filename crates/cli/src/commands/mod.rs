@@ -1,5 +1,7 @@
+pub mod align;
 pub mod bench;
 pub mod classify;
 pub mod embed;
 pub mod info;
 pub mod similarity;
+pub mod train;
