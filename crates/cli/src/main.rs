@@ -63,6 +63,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// LLaVA / LLaVA-NeXT: per image, the projected visual tokens and where they go in the LLM input.
     LlmTokens(commands::llm_tokens::LlmTokensArgs),
+    /// Train on frozen embeddings: a linear probe whose head `visenc classify --head` loads.
+    Train(commands::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::LlmTokens(a) => commands::llm_tokens::run(a),
+        Command::Train(a) => commands::train::run(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

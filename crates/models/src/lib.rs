@@ -4,6 +4,7 @@
 //! port reads side by side with the PyTorch file it came from.
 
 pub mod api;
+pub mod bert;
 pub mod clip;
 pub mod conv;
 pub mod convnext;

@@ -26,6 +26,8 @@ pub use visenc_models::{
     nn::l2_normalize, EncodeOptions, FeatureMap, ImageFeatures, Latents, ModelError, ModelInfo,
     Precision, Scoring, TextFeatures,
 };
+/// Tokenizers of the text towers.
+pub use visenc_text as text;
 pub use visenc_weights as weights;
 
 pub use llava::{LlmTokens, TokenKind, TokenLayout};

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 use visenc::EncodeOptions;
+use visenc_train::LinearHead;
 
 use crate::{batch, inputs, ModelArgs, RunArgs};
 
@@ -24,6 +25,9 @@ pub struct ClassifyArgs {
     /// A file with one class name per line, for a classifier head whose checkpoint has no names.
     #[arg(long)]
     class_names: Option<PathBuf>,
+    /// A linear head trained by `visenc train probe` on this model's embeddings (class names inside).
+    #[arg(long, conflicts_with_all = ["labels", "class_names"])]
+    head: Option<PathBuf>,
     /// How many classes to print per image.
     #[arg(long, default_value_t = 5)]
     top: usize,
@@ -47,8 +51,23 @@ pub fn run(a: ClassifyArgs) -> Result<usize> {
     }
     let paths = inputs::collect(&a.inputs)?;
     let enc = batch::load_encoder(&a.model)?;
-    let names: Vec<String> = match (&labels, &a.class_names) {
-        (Some(l), _) => {
+    let head = a.head.as_deref().map(LinearHead::load).transpose()?;
+    if let (Some(path), Some((h, meta))) = (&a.head, &head) {
+        let info = enc.info();
+        let dim = info.projection_dim.unwrap_or(info.hidden_size);
+        if h.dim() != dim {
+            bail!(
+                "{}: the head takes {}-d embeddings (trained on {}) but {} gives {dim}-d ones",
+                path.display(),
+                h.dim(),
+                meta.get("model").map_or("another model", String::as_str),
+                a.model.model
+            );
+        }
+    }
+    let names: Vec<String> = match (&head, &labels, &a.class_names) {
+        (Some((h, _)), _, _) => h.classes.clone(),
+        (None, Some(l), _) => {
             if !enc.has_text() {
                 let hint = match enc.info().labels {
                     Some(_) => "drop --labels to use its classifier head",
@@ -58,12 +77,12 @@ pub fn run(a: ClassifyArgs) -> Result<usize> {
             }
             l.clone()
         }
-        (None, Some(f)) => std::fs::read_to_string(f)
+        (None, None, Some(f)) => std::fs::read_to_string(f)
             .with_context(|| format!("{}: cannot read class names", f.display()))?
             .lines()
             .map(str::to_string)
             .collect(),
-        (None, None) => match &enc.info().labels {
+        (None, None, None) => match &enc.info().labels {
             Some(l) => l.clone(),
             None if enc.has_text() => bail!("give --labels for zero-shot classification"),
             None => bail!(
@@ -79,9 +98,10 @@ pub fn run(a: ClassifyArgs) -> Result<usize> {
         &a.run,
         &EncodeOptions::default(),
         |path, f| {
-            let probs = match (&labels, &f.logits) {
-                (Some(_), _) => enc.zero_shot(f.embedding(), &label_refs, &a.template)?,
-                (None, Some(logits)) => {
+            let probs = match (&head, &labels, &f.logits) {
+                (Some((h, _)), _, _) => candle_nn_softmax(&h.logits(f.embedding())?)?,
+                (None, Some(_), _) => enc.zero_shot(f.embedding(), &label_refs, &a.template)?,
+                (None, None, Some(logits)) => {
                     if logits.dim(1)? != names.len() {
                         bail!(
                             "the head has {} classes but {} class names were given",
@@ -91,7 +111,7 @@ pub fn run(a: ClassifyArgs) -> Result<usize> {
                     }
                     candle_nn_softmax(logits)?
                 }
-                (None, None) => bail!("{} has no classifier head", a.model.model),
+                (None, None, None) => bail!("{} has no classifier head", a.model.model),
             };
             let p = batch::vec1(&probs)?;
             let mut order: Vec<usize> = (0..p.len()).collect();

@@ -1,0 +1,197 @@
+//! `visenc train align`: a locked-image alignment of a sentence encoder (BERT, e.g. all-MiniLM-L6-v2) with
+//! an image classifier's space: a projection from text embeddings of the class names to the classifier's
+//! class vectors, trained with a contrastive loss, judged on held-out classes.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use visenc::models::bert::Bert;
+use visenc::models::TextEncoder;
+use visenc::text::TextTokenizer;
+use visenc::weights::{Checkpoint, LoadPolicy};
+use visenc_train::align::{top_k_accuracy, train_projection, AlignConfig};
+use visenc_train::data::SplitMix64;
+use visenc_train::LossKind;
+
+#[derive(Args)]
+pub struct AlignArgs {
+    /// The sentence encoder: a BERT checkpoint directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    text_model: String,
+    /// The image classifier whose class vectors are the locked image side (a checkpoint or weights file).
+    #[arg(long)]
+    image_model: String,
+    /// Name of the classifier weight [classes, features] in the image checkpoint.
+    #[arg(long, default_value = "_fc.weight")]
+    classifier_weight: String,
+    /// One class name per line, in class-index order.
+    #[arg(long)]
+    class_names: PathBuf,
+    /// Prompt template; `{}` is replaced by each class name.
+    #[arg(long, default_value = "a photo of a {}.")]
+    template: String,
+    /// Classes held out from training (chosen with --seed) to measure text-to-class retrieval.
+    #[arg(long, default_value_t = 100)]
+    holdout: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "clip")]
+    loss: LossArg,
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f64,
+    /// Where to write the projection (safetensors: `text_projection` [image dim, text dim]).
+    #[arg(long, default_value = "align.safetensors")]
+    out: PathBuf,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossArg {
+    Clip,
+    Siglip,
+}
+
+/// Text embeddings [N, D] of `texts` with the BERT checkpoint at `spec`, in batches.
+fn embed_texts(spec: &str, texts: &[String]) -> Result<Tensor> {
+    let ckpt = Checkpoint::open(spec)?;
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu)?;
+    let bert = Bert::load(&ckpt.config, &w).with_context(|| format!("loading BERT from {spec}"))?;
+    w.finish(LoadPolicy::Strict)?;
+    let tok_file = ckpt
+        .tokenizer_file
+        .as_ref()
+        .with_context(|| format!("{spec}: no tokenizer.json"))?;
+    // Class prompts are short; 32 positions keep the padded batches small.
+    let tok = TextTokenizer::from_file(tok_file, ckpt.tokenizer_config.as_ref(), 32, 0)?;
+    let mut rows = Vec::new();
+    for chunk in texts.chunks(100) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let e = tok.encode(&refs)?;
+        let ids = Tensor::new(e.ids, &Device::Cpu)?;
+        let mask = Tensor::new(e.mask, &Device::Cpu)?;
+        rows.push(bert.encode_text(&ids, &mask)?.pooled);
+    }
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+pub fn run(a: AlignArgs) -> Result<usize> {
+    let names: Vec<String> = std::fs::read_to_string(&a.class_names)
+        .with_context(|| format!("{}: cannot read class names", a.class_names.display()))?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ckpt = Checkpoint::open(&a.image_model)?;
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu)?;
+    let classes = w
+        .root()
+        .get_any(&a.classifier_weight)?
+        .with_context(|| format!("{}: no tensor {}", a.image_model, a.classifier_weight))?;
+    let (n, _) = classes.dims2()?;
+    if n != names.len() {
+        bail!(
+            "{} has {n} classes but {} has {} names",
+            a.image_model,
+            a.class_names.display(),
+            names.len()
+        );
+    }
+    if a.holdout == 0 || a.holdout + 2 > n {
+        bail!(
+            "--holdout must be between 1 and {} (the classifier has {n} classes)",
+            n - 2
+        );
+    }
+    let prompts: Vec<String> = names.iter().map(|c| a.template.replace("{}", c)).collect();
+    if !a.quiet {
+        eprintln!("visenc: embedding {n} class prompts with {}", a.text_model);
+    }
+    let text = embed_texts(&a.text_model, &prompts)?;
+    let mut order: Vec<usize> = (0..n).collect();
+    SplitMix64(a.seed).shuffle(&mut order);
+    let (held, train) = order.split_at(a.holdout);
+    let pick = |t: &Tensor, idx: &[usize]| -> Result<Tensor> {
+        let i = Tensor::new(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            t.device(),
+        )?;
+        Ok(t.index_select(&i, 0)?)
+    };
+    let cfg = AlignConfig {
+        loss: match a.loss {
+            LossArg::Clip => LossKind::Clip,
+            LossArg::Siglip => LossKind::Siglip,
+        },
+        steps: a.steps,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        seed: a.seed,
+    };
+    let quiet = a.quiet;
+    let aligned = train_projection(
+        &pick(&text, train)?,
+        &pick(&classes, train)?,
+        &cfg,
+        |s, l| {
+            if !quiet && (s % 50 == 0 || s == 1) {
+                eprintln!("visenc: step {s}: loss {l:.4}");
+            }
+        },
+    )?;
+    let project = |t: &Tensor| -> Result<Tensor> { Ok(t.matmul(&aligned.weight.t()?)?) };
+    let held_acc = top_k_accuracy(
+        &project(&pick(&text, held)?)?,
+        &pick(&classes, held)?,
+        &[1, 5],
+    )?;
+    let train_acc = top_k_accuracy(
+        &project(&pick(&text, train)?)?,
+        &pick(&classes, train)?,
+        &[1, 5],
+    )?;
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "trained on {} classes ({} steps, final loss {:.4}, logit scale {:.2})",
+        train.len(),
+        a.steps,
+        aligned.losses.last().copied().unwrap_or(f32::NAN),
+        aligned.logit_scale
+    )?;
+    writeln!(
+        out,
+        "held-out {} classes: text-to-class top-1 {:.3}, top-5 {:.3} (chance {:.3}, {:.3})",
+        held.len(),
+        held_acc[0],
+        held_acc[1],
+        1.0 / held.len() as f64,
+        5.0 / held.len() as f64
+    )?;
+    writeln!(
+        out,
+        "training classes: top-1 {:.3}, top-5 {:.3} (among {})",
+        train_acc[0],
+        train_acc[1],
+        train.len()
+    )?;
+    let meta = [
+        ("text_model", a.text_model.clone()),
+        ("image_model", a.image_model.clone()),
+        ("template", a.template.clone()),
+        ("held_out_top1", held_acc[0].to_string()),
+        ("held_out_top5", held_acc[1].to_string()),
+    ];
+    aligned.save(
+        &a.out,
+        meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    )?;
+    writeln!(out, "projection written to {}", a.out.display())?;
+    Ok(0)
+}
