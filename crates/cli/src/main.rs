@@ -57,6 +57,16 @@ enum Command {
     Info(commands::info::InfoArgs),
     /// Time a model's forward pass (img/s, latency, peak RSS) or the kernel micro-benchmarks.
     Bench(commands::bench::BenchArgs),
+    /// Embed a folder into a persistent search index (SQLite file or postgres:// URL), incrementally.
+    Index(commands::index::IndexArgs),
+    /// Search an index by text (through the text tower) or by image.
+    Search(commands::search::SearchArgs),
+    /// Find groups of near-duplicate images in an index.
+    Dedup(commands::search::DedupArgs),
+    /// Write an index in clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet, read by autofaiss).
+    Export(commands::interchange::ExportArgs),
+    /// Add embeddings in clip-retrieval's layout to an index.
+    Import(commands::interchange::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +77,11 @@ fn main() -> ExitCode {
         Command::Similarity(a) => commands::similarity::run(a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Index(a) => commands::index::run(a),
+        Command::Search(a) => commands::search::run(a),
+        Command::Dedup(a) => commands::search::dedup(a),
+        Command::Export(a) => commands::interchange::export(a),
+        Command::Import(a) => commands::interchange::import(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

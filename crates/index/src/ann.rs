@@ -16,7 +16,7 @@ use crate::Hit;
 pub const ANN_MIN_ROWS: usize = 4096;
 /// Candidates the graph returns per query (HNSW's `ef_search`); they are re-ranked exactly.
 const EF_SEARCH: usize = 160;
-const EF_CONSTRUCTION: usize = 100;
+const EF_CONSTRUCTION: usize = 48;
 /// The graph's random levels come from this seed, so a rebuild gives the same graph.
 const SEED: u64 = 0x5ee_d15c;
 /// Neighbours examined per image when looking for near-duplicates.
@@ -106,6 +106,7 @@ impl Ann {
                 Builder::default()
                     .ef_construction(EF_CONSTRUCTION)
                     .ef_search(EF_SEARCH)
+                    .select_heuristic(None)
                     .seed(SEED)
                     .build(points, ids),
             );
