@@ -306,10 +306,10 @@ fn export_is_clip_retrieval_layout_and_imports_back() {
         &fixture(MODEL),
     ]);
     r.expect_code(0);
-    assert_eq!(
-        Index::open(&db2).unwrap().vectors().unwrap(),
-        (paths, vectors)
-    );
+    // (Rows are normalised again on commit: equal up to rounding.)
+    let (paths2, vectors2) = Index::open(&db2).unwrap().vectors().unwrap();
+    assert_eq!(paths2, paths);
+    assert!(common::max_abs_diff(&vectors2, &vectors) < 1e-6);
     let r = index(d.path(), &db2, &[]);
     r.expect_code(0);
     assert!(
