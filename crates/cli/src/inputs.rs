@@ -46,6 +46,44 @@ pub fn collect(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// One part of a job split across machines: `--shard i/N` keeps the files whose path hashes to `i`
+/// modulo `N` (FNV-1a of the path's bytes as listed, so every machine given the same input
+/// arguments picks the same disjoint part, and a file added later does not move the others).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parsed = s
+            .split_once('/')
+            .and_then(|(i, n)| Some((i.trim().parse().ok()?, n.trim().parse().ok()?)));
+        match parsed {
+            Some((index, count)) if index < count => Ok(Shard { index, count }),
+            _ => Err(format!(
+                "{s:?}: expected i/N with 0 <= i < N (e.g. 0/4 ... 3/4)"
+            )),
+        }
+    }
+}
+
+impl Shard {
+    pub fn contains(&self, path: &Path) -> bool {
+        let h = path
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+            });
+        h % self.count == self.index
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +101,32 @@ mod tests {
             .map(|p| p.strip_prefix(d.path()).unwrap().display().to_string())
             .collect();
         assert_eq!(names, ["a.png", "b.JPG", "sub/c.webp"]);
+    }
+
+    #[test]
+    fn shards_are_disjoint_and_cover_every_file() {
+        let paths: Vec<PathBuf> = (0..1000)
+            .map(|i| PathBuf::from(format!("d/img {i}.jpg")))
+            .collect();
+        let n = 7;
+        let mut seen = vec![0; paths.len()];
+        for i in 0..n {
+            let s: Shard = format!("{i}/{n}").parse().unwrap();
+            let part: Vec<usize> = (0..paths.len())
+                .filter(|&k| s.contains(&paths[k]))
+                .collect();
+            assert!(
+                part.len() > 1000 / n / 2,
+                "shard {i} holds only {}",
+                part.len()
+            );
+            for k in part {
+                seen[k] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&c| c == 1));
+        for bad in ["3/3", "1", "a/2", "-1/2", "1/0"] {
+            assert!(bad.parse::<Shard>().is_err(), "{bad}");
+        }
     }
 }

@@ -65,6 +65,16 @@ enum Command {
     LlmTokens(commands::llm_tokens::LlmTokensArgs),
     /// Train on frozen embeddings: a linear probe whose head `visenc classify --head` loads.
     Train(commands::train::TrainArgs),
+    /// Embed a folder into a persistent search index (SQLite file or postgres:// URL), incrementally.
+    Index(commands::index::IndexArgs),
+    /// Search an index by text (through the text tower) or by image.
+    Search(commands::search::SearchArgs),
+    /// Find groups of near-duplicate images in an index.
+    Dedup(commands::search::DedupArgs),
+    /// Write an index in clip-retrieval's layout (img_emb/*.npy + metadata/*.parquet, read by autofaiss).
+    Export(commands::interchange::ExportArgs),
+    /// Add embeddings in clip-retrieval's layout to an index.
+    Import(commands::interchange::ImportArgs),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +87,11 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::run(a),
         Command::LlmTokens(a) => commands::llm_tokens::run(a),
         Command::Train(a) => commands::train::run(a),
+        Command::Index(a) => commands::index::run(a),
+        Command::Search(a) => commands::search::run(a),
+        Command::Dedup(a) => commands::search::dedup(a),
+        Command::Export(a) => commands::interchange::export(a),
+        Command::Import(a) => commands::interchange::import(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

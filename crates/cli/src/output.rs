@@ -445,23 +445,30 @@ impl Sink for Parquet {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
-        use arrow_schema::{DataType, Field};
-        let item = Arc::new(Field::new("item", DataType::Float32, false));
-        let values = Arc::new(Float32Array::from(self.embeddings));
-        let emb = FixedSizeListArray::try_new(item, self.dim as i32, values, None)?;
-        let batch = RecordBatch::try_from_iter([
-            (
-                "image_path",
-                Arc::new(StringArray::from(self.paths)) as ArrayRef,
-            ),
-            ("embedding", Arc::new(emb) as ArrayRef),
-        ])?;
-        let file = File::create(&self.out)
-            .with_context(|| format!("{}: cannot create", self.out.display()))?;
-        let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
-        w.write(&batch)?;
-        w.close()?;
-        Ok(())
+        write_parquet(&self.out, self.paths, Some((self.embeddings, self.dim)))
     }
+}
+
+/// A Parquet file with an `image_path` column and, if given, an `embedding` column of
+/// fixed-size f32 lists (row-major `values`, `dim` wide): the layout clip-retrieval and pandas read.
+pub fn write_parquet(
+    out: &Path,
+    paths: Vec<String>,
+    embedding: Option<(Vec<f32>, usize)>,
+) -> Result<()> {
+    use arrow_array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field};
+    let mut columns = vec![("image_path", Arc::new(StringArray::from(paths)) as ArrayRef)];
+    if let Some((values, dim)) = embedding {
+        let item = Arc::new(Field::new("item", DataType::Float32, false));
+        let values = Arc::new(Float32Array::from(values));
+        let emb = FixedSizeListArray::try_new(item, dim as i32, values, None)?;
+        columns.push(("embedding", Arc::new(emb) as ArrayRef));
+    }
+    let batch = RecordBatch::try_from_iter(columns)?;
+    let file = File::create(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(())
 }

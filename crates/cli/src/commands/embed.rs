@@ -31,10 +31,16 @@ pub struct EmbedArgs {
     /// L2-normalise the embeddings.
     #[arg(long)]
     normalize: bool,
+    /// Embed only part i of N of the files (0-based), to split a job across machines; see the README.
+    #[arg(long)]
+    shard: Option<inputs::Shard>,
 }
 
 pub fn run(a: EmbedArgs) -> Result<usize> {
-    let paths = inputs::collect(&a.inputs)?;
+    let mut paths = inputs::collect(&a.inputs)?;
+    if let Some(s) = a.shard {
+        paths.retain(|p| s.contains(p));
+    }
     let enc = batch::load_encoder(&a.model)?;
     let opts = EncodeOptions {
         layers: a.layers.clone(),
