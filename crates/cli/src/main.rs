@@ -57,6 +57,8 @@ enum Command {
     Info(commands::info::InfoArgs),
     /// Time a model's forward pass (img/s, latency, peak RSS) or the kernel micro-benchmarks.
     Bench(commands::bench::BenchArgs),
+    /// HTTP service: OpenAI/infinity/TEI-compatible embeddings, zero-shot labels, search, a web page.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Similarity(a) => commands::similarity::run(a),
         Command::Info(a) => commands::info::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

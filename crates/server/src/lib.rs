@@ -207,6 +207,19 @@ pub async fn serve(
     Ok(())
 }
 
+/// Binds a listener whose accept backlog holds a burst of connections (tokio's default, 128, makes
+/// the kernel reset connections when hundreds of clients connect at once).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -240,7 +253,7 @@ pub fn run(
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let listener = bind(addr).await?;
         on_listen(listener.local_addr()?);
         serve(listener, state, shutdown_signal()).await
     })
@@ -290,7 +303,7 @@ pub fn spawn(addr: SocketAddr, state: AppState) -> std::io::Result<Running> {
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::bind(addr).await {
+                let listener = match bind(addr).await {
                     Ok(l) => l,
                     Err(e) => {
                         let _ = ready_tx.send(Err(std::io::Error::new(e.kind(), e.to_string())));
