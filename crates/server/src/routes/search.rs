@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use crate::error::{ApiError, ErrorKind, OpenAiError};
 use crate::inputs;
@@ -28,8 +29,8 @@ pub struct SearchRequest {
     k: usize,
 }
 
-fn index(state: &AppState) -> Result<&dyn SearchIndex, ApiError> {
-    state.index.as_deref().ok_or_else(|| {
+fn index(state: &AppState) -> Result<Arc<dyn SearchIndex>, ApiError> {
+    state.index.clone().ok_or_else(|| {
         ApiError::new(
             ErrorKind::NotFound,
             "this server has no index: start it with `visenc serve --db PATH`",
@@ -82,8 +83,12 @@ pub async fn search(
         ))
         .into());
     }
-    let hits = idx
-        .search(&query, req.k)
+    // An index may read its database or rebuild its graph: off the async runtime.
+    let k = req.k;
+    let hits = tokio::task::spawn_blocking(move || idx.search(&query, k))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
         .map_err(|e| ApiError::new(ErrorKind::Backend, format!("search failed: {e}")))?;
     let results: Vec<Value> = hits
         .iter()
@@ -124,7 +129,11 @@ pub async fn thumbnail(
     let Query(q) = query.map_err(|e| ApiError::validation(e.body_text()))?;
     let idx = index(&state)?;
     let not_found = || ApiError::new(ErrorKind::NotFound, "no such image in the index");
-    if !idx.contains(&q.path) {
+    let path = q.path.clone();
+    let recorded = tokio::task::spawn_blocking(move || idx.contains(&path))
+        .await
+        .unwrap_or(false);
+    if !recorded {
         return Err(not_found().into());
     }
     let bytes = tokio::fs::read(&q.path).await.map_err(|_| not_found())?;
