@@ -75,6 +75,8 @@ enum Command {
     Export(commands::interchange::ExportArgs),
     /// Add embeddings in clip-retrieval's layout to an index.
     Import(commands::interchange::ImportArgs),
+    /// HTTP service: OpenAI/infinity/TEI-compatible embeddings, zero-shot labels, search, a web page.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
         Command::Dedup(a) => commands::search::dedup(a),
         Command::Export(a) => commands::interchange::export(a),
         Command::Import(a) => commands::interchange::import(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         // `visenc ... | head` closes stdout early: stop quietly, as other Unix tools do.

@@ -28,6 +28,14 @@ pub struct Encoded {
     pub mask: Vec<Vec<u32>>,
 }
 
+/// How many tokens of a text the model sees (special tokens included, padding excluded), and whether
+/// the text was cut to the context length to get there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenCount {
+    pub tokens: usize,
+    pub truncated: bool,
+}
+
 /// A tokenizer set up for one text tower.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -199,6 +207,23 @@ impl TextTokenizer {
             out.mask.push(e.get_attention_mask().to_vec());
         }
         Ok(out)
+    }
+
+    /// The token count of each text after truncation, as [`Self::encode`] would produce it.
+    pub fn count(&self, texts: &[&str]) -> Result<Vec<TokenCount>, TextError> {
+        texts
+            .iter()
+            .map(|t| {
+                let e = self.inner.encode(*t, true).map_err(|e| TextError::Encode {
+                    text: t.to_string(),
+                    reason: e.to_string(),
+                })?;
+                Ok(TokenCount {
+                    tokens: e.get_attention_mask().iter().filter(|&&m| m != 0).count(),
+                    truncated: !e.get_overflowing().is_empty(),
+                })
+            })
+            .collect()
     }
 }
 

@@ -16,6 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use visenc_image::{ImageError, Limits, Preprocess};
+pub use visenc_text::TokenCount;
 use visenc_text::{TextError, TextTokenizer};
 use visenc_weights::{Checkpoint, Layout, LoadPolicy, LoadReport, WeightsError};
 
@@ -288,6 +289,14 @@ impl Encoder {
         let ids = Tensor::from_vec(enc.ids.concat(), (texts.len(), n), &self.device)?;
         let mask = Tensor::from_vec(enc.mask.concat(), (texts.len(), n), &self.device)?;
         Ok(text.encode_text(&ids, &mask)?)
+    }
+
+    /// How many tokens of each text the text tower sees (after truncation to its context length).
+    pub fn count_tokens(&self, texts: &[&str]) -> Result<Vec<TokenCount>> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| Error::NoTextTower {
+            spec: self.spec.clone(),
+        })?;
+        Ok(tok.count(texts)?)
     }
 
     /// Zero-shot label probabilities [B, L] for image embeddings [B, P] (`ImageFeatures::embedding`):

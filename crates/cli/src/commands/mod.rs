@@ -7,5 +7,6 @@ pub mod info;
 pub mod interchange;
 pub mod llm_tokens;
 pub mod search;
+pub mod serve;
 pub mod similarity;
 pub mod train;
