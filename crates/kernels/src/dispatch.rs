@@ -2,7 +2,7 @@
 
 /// Defines `fn name(args) -> R` from a body generic over `L: Lanes` and a `const FMA: bool`, compiled
 /// three times and chosen from [`crate::cpu::features`]:
-/// - AVX-512F (which implies AVX2 and FMA): `L` = [`crate::math::F32x16`], `FMA` = true;
+/// - AVX-512F and VL (which imply AVX2 and FMA): `L` = [`crate::math::F32x16`], `FMA` = true;
 /// - AVX2 + FMA: `L` = `f32`, `FMA` = true (plain loops over `f32` auto-vectorise to 8 lanes);
 /// - otherwise: `L` = `f32`, `FMA` = false.
 ///
@@ -18,12 +18,12 @@ macro_rules! multiversion {
             #[cfg(target_arch = "x86_64")]
             {
                 let f = $crate::cpu::features();
-                if f.avx512f {
-                    #[target_feature(enable = "avx512f")]
+                if f.avx512f && is_x86_feature_detected!("avx512vl") {
+                    #[target_feature(enable = "avx512f,avx512vl")]
                     unsafe fn avx512($($a: $t),*) $(-> $r)? {
                         generic::<$crate::math::F32x16, true>($($a),*)
                     }
-                    // SAFETY: AVX-512F was detected at run time.
+                    // SAFETY: AVX-512F and VL were detected at run time.
                     return unsafe { avx512($($a),*) };
                 }
                 if f.avx2_fma {
