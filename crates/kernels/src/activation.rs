@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use crate::math::{map_inplace, multiversion, Lanes};
+use crate::dispatch::multiversion;
+use crate::math::{map_inplace, Lanes};
 
 /// The activations with a fused kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +40,20 @@ fn quick_gelu<L: Lanes>(x: L) -> L {
 }
 
 #[inline(always)]
-fn silu<L: Lanes>(x: L) -> L {
+pub(crate) fn silu<L: Lanes>(x: L) -> L {
     x.mul(x.sigmoid())
+}
+
+/// `max(x, 0)` (for the convolution epilogue).
+#[inline(always)]
+pub(crate) fn relu<L: Lanes>(x: L) -> L {
+    x.max(L::splat(0.0))
+}
+
+/// `min(max(x, 0), 6)` (for the convolution epilogue).
+#[inline(always)]
+pub(crate) fn relu6<L: Lanes>(x: L) -> L {
+    x.max(L::splat(0.0)).min(L::splat(6.0))
 }
 
 multiversion! {

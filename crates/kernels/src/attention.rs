@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::math::multiversion;
+use crate::dispatch::multiversion;
 use crate::softmax::{exp_sub_sum, scale_bias_max, scale_row};
 
 /// Largest key tile: beyond it the online softmax takes over (1024 keys x 128 queries = 512 KiB of

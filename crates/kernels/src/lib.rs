@@ -9,6 +9,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod cpu;
+mod dispatch;
 pub mod gemm_bf16;
 pub mod gemm_int8;
 pub mod math;

@@ -158,8 +158,11 @@ impl Lanes for f32 {
     }
     #[inline(always)]
     fn scale_pow2(self, n: Self) -> Self {
+        // 2^n through the exponent bits: adding 1.5 * 2^23 puts the integer n in the low mantissa
+        // bits (no float-to-int conversion, which does not vectorise with Rust's saturating `as`).
         // n = -127 gives the bit pattern 0, i.e. 2^n is flushed to 0.
-        let bits = ((n as i32 + 127).clamp(0, 254) as u32) << 23;
+        const MAGIC: f32 = 12_582_912.0;
+        let bits = (n + MAGIC).to_bits().wrapping_sub(0x4B40_0000 - 127) << 23;
         self * f32::from_bits(bits)
     }
     #[inline(always)]
@@ -269,29 +272,7 @@ pub(crate) fn map_inplace<L: Lanes>(xs: &mut [f32], f: impl Fn(L) -> L, tail: im
     }
 }
 
-/// Defines `fn name(args) -> R` from a body generic over `L: Lanes`: the body is compiled twice, for
-/// `F32x16` inside a `#[target_feature(enable = "avx512f")]` function (taken when
-/// [`crate::cpu::features`] reports AVX-512F) and for the portable `f32`.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<$L:ident>($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($a: $t),*) $(-> $r)? {
-            #[inline(always)]
-            fn generic<$L: $crate::math::Lanes>($($a: $t),*) $(-> $r)? $body
-            #[cfg(target_arch = "x86_64")]
-            if $crate::cpu::features().avx512f {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($a: $t),*) $(-> $r)? {
-                    generic::<$crate::math::F32x16>($($a),*)
-                }
-                // SAFETY: AVX-512F was detected at run time.
-                return unsafe { avx512($($a),*) };
-            }
-            generic::<f32>($($a),*)
-        }
-    };
-}
-pub(crate) use multiversion;
+use crate::dispatch::multiversion;
 
 multiversion! {
     /// `e^x` in place.

@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use crate::math::{multiversion, Lanes};
+use crate::dispatch::multiversion;
+use crate::math::Lanes;
 
 /// `x.len() / dim` rows per parallel task at most this many elements.
 const CHUNK: usize = 32 * 1024;

@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use crate::math::{multiversion, Lanes};
+use crate::dispatch::multiversion;
+use crate::math::Lanes;
 
 /// `row[j] = row[j] * scale + bias[j]` (bias optional) and returns the row maximum.
 #[inline(always)]

@@ -8,7 +8,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{multiversion, ConvShape, Epilogue};
+use super::{ConvShape, Epilogue};
+use crate::dispatch::multiversion;
 
 const LANES: usize = 16;
 
@@ -44,7 +45,7 @@ multiversion! {
 /// buffer holds, for every padded input row, `stride` phases of `wq` values: phase `q` holds
 /// padded columns `q, q + stride, q + 2 stride, ...`, so the tap at column offset `kx` of output
 /// column `ox` is element `ox + kx / stride` of phase `kx % stride`.
-fn plane(
+fn plane<L>(
     x: &[f32],
     w: &[f32],
     s: &ConvShape,
@@ -109,7 +110,7 @@ fn plane(
                 let r = &r[oy * ow + c0..oy * ow + c0 + n];
                 acc.iter_mut().zip(r).for_each(|(a, &r)| *a += r);
             }
-            e.act.apply(&mut acc);
+            e.act.apply::<L>(&mut acc);
             if n == LANES {
                 orow[c0..c0 + LANES].copy_from_slice(&acc);
             } else {

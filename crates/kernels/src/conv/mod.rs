@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::dispatch::multiversion;
 pub use epilogue::Act;
 
 /// Zero padding on each side of the input.
@@ -305,53 +306,14 @@ fn im2col(xb: &[f32], s: &ConvShape, ow: usize, p0: usize, t: usize, cols: &mut 
     }
 }
 
-/// Defines `fn $name(args)` that runs `$body` (which calls `#[inline(always)]` code) compiled for
-/// the widest vector extension this machine has: AVX-512F, else AVX2 + FMA, else the baseline. In
-/// `$body`, the constant `FMA` says whether `mul_add` is one instruction (else a libm call, so the
-/// portable path multiplies and adds instead).
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx512vl,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    #[allow(dead_code)]
-                    const FMA: bool = true;
-                    $body
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    #[allow(dead_code)]
-                    const FMA: bool = true;
-                    $body
-                }
-                let f = crate::cpu::features();
-                // SAFETY: the features were detected on this machine.
-                if f.avx512f {
-                    return unsafe { avx512($($arg),*) };
-                }
-                if f.avx2_fma {
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            #[allow(dead_code)]
-            const FMA: bool = false;
-            $body
-        }
-    };
-}
-pub(crate) use multiversion;
-
 multiversion! {
     /// Applies `act` to `rows` rows of `len` values, `stride` apart, starting at `base`.
     ///
     /// The rows must be inside one live, exclusively borrowed allocation.
-    fn act_rows(act: Act, base: OutPtr, rows: usize, stride: usize, len: usize) {
+    fn act_rows<L>(act: Act, base: OutPtr, rows: usize, stride: usize, len: usize) {
         for r in 0..rows {
             // SAFETY: the caller's contract.
-            act.apply(unsafe { std::slice::from_raw_parts_mut(base.at(r * stride), len) });
+            act.apply::<L>(unsafe { std::slice::from_raw_parts_mut(base.at(r * stride), len) });
         }
     }
 }
@@ -405,7 +367,7 @@ pub(crate) mod tests {
                                 }
                             }
                         }
-                        out[o] = e.act.scalar(acc as f32);
+                        out[o] = epilogue::tests::reference(e.act, acc) as f32;
                     }
                 }
             }
