@@ -42,25 +42,31 @@ fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
     diff / reference.iter().map(|v| v.abs()).fold(0f32, f32::max)
 }
 
-#[test]
-fn efficientnet_lite0_classifies_real_photos_from_its_pth() {
+/// `visenc classify --json` of the real EfficientNet-Lite0 with ImageNet names on chelsea.png and
+/// coffee.png, with `extra` options; one JSON row per photo.
+fn classify_chelsea_and_coffee(extra: &[&str]) -> Vec<serde_json::Value> {
     let model = asset("efficientnet-lite0-57934424.pth");
     let names = asset("imagenet_classes.txt");
-    let run = visenc(&[
+    let (chelsea, coffee) = (photo("chelsea.png"), photo("coffee.png"));
+    let mut args = vec![
         "classify",
         "-q",
         "--json",
-        "--top",
-        "3",
         "-m",
         &model,
         "--class-names",
         &names,
-        &photo("chelsea.png"),
-        &photo("coffee.png"),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    args.extend([chelsea.as_str(), coffee.as_str()]);
+    let run = visenc(&args);
     run.expect_code(0);
-    let rows = run.json_lines();
+    run.json_lines()
+}
+
+#[test]
+fn efficientnet_lite0_classifies_real_photos_from_its_pth() {
+    let rows = classify_chelsea_and_coffee(&["--top", "3"]);
     assert_eq!(rows.len(), 2);
     let top = |r: &serde_json::Value| -> (u64, String, f64) {
         let t = &r["top"][0];
@@ -128,30 +134,12 @@ fn efficientnet_lite0_embeddings_equal_the_reference_pipeline() {
 #[test]
 fn efficientnet_lite0_low_precision_classifier() {
     const LOW_PRECISION_PROB_TOL: f64 = 0.02;
-    let model = asset("efficientnet-lite0-57934424.pth");
-    let names = asset("imagenet_classes.txt");
     let logits = reference("coffee_logits");
     let max = logits.iter().copied().fold(f32::MIN, f32::max);
     let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
     let espresso = ((logits[967] - max).exp() / sum) as f64;
     for precision in ["bf16", "int8"] {
-        let run = visenc(&[
-            "classify",
-            "-q",
-            "--json",
-            "--top",
-            "1",
-            "--precision",
-            precision,
-            "-m",
-            &model,
-            "--class-names",
-            &names,
-            &photo("chelsea.png"),
-            &photo("coffee.png"),
-        ]);
-        run.expect_code(0);
-        let rows = run.json_lines();
+        let rows = classify_chelsea_and_coffee(&["--top", "1", "--precision", precision]);
         let top = |i: usize| rows[i]["top"][0]["index"].as_u64().unwrap();
         assert_eq!(
             top(0),
