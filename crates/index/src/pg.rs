@@ -71,13 +71,18 @@ fn vector_text(v: &[f32], out: &mut String) {
     out.push(']');
 }
 
+/// Wraps a client error with the (redacted) database name.
+fn pg_err(db: &str) -> impl Fn(postgres::Error) -> Error + Copy + '_ {
+    move |source| Error::Postgres {
+        db: db.to_string(),
+        source,
+    }
+}
+
 impl PgStore {
     pub fn open(url: &str, create: bool) -> Result<Self> {
         let name = redact(url);
-        let client = Client::connect(url, NoTls).map_err(|source| Error::Postgres {
-            db: name.clone(),
-            source,
-        })?;
+        let client = Client::connect(url, NoTls).map_err(pg_err(&name))?;
         let mut s = Self { name, client };
         if create {
             s.client
@@ -119,11 +124,8 @@ impl PgStore {
         }
     }
 
-    fn err(&self) -> impl Fn(postgres::Error) -> Error + '_ {
-        move |source| Error::Postgres {
-            db: self.name.clone(),
-            source,
-        }
+    fn err(&self) -> impl Fn(postgres::Error) -> Error + Copy + '_ {
+        pg_err(&self.name)
     }
 
     fn corrupt(&self, reason: String) -> Error {
@@ -138,7 +140,7 @@ impl PgStore {
         let row = self
             .client
             .query_opt("SELECT value FROM visenc_meta WHERE key = $1", &[&key])
-            .map_err(|source| Error::Postgres { db: name, source })?;
+            .map_err(pg_err(&name))?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -160,10 +162,7 @@ impl Store for PgStore {
 
     fn init(&mut self, meta: &Meta) -> Result<()> {
         let name = self.name.clone();
-        let e = |source| Error::Postgres {
-            db: name.clone(),
-            source,
-        };
+        let e = pg_err(&name);
         let mut tx = self.client.transaction().map_err(e)?;
         // The width is part of the column type, so the column comes with the model.
         tx.batch_execute(&format!(
@@ -210,10 +209,7 @@ impl Store for PgStore {
     fn commit(&mut self, entries: &[Entry], removed: &[String]) -> Result<()> {
         let dim = self.dim()?;
         let name = self.name.clone();
-        let e = |source| Error::Postgres {
-            db: name.clone(),
-            source,
-        };
+        let e = pg_err(&name);
         let mut tx = self.client.transaction().map_err(e)?;
         if !entries.is_empty() {
             tx.batch_execute(&format!(
@@ -299,10 +295,7 @@ impl Store for PgStore {
             let mut q = String::new();
             vector_text(query, &mut q);
             let name = self.name.clone();
-            let e = |source| Error::Postgres {
-                db: name.clone(),
-                source,
-            };
+            let e = pg_err(&name);
             let mut tx = self.client.transaction().map_err(e)?;
             tx.batch_execute(&format!(
                 "SET LOCAL hnsw.ef_search = {}",
