@@ -15,7 +15,7 @@ use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
 
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/clip/modeling_clip.py#L585
-const HF_BLOCK: BlockKeys = BlockKeys {
+pub(crate) const HF_BLOCK: BlockKeys = BlockKeys {
     norm1: "layer_norm1",
     qkv: QkvKeys::Separate {
         q: "self_attn.q_proj",
@@ -42,7 +42,7 @@ const HF_VISION: TrunkKeys = TrunkKeys {
     final_norm: None,
 };
 
-const HF_TEXT: TextKeys = TextKeys {
+pub(crate) const HF_TEXT: TextKeys = TextKeys {
     token: "embeddings.token_embedding.weight",
     pos: "embeddings.position_embedding.weight",
     blocks: "encoder.layers",

@@ -8,7 +8,7 @@ use visenc_weights::Weights;
 use crate::api::ModelInfo;
 use crate::error::{ModelError, Result};
 use crate::interpolate::PosInterp;
-use crate::nn::{linear, Activation, BlockConfig, BlockKeys, QkvKeys};
+use crate::nn::{optional_classifier, Activation, BlockConfig, BlockKeys, QkvKeys};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::vit::{hf_labels, HeadInput, Pool, ViT};
 use crate::{parse, LoadedModel};
@@ -128,16 +128,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         },
     };
     let trunk = VisionTransformer::load(&s, &TRUNK, trunk_cfg)?;
-    let head = match root.shape_of("classifier.weight") {
-        Some(shape) => Some(linear(
-            &root,
-            "classifier",
-            2 * c.hidden_size,
-            shape[0],
-            true,
-        )?),
-        None => None,
-    };
+    let head = optional_classifier(&root, "classifier", 2 * c.hidden_size)?;
     let info = ModelInfo {
         architecture: architecture.to_string(),
         family: "dinov2",

@@ -26,6 +26,19 @@ pub fn linear(
     crate::linear::Linear::load(&s, w, b)
 }
 
+/// A classifier head `name.{weight,bias}` from `in_dim` features to as many classes as the checkpoint
+/// has, or `None` where the checkpoint has no such head (a bare backbone).
+pub fn optional_classifier(
+    s: &Scope,
+    name: &str,
+    in_dim: usize,
+) -> Result<Option<crate::linear::Linear>> {
+    s.pp(name)
+        .shape_of("weight")
+        .map(|shape| linear(s, name, in_dim, shape[0], true))
+        .transpose()
+}
+
 /// Loads a LayerNorm `name.{weight,bias}` of width `dim`.
 pub fn layer_norm(s: &Scope, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
     let s = s.pp(name);

@@ -15,21 +15,9 @@ use crate::text_transformer::{TextConfig, TextKeys, TextPool, TextTransformer};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
 
+// SigLIP's encoder layers and text embeddings use CLIP's key names.
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/siglip/modeling_siglip.py#L760
-const BLOCK: BlockKeys = BlockKeys {
-    norm1: "layer_norm1",
-    qkv: QkvKeys::Separate {
-        q: "self_attn.q_proj",
-        k: "self_attn.k_proj",
-        v: "self_attn.v_proj",
-    },
-    out: "self_attn.out_proj",
-    norm2: "layer_norm2",
-    fc1: "mlp.fc1",
-    fc2: "mlp.fc2",
-    ls1: None,
-    ls2: None,
-};
+const BLOCK: BlockKeys = crate::clip::HF_BLOCK;
 
 const VISION: TrunkKeys = TrunkKeys {
     patch: "embeddings.patch_embedding",
@@ -43,13 +31,7 @@ const VISION: TrunkKeys = TrunkKeys {
     final_norm: Some("post_layernorm"),
 };
 
-const TEXT: TextKeys = TextKeys {
-    token: "embeddings.token_embedding.weight",
-    pos: "embeddings.position_embedding.weight",
-    blocks: "encoder.layers",
-    block: BLOCK,
-    final_norm: "final_layer_norm",
-};
+const TEXT: TextKeys = crate::clip::HF_TEXT;
 
 /// `SiglipMultiheadAttentionPoolingHead`: a learned probe attends over the tokens, then a residual MLP.
 // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/siglip/modeling_siglip.py#L1110

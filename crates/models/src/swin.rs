@@ -18,7 +18,7 @@ use visenc_weights::{Scope, Weights};
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
 use crate::conv::{Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
-use crate::nn::{layer_norm, linear, Activation, Attention, Mlp, QkvKeys};
+use crate::nn::{layer_norm, linear, optional_classifier, Activation, Attention, Mlp, QkvKeys};
 use crate::vit::hf_labels;
 use crate::{parse, LoadedModel};
 
@@ -393,10 +393,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         }
     }
     let norm = layer_norm(&s, "layernorm", dim, c.layer_norm_eps)?;
-    let head = match root.shape_of("classifier.weight") {
-        Some(shape) => Some(linear(&root, "classifier", dim, shape[0], true)?),
-        None => None,
-    };
+    let head = optional_classifier(&root, "classifier", dim)?;
     let info = ModelInfo {
         architecture: architecture.to_string(),
         family: "swin",

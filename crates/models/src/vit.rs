@@ -9,7 +9,9 @@ use visenc_weights::Weights;
 use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo};
 use crate::error::{config_err, ModelError, Result};
 use crate::interpolate::PosInterp;
-use crate::nn::{layer_norm, linear, Activation, BlockConfig, BlockKeys, QkvKeys};
+use crate::nn::{
+    layer_norm, linear, optional_classifier, Activation, BlockConfig, BlockKeys, QkvKeys,
+};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
 
@@ -204,10 +206,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
     };
     let trunk = VisionTransformer::load(&s, &HF_TRUNK, trunk_cfg)?;
     let labels = hf_labels(cfg);
-    let head = match root.shape_of("classifier.weight") {
-        Some(shape) => Some(linear(&root, "classifier", c.hidden_size, shape[0], true)?),
-        None => None,
-    };
+    let head = optional_classifier(&root, "classifier", c.hidden_size)?;
     let info = ModelInfo {
         architecture: architecture.to_string(),
         family: "vit",
