@@ -49,7 +49,8 @@ pub fn layer_norm(s: &Scope, name: &str, dim: usize, eps: f64) -> Result<LayerNo
     })
 }
 
-/// LayerNorm over the last dimension: visenc's kernel on CPU `f32`, candle's fused op elsewhere.
+/// LayerNorm over the last dimension: visenc's kernel on CPU `f32`, candle's fused op elsewhere,
+/// differentiable primitives when gradients are needed.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
@@ -61,6 +62,9 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match ops::layer_norm(x, &self.weight, &self.bias, self.eps)? {
             Some(y) => Ok(y),
+            None if ops::tracked(&[x, &self.weight, &self.bias]) => {
+                ops::layer_norm_differentiable(x, &self.weight, &self.bias, self.eps)
+            }
             None => candle_nn::LayerNorm::new(self.weight.clone(), self.bias.clone(), self.eps)
                 .forward(x),
         }
@@ -332,7 +336,7 @@ fn attention_in_blocks(
             };
             att = att.broadcast_add(&bias)?;
         }
-        Ok(candle_nn::ops::softmax_last_dim(&att)?.matmul(v)?)
+        Ok(ops::softmax_last_dim(&att)?.matmul(v)?)
     };
     if block >= n {
         return run(0, n);

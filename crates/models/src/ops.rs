@@ -2,6 +2,11 @@
 //! LayerNorm, and fused attention reading strided q/k/v. Each entry point takes the kernel on a CPU
 //! `f32` tensor and says `None` (or falls back itself) elsewhere, so callers keep candle's path for
 //! other devices and dtypes.
+//!
+//! The kernels have no backward pass, so they also step aside for any input that autograd tracks (a
+//! trainable `Var` or a result computed from one, [`Tensor::track_op`]): training runs those layers
+//! on candle's differentiable ops ([`softmax_last_dim`], [`layer_norm_differentiable`]), while
+//! frozen layers, whose inputs and weights are plain tensors, keep the fast kernels.
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, Layout, Shape, Storage, Tensor,
@@ -10,8 +15,30 @@ use visenc_kernels::{activation, attention as fused, norm};
 
 use candle_core::Result;
 
+/// Whether a kernel may take `t`: an `f32` CPU tensor that no gradient has to flow through.
 fn cpu_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
+    t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op()
+}
+
+/// Whether any of `ts` needs gradients (so only differentiable ops may touch it).
+pub fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+/// Softmax over the last dimension: candle's fused op (which has no backward) for plain tensors,
+/// the composition of differentiable primitives for tracked ones.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        candle_nn::ops::softmax(x, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// LayerNorm of the last dimension from differentiable primitives (candle's fused `layer_norm` has
+/// no backward).
+pub fn layer_norm_differentiable(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    candle_nn::ops::layer_norm_slow(x, w, b, eps as f32)
 }
 
 /// The contiguous `f32` values of a layout, or an error naming the op.

@@ -9,6 +9,9 @@ pub enum TrainError {
     File { path: String, reason: String },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// Loading or running a model.
+    #[error(transparent)]
+    Visenc(#[from] visenc::Error),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;

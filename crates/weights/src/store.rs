@@ -111,6 +111,12 @@ impl Weights {
         }
     }
 
+    /// The tensors as read, in their stored dtype: the state dict, for callers that build models
+    /// from an edited copy of it (fine-tuning).
+    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+        self.tensors
+    }
+
     /// Where the tensors came from (a file or a directory).
     pub fn source(&self) -> &Path {
         &self.source

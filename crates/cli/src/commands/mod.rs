@@ -2,6 +2,7 @@ pub mod align;
 pub mod bench;
 pub mod classify;
 pub mod embed;
+pub mod finetune;
 pub mod index;
 pub mod info;
 pub mod interchange;

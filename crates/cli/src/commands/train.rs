@@ -24,6 +24,8 @@ enum TrainCommand {
     Probe(ProbeArgs),
     /// Align a sentence encoder (BERT) with an image classifier's class vectors (locked image side).
     Align(super::align::AlignArgs),
+    /// Fine-tune a ViT classifier (last N blocks or LoRA) on labelled images; resumable.
+    Finetune(super::finetune::FinetuneArgs),
 }
 
 #[derive(Args)]
@@ -57,6 +59,7 @@ pub fn run(a: TrainArgs) -> Result<usize> {
     match a.what {
         TrainCommand::Probe(p) => run_probe(p),
         TrainCommand::Align(a) => super::align::run(a),
+        TrainCommand::Finetune(a) => super::finetune::run(a),
     }
 }
 
