@@ -1,68 +1,14 @@
 //! `visenc serve` as a process: it prints its address, answers, and on SIGTERM finishes the requests
-//! in flight before it exits 0. Also shared by web.rs: starting the binary on a free port.
+//! in flight before it exits 0 (the process helper `Serve` is in common/).
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
 use visenc_server::client::Client;
-
-/// A `visenc serve` process on a free loopback port; killed if the test ends early.
-struct Serve {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Serve {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_visenc"))
-            .args(["serve", "--port", "0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run visenc serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "no address printed: {line:?}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        };
-        let addr = addr.parse().unwrap();
-        Self { child, addr }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(self.addr, Duration::from_secs(60))
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn sigterm_finishes_the_requests_in_flight_then_exits_0() {

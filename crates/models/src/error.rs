@@ -1,3 +1,5 @@
+use std::path::{Path, PathBuf};
+
 use visenc_weights::WeightsError;
 
 /// Errors from building or running a model.
@@ -12,6 +14,10 @@ pub enum ModelError {
     /// Input tensors of the wrong shape or type.
     #[error("bad input: {0}")]
     Input(String),
+    /// A file of the checkpoint that cannot be used as it is (e.g. a two-tower projection whose shape
+    /// does not fit its towers); `path` names it.
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error(transparent)]
@@ -23,6 +29,13 @@ pub type Result<T> = std::result::Result<T, ModelError>;
 pub(crate) fn config_err(what: impl Into<String>, reason: impl Into<String>) -> ModelError {
     ModelError::Config {
         what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn file_err(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::File {
+        path: path.to_path_buf(),
         reason: reason.into(),
     }
 }

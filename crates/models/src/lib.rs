@@ -19,9 +19,11 @@ pub mod nn;
 pub mod ops;
 pub mod resampler;
 pub mod resnet;
+pub mod sentence;
 pub mod siglip;
 pub mod swin;
 pub mod text_transformer;
+mod two_tower;
 pub mod vae;
 pub mod vision_transformer;
 pub mod vit;
@@ -36,6 +38,7 @@ pub use api::{
     Scoring, TextEncoder, TextFeatures, VisualTokens,
 };
 pub use error::{ModelError, Result};
+pub use sentence::TextTower;
 pub use visenc_kernels::Precision;
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.
@@ -81,6 +84,8 @@ pub fn load(
 ) -> Result<(LoadedModel, LoadReport)> {
     let cfg = &ckpt.config;
     let mut model = match ckpt.layout {
+        // Two checkpoints and a projection: loaded, checked and reported as a whole.
+        Layout::TwoTower => return two_tower::load(ckpt, w, policy),
         Layout::OpenClip => clip::load_open_clip(cfg, w)?,
         // A weights file alone: recognised by its key names.
         Layout::Bare
@@ -162,6 +167,16 @@ pub fn load(
                 "dinov2" | "dinov2_with_registers" => dinov2::load_hf(cfg, w, &arch)?,
                 "efficientnet" => efficientnet::load_hf(cfg, w, &arch)?,
                 "llava" | "llava_next" => llava::load_hf(cfg, w, &arch)?,
+                "bert" => {
+                    return Err(ModelError::Unsupported {
+                        what: "text-only model as an image encoder",
+                        name: format!(
+                            "{}: {arch} has no image tower; it loads as the text tower of a two-tower \
+                             model (`visenc train align --out DIR`, or visenc_models::load_text)",
+                            ckpt.spec
+                        ),
+                    })
+                }
                 other => {
                     return Err(ModelError::Unsupported {
                         what: "architecture (config.json model_type)",
@@ -175,4 +190,53 @@ pub fn load(
     model.info.parameters = w.used_parameters();
     model.info.text_context_length = model.text.as_ref().map(|t| t.context_length());
     Ok((model, report))
+}
+
+/// Builds the text-only model a checkpoint describes (a sentence encoder: transformers' `BertModel`
+/// with sentence-transformers' pooling), then checks the load report under `policy`.
+pub fn load_text(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    policy: LoadPolicy,
+) -> Result<(TextTower, LoadReport)> {
+    let model_type = ckpt
+        .config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let architecture = ckpt
+        .config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str)
+        .unwrap_or(model_type)
+        .to_string();
+    let tower = match (ckpt.layout, model_type) {
+        (Layout::Transformers, "bert") => {
+            let bert = sentence::SentenceBert::load(ckpt, w)?;
+            let dim = bert.dim();
+            let encoder: Box<dyn TextEncoder> = Box::new(bert);
+            (encoder, dim)
+        }
+        (layout, other) => {
+            return Err(ModelError::Unsupported {
+                what: "text tower",
+                name: format!(
+                    "{}: {layout:?} checkpoint of model_type {other:?}; supported: bert \
+                     (transformers / sentence-transformers directories)",
+                    ckpt.spec
+                ),
+            })
+        }
+    };
+    let report = w.finish(policy)?;
+    Ok((
+        TextTower {
+            encoder: tower.0,
+            dim: tower.1,
+            architecture,
+            parameters: w.used_parameters(),
+        },
+        report,
+    ))
 }

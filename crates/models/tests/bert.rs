@@ -88,3 +88,31 @@ fn all_minilm_l6_v2_real_weights_equal_sentence_transformers() {
     let err = rel_err(&got, &e["embeddings"]);
     assert!(err <= F32_TOL, "MiniLM embeddings: {err:e}");
 }
+
+/// `load_text` on the sentence-transformers directory builds the pipeline its files prescribe: mean
+/// pooling, `Normalize` (modules.json) and 256 tokens (sentence_bert_config.json); its embedding is
+/// sentence-transformers' (the normalised reference), and padding columns beyond the texts change nothing.
+#[test]
+fn minilm_directory_loads_as_sentence_transformers_pipeline() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/minilm");
+    let ckpt = Checkpoint::open(dir.to_str().unwrap()).unwrap();
+    let w = ckpt.load_weights(DType::F32, &Device::Cpu).unwrap();
+    let (tower, report) = visenc_models::load_text(&ckpt, &w, LoadPolicy::Strict).unwrap();
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(tower.dim, 384);
+    assert_eq!(tower.encoder.context_length(), 256);
+    let e = expected(&fixture_dir("bert", "minilm_expected.safetensors"));
+    let pad = |t: &Tensor| {
+        let zeros = Tensor::zeros((t.dim(0).unwrap(), 20), t.dtype(), t.device()).unwrap();
+        Tensor::cat(&[t, &zeros], 1).unwrap()
+    };
+    let got = tower
+        .encoder
+        .encode_text(&pad(&e["input_ids"]), &pad(&e["attention_mask"]))
+        .unwrap();
+    let want = visenc_models::nn::l2_normalize(&e["embeddings"]).unwrap();
+    let err = rel_err(&got.projected, &want);
+    assert!(err <= F32_TOL, "normalised MiniLM embeddings: {err:e}");
+    let err = rel_err(&got.pooled, &e["embeddings"]);
+    assert!(err <= F32_TOL, "mean-pooled MiniLM embeddings: {err:e}");
+}

@@ -39,7 +39,7 @@ impl Default for AlignConfig {
 pub struct Aligned {
     /// [P, E], f32.
     pub weight: Tensor,
-    /// The learnt `logit_scale` and (SigLIP) bias.
+    /// The learnt `logit_scale` (the multiplier `exp(t)`) and (SigLIP) bias.
     pub logit_scale: f32,
     pub logit_bias: Option<f32>,
     /// Loss after each step.
@@ -101,13 +101,14 @@ pub fn train_projection(
 }
 
 impl Aligned {
-    /// Writes `text_projection` [P, E] and `logit_scale` (and `logit_bias`) with `meta` (e.g. the models).
+    /// Writes `text_projection` [P, E], `logit_scale` as open_clip stores it (the logarithm of the
+    /// multiplier) and, after SigLIP training, `logit_bias`, with `meta` (e.g. the models) as metadata.
     pub fn save(
         &self,
         path: &std::path::Path,
         meta: std::collections::HashMap<String, String>,
     ) -> Result<()> {
-        let scale = Tensor::new(self.logit_scale, &Device::Cpu)?;
+        let scale = Tensor::new(self.logit_scale.ln(), &Device::Cpu)?;
         let bias = self
             .logit_bias
             .map(|b| Tensor::new(b, &Device::Cpu))

@@ -109,6 +109,8 @@ fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
         reason,
     };
     Ok(match ckpt.layout {
+        // The image tower's own preprocessing.
+        Layout::TwoTower => return preprocess_for(&ckpt.towers()?.image, info),
         Layout::Transformers => match &ckpt.preprocessor {
             Some(p) => Preprocess::from_hf_processor_json(p)?,
             None => {
@@ -145,6 +147,9 @@ fn preprocess_for(ckpt: &Checkpoint, info: &ModelInfo) -> Result<Preprocess> {
 }
 
 fn tokenizer_for(ckpt: &Checkpoint, context_length: usize) -> Result<TextTokenizer> {
+    if ckpt.layout == Layout::TwoTower {
+        return tokenizer_for(&ckpt.towers()?.text, context_length);
+    }
     if let Some(file) = &ckpt.tokenizer_file {
         return Ok(TextTokenizer::from_file(
             file,
@@ -281,14 +286,7 @@ impl Encoder {
                 spec: self.spec.clone(),
             });
         };
-        if texts.is_empty() {
-            return Err(Error::Input("no texts to encode".into()));
-        }
-        let enc = tok.encode(texts)?;
-        let n = tok.context_length();
-        let ids = Tensor::from_vec(enc.ids.concat(), (texts.len(), n), &self.device)?;
-        let mask = Tensor::from_vec(enc.mask.concat(), (texts.len(), n), &self.device)?;
-        Ok(text.encode_text(&ids, &mask)?)
+        encode_texts(text.as_ref(), tok, texts, &self.device)
     }
 
     /// How many tokens of each text the text tower sees (after truncation to its context length).
@@ -328,6 +326,63 @@ impl Encoder {
     pub fn similarity(&self, image_embeddings: &Tensor, texts: &[&str]) -> Result<Tensor> {
         let text = self.encode_texts(texts)?;
         Ok(l2_normalize(image_embeddings)?.matmul(&l2_normalize(&text.projected)?.t()?)?)
+    }
+}
+
+/// Tokenizes `texts` and runs them through `text`.
+fn encode_texts(
+    text: &dyn visenc_models::TextEncoder,
+    tok: &TextTokenizer,
+    texts: &[&str],
+    device: &Device,
+) -> Result<TextFeatures> {
+    if texts.is_empty() {
+        return Err(Error::Input("no texts to encode".into()));
+    }
+    let enc = tok.encode(texts)?;
+    let n = tok.context_length();
+    let ids = Tensor::from_vec(enc.ids.concat(), (texts.len(), n), device)?;
+    let mask = Tensor::from_vec(enc.mask.concat(), (texts.len(), n), device)?;
+    Ok(text.encode_text(&ids, &mask)?)
+}
+
+/// A text-only model (a sentence encoder such as all-MiniLM-L6-v2) with its tokenizer: the text tower
+/// of a two-tower model, on its own.
+pub struct TextModel {
+    tower: visenc_models::TextTower,
+    tokenizer: TextTokenizer,
+    device: Device,
+}
+
+impl TextModel {
+    /// Loads a local text checkpoint directory or a hub id (see [`visenc_models::load_text`]).
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        let ckpt = Checkpoint::open(spec)?;
+        let weights = ckpt
+            .load_weights(opts.dtype, &opts.device)?
+            .with_precision(opts.precision);
+        let (tower, _) = visenc_models::load_text(&ckpt, &weights, opts.policy)?;
+        let tokenizer = tokenizer_for(&ckpt, tower.encoder.context_length())?;
+        Ok(Self {
+            tower,
+            tokenizer,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// Width of the text embedding (`TextFeatures::projected`).
+    pub fn dim(&self) -> usize {
+        self.tower.dim
+    }
+
+    /// Tokenizes and encodes texts; `projected` is the sentence embedding.
+    pub fn encode_texts(&self, texts: &[&str]) -> Result<TextFeatures> {
+        encode_texts(
+            self.tower.encoder.as_ref(),
+            &self.tokenizer,
+            texts,
+            &self.device,
+        )
     }
 }
 

@@ -26,6 +26,9 @@ pub enum Layout {
     /// A weights file on its own (`.safetensors`, `.pth`, ...) with no config beside it; the model
     /// is recognised from its tensor names and shapes (`config` is null).
     Bare,
+    /// visenc's image-text pair of two checkpoints: `config.json` with `model_type` `visenc_two_tower`
+    /// naming the towers, and `projection.safetensors` (see [`crate::TwoTowerConfig`]).
+    TwoTower,
 }
 
 /// Extensions of files that hold weights.
@@ -222,6 +225,10 @@ impl Checkpoint {
             let cfg = read_json(&hf_cfg)?;
             if cfg.get("_class_name").is_some() {
                 (Layout::Diffusers, hf_cfg)
+            } else if cfg.get("model_type").and_then(Value::as_str)
+                == Some(crate::two_tower::TWO_TOWER_MODEL_TYPE)
+            {
+                (Layout::TwoTower, hf_cfg)
             } else if cfg.get("architecture").is_some() {
                 (Layout::Timm, hf_cfg)
             } else if cfg.get("model_type").is_some() || cfg.get("architectures").is_some() {
@@ -260,6 +267,16 @@ impl Checkpoint {
                 "model.safetensors.index.json",
                 &["pytorch_model.bin"],
             )?,
+            Layout::TwoTower => {
+                let p = dir.join(crate::two_tower::PROJECTION_FILE);
+                if weights_file.is_none() && !p.is_file() {
+                    return Err(not_found(format!(
+                        "{} is missing (the trained projection of this two-tower model)",
+                        p.display()
+                    )));
+                }
+                vec![weights_file.map_or(p, Path::to_path_buf)]
+            }
             Layout::Timm | Layout::Bare => weights(
                 &["model.safetensors"],
                 "model.safetensors.index.json",

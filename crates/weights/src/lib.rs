@@ -6,8 +6,10 @@ mod error;
 mod hub;
 mod pth;
 mod store;
+mod two_tower;
 
 pub use checkpoint::{Checkpoint, Layout};
 pub use error::WeightsError;
 pub use pth::load_pth;
 pub use store::{LoadPolicy, LoadReport, Scope, Weights};
+pub use two_tower::{Towers, TwoTowerConfig, PROJECTION_FILE, TWO_TOWER_MODEL_TYPE};

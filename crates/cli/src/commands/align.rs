@@ -1,6 +1,8 @@
 //! `visenc train align`: a locked-image alignment of a sentence encoder (BERT, e.g. all-MiniLM-L6-v2) with
 //! an image classifier's space: a projection from text embeddings of the class names to the classifier's
-//! class vectors, trained with a contrastive loss, judged on held-out classes.
+//! class vectors, trained with a contrastive loss, judged on held-out classes. The output is a two-tower
+//! model directory (`config.json` naming both towers + `projection.safetensors`) that loads like any
+//! text-image model.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,10 +10,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use visenc::models::bert::Bert;
-use visenc::models::TextEncoder;
-use visenc::text::TextTokenizer;
-use visenc::weights::{Checkpoint, LoadPolicy};
+use visenc::weights::{Checkpoint, TwoTowerConfig, PROJECTION_FILE, TWO_TOWER_MODEL_TYPE};
+use visenc::{Encoder, LoadOptions, TextModel};
 use visenc_train::align::{top_k_accuracy, train_projection, AlignConfig};
 use visenc_train::data::SplitMix64;
 use visenc_train::LossKind;
@@ -46,8 +46,9 @@ pub struct AlignArgs {
     lr: f64,
     #[arg(long, default_value_t = 0.1)]
     weight_decay: f64,
-    /// Where to write the projection (safetensors: `text_projection` [image dim, text dim]).
-    #[arg(long, default_value = "align.safetensors")]
+    /// The model directory to write: `config.json` naming the two towers (by absolute path, or hub id)
+    /// and `projection.safetensors` (`text_projection` [image dim, text dim], `logit_scale`).
+    #[arg(long, default_value = "aligned-model")]
     out: PathBuf,
     #[arg(long, short)]
     quiet: bool,
@@ -59,27 +60,29 @@ enum LossArg {
     Siglip,
 }
 
-/// Text embeddings [N, D] of `texts` with the BERT checkpoint at `spec`, in batches.
+/// Sentence embeddings [N, E] of `texts` with the text tower at `spec`, in batches: the same embedding
+/// the two-tower model projects at inference.
 fn embed_texts(spec: &str, texts: &[String]) -> Result<Tensor> {
-    let ckpt = Checkpoint::open(spec)?;
-    let w = ckpt.load_weights(DType::F32, &Device::Cpu)?;
-    let bert = Bert::load(&ckpt.config, &w).with_context(|| format!("loading BERT from {spec}"))?;
-    w.finish(LoadPolicy::Strict)?;
-    let tok_file = ckpt
-        .tokenizer_file
-        .as_ref()
-        .with_context(|| format!("{spec}: no tokenizer.json"))?;
-    // Class prompts are short; 32 positions keep the padded batches small.
-    let tok = TextTokenizer::from_file(tok_file, ckpt.tokenizer_config.as_ref(), 32, 0)?;
+    let model = TextModel::load(spec, &LoadOptions::default())
+        .with_context(|| format!("loading the text tower {spec}"))?;
     let mut rows = Vec::new();
     for chunk in texts.chunks(100) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        let e = tok.encode(&refs)?;
-        let ids = Tensor::new(e.ids, &Device::Cpu)?;
-        let mask = Tensor::new(e.mask, &Device::Cpu)?;
-        rows.push(bert.encode_text(&ids, &mask)?.pooled);
+        rows.push(model.encode_texts(&refs)?.projected);
     }
     Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// How the model directory names a tower: a local path made absolute, a hub id as given.
+fn tower_ref(spec: &str) -> Result<String> {
+    let p = std::path::Path::new(spec);
+    if !p.exists() {
+        return Ok(spec.to_string());
+    }
+    Ok(std::fs::canonicalize(p)
+        .with_context(|| format!("{spec}: cannot resolve the path"))?
+        .display()
+        .to_string())
 }
 
 pub fn run(a: AlignArgs) -> Result<usize> {
@@ -156,9 +159,9 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         &pick(&classes, train)?,
         &[1, 5],
     )?;
-    let mut out = std::io::stdout();
+    let mut stdout = std::io::stdout();
     writeln!(
-        out,
+        stdout,
         "trained on {} classes ({} steps, final loss {:.4}, logit scale {:.2})",
         train.len(),
         a.steps,
@@ -166,7 +169,7 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         aligned.logit_scale
     )?;
     writeln!(
-        out,
+        stdout,
         "held-out {} classes: text-to-class top-1 {:.3}, top-5 {:.3} (chance {:.3}, {:.3})",
         held.len(),
         held_acc[0],
@@ -175,7 +178,7 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         5.0 / held.len() as f64
     )?;
     writeln!(
-        out,
+        stdout,
         "training classes: top-1 {:.3}, top-5 {:.3} (among {})",
         train_acc[0],
         train_acc[1],
@@ -188,10 +191,48 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         ("held_out_top1", held_acc[0].to_string()),
         ("held_out_top5", held_acc[1].to_string()),
     ];
+    let existing = a.out.join("config.json");
+    if existing.is_file() {
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&existing)?)
+            .with_context(|| format!("{}: not JSON", existing.display()))?;
+        if cfg["model_type"] != TWO_TOWER_MODEL_TYPE {
+            bail!(
+                "{} holds another model's config.json; give --out a new directory",
+                a.out.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create the model directory", a.out.display()))?;
     aligned.save(
-        &a.out,
+        &a.out.join(PROJECTION_FILE),
         meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
     )?;
-    writeln!(out, "projection written to {}", a.out.display())?;
+    let mut config = TwoTowerConfig::new(tower_ref(&a.image_model)?, tower_ref(&a.text_model)?);
+    config.template = Some(a.template.clone());
+    config.training = Some(serde_json::json!({
+        "image_vectors": a.classifier_weight,
+        "class_names": a.class_names.display().to_string(),
+        "classes": n,
+        "held_out": held.len(),
+        "seed": a.seed,
+        "loss": cfg.loss,
+        "steps": a.steps,
+        "lr": a.lr,
+        "weight_decay": a.weight_decay,
+        "held_out_top1": held_acc[0],
+        "held_out_top5": held_acc[1],
+    }));
+    config.save(&a.out)?;
+    // The directory must load as a text-image model; check it now rather than at first use.
+    let out = a.out.display().to_string();
+    let enc = Encoder::load(&out, &LoadOptions::default())
+        .with_context(|| format!("{out}: the written model does not load"))?;
+    writeln!(
+        stdout,
+        "model written to {out} ({}, {}-d embeddings)",
+        enc.info().architecture,
+        enc.info().projection_dim.unwrap_or(enc.info().hidden_size)
+    )?;
     Ok(0)
 }

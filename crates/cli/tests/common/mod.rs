@@ -2,8 +2,13 @@
 //! files, and writing small PNGs byte by byte (so a test can make exactly the file it needs).
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use visenc_server::client::Client;
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -255,4 +260,56 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     );
     chunk(&mut out, b"IEND", &[]);
     out
+}
+
+/// A `visenc serve` process on a free loopback port; killed if the test ends early.
+pub struct Serve {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Serve {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_visenc"))
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run visenc serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Some(addr) = line.trim().strip_prefix("listening on http://") else {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "no address printed: {line:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        };
+        let addr = addr.parse().unwrap();
+        Self { child, addr }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.addr, Duration::from_secs(60))
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
