@@ -322,6 +322,13 @@ multiversion! {
 pub(crate) mod tests {
     use super::*;
 
+    /// The reference tests [`portable_paths_match_naive_reference`] repeats on the portable paths.
+    pub const PORTABLE_CHECKED: &[&str] = &[
+        "conv::tests::dense_matches_naive_reference",
+        "conv::depthwise::tests::depthwise_matches_naive_reference",
+        "conv::epilogue::tests::activations_match_definitions",
+    ];
+
     /// Max error relative to the largest reference magnitude: f32 sums of up to ~1000 products in
     /// a different order (GEMM blocking, FMA) than the naive loop.
     pub const CONV_REL_TOL: f32 = 2e-5;
@@ -453,6 +460,32 @@ pub(crate) mod tests {
             let reference = naive_conv(&x, &wt, &s, e);
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
         }
+    }
+
+    /// Runs this module's reference tests again in a child process with `VISENC_KERNELS=portable`,
+    /// so the portable paths (chosen once per process) are checked on the same cases.
+    #[test]
+    fn portable_paths_match_naive_reference() {
+        if std::env::var("VISENC_KERNELS").is_ok_and(|v| v == "portable") {
+            assert_eq!(crate::cpu::features(), crate::cpu::Features::PORTABLE);
+            return;
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "--test-threads", "1"])
+            .args(PORTABLE_CHECKED)
+            .arg("conv::tests::portable_paths_match_naive_reference")
+            .env("VISENC_KERNELS", "portable")
+            .output()
+            .expect("the test binary runs");
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "portable run failed:\n{log}");
+        // Every named test ran (a renamed test would otherwise be silently skipped).
+        let ran = PORTABLE_CHECKED.len() + 1;
+        assert!(
+            log.contains(&format!("{ran} passed")),
+            "expected {ran} tests:\n{log}"
+        );
     }
 
     #[test]
