@@ -3,6 +3,7 @@
 //! vector registers.
 
 use crate::activation::{gelu, relu, relu6, silu};
+use crate::dispatch::multiversion;
 use crate::math::{map_inplace, Lanes};
 
 /// The activation a convolution applies to its output.
@@ -33,6 +34,13 @@ impl Act {
         }
     }
 
+    /// Applies the activation to every element of `v` in place, on the widest lanes this CPU has.
+    pub fn apply_to(self, v: &mut [f32]) {
+        if self != Act::None {
+            apply_best(self, v);
+        }
+    }
+
     /// The activation of one vector of lanes (for kernels that keep their outputs in registers).
     #[inline(always)]
     pub(super) fn lanes<L: Lanes>(self, v: L) -> L {
@@ -46,14 +54,13 @@ impl Act {
     }
 }
 
+multiversion! {
+    fn apply_best<L>(act: Act, v: &mut [f32]) { act.apply::<L>(v) }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::dispatch::multiversion;
-
-    multiversion! {
-        fn apply_best<L>(act: Act, v: &mut [f32]) { act.apply::<L>(v) }
-    }
 
     /// The activation of one value by its definition, in f64: the reference for the tests.
     pub fn reference(act: Act, x: f64) -> f64 {

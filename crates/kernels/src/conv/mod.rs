@@ -13,6 +13,7 @@
 
 mod depthwise;
 mod epilogue;
+pub mod nhwc;
 
 use std::cell::RefCell;
 
@@ -327,6 +328,10 @@ pub(crate) mod tests {
         "conv::tests::dense_matches_naive_reference",
         "conv::depthwise::tests::depthwise_matches_naive_reference",
         "conv::epilogue::tests::activations_match_definitions",
+        "conv::nhwc::tests::depthwise_nhwc_matches_naive_reference",
+        "conv::nhwc::tests::linear_and_patches_match_naive_conv",
+        "pool::tests::max_pool_matches_definition",
+        "pool::tests::means_and_gate_match_definitions",
     ];
 
     /// Max error relative to the largest reference magnitude: f32 sums of up to ~1000 products in
