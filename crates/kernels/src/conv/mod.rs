@@ -148,8 +148,12 @@ pub fn conv2d(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [
     }
 }
 
-/// Bytes of im2col columns per tile: well inside a core's L2 next to the GEMM's packed operands.
-const COL_BYTES: usize = 256 * 1024;
+/// Bytes of im2col columns per tile: inside a core's L2 next to the GEMM's packed operands.
+const COL_BYTES: usize = 512 * 1024;
+
+/// Fewest output pixels per GEMM: every GEMM packs the whole weight again, so narrow tiles (deep
+/// layers, where K is large) would spend their time packing.
+const MIN_TILE: usize = 64;
 
 thread_local! {
     /// The im2col tile of the current thread, reused across calls.
@@ -178,10 +182,17 @@ fn dense(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32])
     let n = oh * ow;
     let k = s.cin * s.kh * s.kw;
     let direct = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.pad == Pad::default();
-    let tile = (COL_BYTES / (4 * k)).max(16).next_multiple_of(16).min(n);
-    let tiles = n.div_ceil(tile);
-    let jobs = s.batch * tiles;
     let threads = crate::cpu::threads();
+    let tile = if direct {
+        // No copy: the GEMM reads the input in place, so an image is split only for parallelism.
+        n.div_ceil((2 * threads).div_ceil(s.batch))
+    } else {
+        COL_BYTES / (4 * k)
+    };
+    // Equal tiles (no sliver at the end).
+    let tiles = n.div_ceil(tile.max(MIN_TILE).min(n));
+    let tile = n.div_ceil(tiles);
+    let jobs = s.batch * tiles;
     // Enough tiles: one GEMM per tile per thread; otherwise (batch 1, late stages) one tile at a
     // time with the GEMM itself split across the threads.
     let outer = jobs >= 2 * threads;
