@@ -20,7 +20,7 @@ pub enum Activation {
 }
 
 #[inline(always)]
-fn gelu<L: Lanes>(x: L) -> L {
+pub(crate) fn gelu<L: Lanes>(x: L) -> L {
     let e = x.mul(L::splat(std::f32::consts::FRAC_1_SQRT_2)).erf();
     x.mul(L::splat(0.5)).mul_add(e, x.mul(L::splat(0.5)))
 }

@@ -15,6 +15,7 @@ pub mod gemm_int8;
 pub mod math;
 pub mod norm;
 mod panel;
+pub mod pool;
 pub mod precision;
 pub mod softmax;
 

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Layout, Storage, Tensor, D};
 use visenc_kernels::conv::{conv2d, Act, ConvShape, Epilogue, Pad};
+use visenc_kernels::pool::{max_pool2d, mean_planes, sigmoid_gate, MaxPool};
 use visenc_weights::Scope;
 
 use crate::error::{config_err, ModelError, Result};
@@ -118,6 +119,16 @@ impl Conv {
         };
         self.bias = Some(((b - mean)? * scale)?.add(&beta)?);
         Ok(self)
+    }
+
+    /// The weight [cout, cin / groups, k, k] (BatchNorm folded in).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias [cout], if any (always after a BatchNorm fold).
+    pub fn bias_tensor(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     pub fn out_channels(&self) -> usize {
@@ -270,7 +281,7 @@ pub fn conv2d_cpu(
 }
 
 /// The f32 data of a contiguous CPU tensor.
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     let Storage::Cpu(cpu) = storage else {
         return Err(ModelError::Input("an f32 CPU tensor was expected".into()));
     };
@@ -293,9 +304,32 @@ pub fn pad_same(x: &Tensor, k: usize, stride: usize, dilation: usize) -> Result<
         .pad_with_zeros(3, pw / 2, pw - pw / 2)?)
 }
 
+/// Whether `x` is an f32 tensor on the CPU (the kernels' domain).
+pub(crate) fn is_cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Runs `f` on the data of an f32 CPU tensor (made contiguous first).
+pub(crate) fn with_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    Ok(f(cpu_f32(&storage, layout)?))
+}
+
 /// `nn.MaxPool2d(kernel_size=3, stride=2, padding=1)` (the ResNet stem), padding with -inf.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
+    if is_cpu_f32(x) {
+        let p = MaxPool {
+            k: 3,
+            stride: 2,
+            pad: 1,
+        };
+        let (oh, ow) = p.out_hw(h, w);
+        let mut out = vec![0f32; b * c * oh * ow];
+        with_f32(x, |x| max_pool2d(x, b * c, h, w, p, &mut out))?;
+        return Ok(Tensor::from_vec(out, (b, c, oh, ow), x.device())?);
+    }
     let neg = |shape: (usize, usize, usize, usize)| {
         Tensor::full(f32::NEG_INFINITY, shape, x.device())?.to_dtype(x.dtype())
     };
@@ -306,7 +340,25 @@ pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
 
 /// Global average pooling of [B, C, H, W] to [B, C].
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if is_cpu_f32(x) && h * w > 0 {
+        let mut out = vec![0f32; b * c];
+        with_f32(x, |x| mean_planes(x, h * w, &mut out))?;
+        return Ok(Tensor::from_vec(out, (b, c), x.device())?);
+    }
     Ok(x.mean(D::Minus1)?.mean(D::Minus1)?)
+}
+
+/// Squeeze-excitation's gate: `x * sigmoid(s)` with `s` [B, C, 1, 1] broadcast over each plane.
+pub fn sigmoid_gate_planes(x: &Tensor, s: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if is_cpu_f32(x) && is_cpu_f32(s) && s.elem_count() == b * c && h * w > 0 {
+        let mut out = vec![0f32; x.elem_count()];
+        let s = s.flatten_all()?.to_vec1::<f32>()?;
+        with_f32(x, |x| sigmoid_gate(x, h * w, &s, &mut out))?;
+        return Ok(Tensor::from_vec(out, (b, c, h, w), x.device())?);
+    }
+    Ok(x.broadcast_mul(&candle_nn::ops::sigmoid(s)?)?)
 }
 
 /// Channels-first LayerNorm over C of [B, C, H, W] (ConvNeXt's `LayerNorm2d`), computed in f32.

@@ -84,6 +84,15 @@ impl Linear {
         Self::with_precision(weight, bias, s.precision())
     }
 
+    /// The f32 layer's weight [out, in] and bias, for kernels that take them directly; `None` for
+    /// packed (bf16 / int8) layers.
+    pub fn f32_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        match &self.kind {
+            Kind::F32(l) => Some((l.weight(), l.bias())),
+            Kind::Packed { .. } => None,
+        }
+    }
+
     /// Input width.
     pub fn in_dim(&self) -> usize {
         match &self.kind {

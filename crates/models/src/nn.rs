@@ -58,6 +58,13 @@ pub struct LayerNorm {
     eps: f64,
 }
 
+impl LayerNorm {
+    /// (weight, bias, eps), for kernels that take them directly.
+    pub fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+}
+
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match ops::layer_norm(x, &self.weight, &self.bias, self.eps)? {

@@ -1,8 +1,9 @@
 //! Depthwise convolution (one kh x kw filter per channel) on NCHW planes: each plane is copied once
-//! into a zero-padded, stride-deinterleaved scratch buffer, so that every filter tap reads 16
-//! consecutive inputs for 16 consecutive outputs (no bounds checks, no gathers), and each block of
-//! 16 outputs stays in registers over all taps, with the bias and the activation applied before the
-//! single store.
+//! into a zero-padded, stride-deinterleaved scratch buffer, so that every filter tap reads whole
+//! vectors of consecutive inputs for consecutive outputs (no bounds checks, no gathers). Outputs are
+//! computed in blocks of up to 8 vectors (rows x column vectors) kept in registers over all taps, so
+//! the FMAs of one tap are independent (a single accumulator would wait on the FMA latency), with
+//! the bias, the residual and the activation applied before the single store.
 
 use std::cell::RefCell;
 
@@ -10,12 +11,23 @@ use rayon::prelude::*;
 
 use super::{ConvShape, Epilogue};
 use crate::dispatch::multiversion;
+use crate::math::Lanes;
 
-const LANES: usize = 16;
+/// Columns of padding after every output row of the scratch buffer: a multiple of every lane count,
+/// so the last (partial) vector of a row reads inside the buffer.
+const ROW_PAD: usize = 16;
+
+/// Per-thread scratch, reused across calls.
+#[derive(Default)]
+struct Scratch {
+    /// The padded, deinterleaved input plane.
+    plane: Vec<f32>,
+    /// Offset of tap column kx inside a buffer row.
+    kx_off: Vec<usize>,
+}
 
 thread_local! {
-    /// The padded plane of the current thread, reused across calls.
-    static PLANE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 pub(super) fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32]) {
@@ -36,8 +48,45 @@ pub(super) fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, o
                 residual: e.residual.map(|r| &r[i * plane_out..(i + 1) * plane_out]),
                 act: e.act,
             };
-            PLANE.with_borrow_mut(|buf| plane(xin, w, s, e, buf, o));
+            SCRATCH.with_borrow_mut(|buf| plane(xin, w, s, e, buf, o));
         });
+}
+
+/// Where one block of outputs reads and writes.
+struct Block<'a> {
+    /// The scratch buffer at the block's first row and column.
+    src: *const f32,
+    row_len: usize,
+    stride: usize,
+    kh: usize,
+    kx_off: &'a [usize],
+    w: &'a [f32],
+    bias: f32,
+}
+
+/// Accumulates `R` output rows x `V` vectors of `L::N` columns over every tap: each tap loads its
+/// weight once and issues `R * V` independent FMAs.
+///
+/// # Safety
+/// Every row `r * stride + ky` and column `kx_off[kx] + V * L::N` read is inside the buffer.
+#[inline(always)]
+unsafe fn accumulate<L: Lanes, const R: usize, const V: usize>(b: &Block) -> [[L; V]; R] {
+    let mut acc = [[L::splat(b.bias); V]; R];
+    let kw = b.kx_off.len();
+    for ky in 0..b.kh {
+        let base = b.src.add(ky * b.row_len);
+        for (kx, &off) in b.kx_off.iter().enumerate() {
+            let wv = L::splat(*b.w.get_unchecked(ky * kw + kx));
+            let p = base.add(off);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pr = p.add(r * b.stride * b.row_len);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    *a = wv.mul_add(L::load(pr.add(v * L::N)), *a);
+                }
+            }
+        }
+    }
+    acc
 }
 
 multiversion! {
@@ -50,16 +99,16 @@ fn plane<L>(
     w: &[f32],
     s: &ConvShape,
     e: Epilogue,
-    buf: &mut Vec<f32>,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     let (oh, ow) = s.out_hw();
     let (h, wd, st) = (s.h, s.w, s.stride);
     let (kh, kw) = (s.kh, s.kw);
     let hp = h + s.pad.top + s.pad.bottom;
-    let ow_pad = ow.next_multiple_of(LANES);
-    let wq = ow_pad + (kw - 1) / st + 1;
+    let wq = ow + ROW_PAD + (kw - 1) / st;
     let row_len = st * wq;
+    let buf = &mut scratch.plane;
     buf.clear();
     buf.resize(hp * row_len, 0.0);
     for iy in 0..h {
@@ -85,41 +134,90 @@ fn plane<L>(
             }
         }
     }
-    let mut tail = [0f32; LANES];
-    for oy in 0..oh {
-        let orow = &mut out[oy * ow..(oy + 1) * ow];
-        for c0 in (0..ow).step_by(LANES) {
-            let mut acc = [e.bias.map_or(0.0, |b| b[0]); LANES];
-            for ky in 0..kh {
-                let row = &buf[(oy * st + ky) * row_len..(oy * st + ky + 1) * row_len];
-                for kx in 0..kw {
-                    let wv = w[ky * kw + kx];
-                    let start = (kx % st) * wq + c0 + kx / st;
-                    let src: &[f32; LANES] = row[start..start + LANES].try_into().unwrap();
-                    for l in 0..LANES {
-                        acc[l] = if FMA {
-                            wv.mul_add(src[l], acc[l])
-                        } else {
-                            wv * src[l] + acc[l]
-                        };
+    scratch.kx_off.clear();
+    scratch.kx_off.extend((0..kw).map(|kx| (kx % st) * wq + kx / st));
+    let bias = e.bias.map_or(0.0, |b| b[0]);
+    let nv = ow.div_ceil(L::N);
+    // Row bands sized for the widest block of the band (at most 8 accumulators); the narrower tail
+    // blocks of a band use the same rows.
+    let widest = nv.min(4);
+    let mut oy = 0;
+    while oy < oh {
+        let r = [8, 4, 2, 1]
+            .into_iter()
+            .find(|&r| r <= oh - oy && r * widest <= 8)
+            .unwrap_or(1);
+        let mut v0 = 0;
+        while v0 < nv {
+            let v = (nv - v0).min(4);
+            let c0 = v0 * L::N;
+            let b = Block {
+                src: buf[oy * st * row_len + c0..].as_ptr(),
+                row_len,
+                stride: st,
+                kh,
+                kx_off: &scratch.kx_off,
+                w,
+                bias,
+            };
+            // SAFETY: rows oy..oy + r of the output read padded rows up to (oh - 1) * st + kh - 1
+            // < hp, and columns up to c0 + v * N - 1 + (kw - 1) / st < ow + ROW_PAD + (kw - 1) / st
+            // inside each phase of wq values.
+            macro_rules! run {
+                ($($r:literal, $v:literal);*) => {
+                    match (r, v) {
+                        $(($r, $v) => store::<L, $r, $v>(
+                            unsafe { accumulate::<L, $r, $v>(&b) }, e, out, oy, c0, ow,
+                        ),)*
+                        _ => unreachable!("block {r}x{v}"),
                     }
-                }
+                };
             }
-            let n = (ow - c0).min(LANES);
-            if let Some(r) = e.residual {
-                let r = &r[oy * ow + c0..oy * ow + c0 + n];
-                acc.iter_mut().zip(r).for_each(|(a, &r)| *a += r);
+            run!(8, 1; 4, 1; 2, 1; 1, 1; 4, 2; 2, 2; 1, 2; 2, 3; 1, 3; 2, 4; 1, 4);
+            v0 += v;
+        }
+        oy += r;
+    }
+}
+}
+
+/// Adds the residual, applies the activation and stores the valid columns of a block whose top-left
+/// output is (oy, c0).
+#[inline(always)]
+fn store<L: Lanes, const R: usize, const V: usize>(
+    acc: [[L; V]; R],
+    e: Epilogue,
+    out: &mut [f32],
+    oy: usize,
+    c0: usize,
+    ow: usize,
+) {
+    let mut tmp = [0f32; 16];
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, &a) in acc.iter().enumerate() {
+            let col = c0 + v * L::N;
+            if col >= ow {
+                break;
             }
-            e.act.apply::<L>(&mut acc);
-            if n == LANES {
-                orow[c0..c0 + LANES].copy_from_slice(&acc);
+            let n = (ow - col).min(L::N);
+            let at = (oy + r) * ow + col;
+            let mut a = a;
+            if let Some(res) = e.residual {
+                tmp[..n].copy_from_slice(&res[at..at + n]);
+                // SAFETY: tmp holds 16 >= N values.
+                a = a.add(unsafe { L::load(tmp.as_ptr()) });
+            }
+            let a = e.act.lanes::<L>(a);
+            if n == L::N {
+                // SAFETY: n == N values from `at` are inside this output plane.
+                unsafe { a.store(out[at..at + n].as_mut_ptr()) };
             } else {
-                tail[..n].copy_from_slice(&acc[..n]);
-                orow[c0..c0 + n].copy_from_slice(&tail[..n]);
+                // SAFETY: tmp holds 16 >= N values.
+                unsafe { a.store(tmp.as_mut_ptr()) };
+                out[at..at + n].copy_from_slice(&tmp[..n]);
             }
         }
     }
-}
 }
 
 #[cfg(test)]
@@ -168,6 +266,11 @@ mod tests {
                     right: 2,
                 },
             ),
+            // Wide maps: blocks of 4 vectors with 1-3 vector tails, bands of 8/4/2/1 rows.
+            (1, 2, 19, 70, 5, 1, Pad::same(2)),
+            (2, 3, 23, 50, 3, 1, Pad::same(1)),
+            (1, 2, 30, 101, 3, 2, Pad::same(1)),
+            (1, 2, 13, 36, 7, 1, Pad::same(3)),
             (
                 1,
                 3,

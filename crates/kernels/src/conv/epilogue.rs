@@ -2,7 +2,8 @@
 //! accumulating), through the same per-lane functions as [`crate::activation`], so it stays in
 //! vector registers.
 
-use crate::activation::{relu, relu6, silu};
+use crate::activation::{gelu, relu, relu6, silu};
+use crate::dispatch::multiversion;
 use crate::math::{map_inplace, Lanes};
 
 /// The activation a convolution applies to its output.
@@ -16,6 +17,8 @@ pub enum Act {
     Relu6,
     /// `x * sigmoid(x)`.
     Silu,
+    /// `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`).
+    Gelu,
 }
 
 impl Act {
@@ -27,18 +30,37 @@ impl Act {
             Act::Relu => map_inplace::<L>(v, relu::<L>, relu::<f32>),
             Act::Relu6 => map_inplace::<L>(v, relu6::<L>, relu6::<f32>),
             Act::Silu => map_inplace::<L>(v, silu::<L>, silu::<f32>),
+            Act::Gelu => map_inplace::<L>(v, gelu::<L>, gelu::<f32>),
         }
     }
+
+    /// Applies the activation to every element of `v` in place, on the widest lanes this CPU has.
+    pub fn apply_to(self, v: &mut [f32]) {
+        if self != Act::None {
+            apply_best(self, v);
+        }
+    }
+
+    /// The activation of one vector of lanes (for kernels that keep their outputs in registers).
+    #[inline(always)]
+    pub(super) fn lanes<L: Lanes>(self, v: L) -> L {
+        match self {
+            Act::None => v,
+            Act::Relu => relu::<L>(v),
+            Act::Relu6 => relu6::<L>(v),
+            Act::Silu => silu::<L>(v),
+            Act::Gelu => gelu::<L>(v),
+        }
+    }
+}
+
+multiversion! {
+    fn apply_best<L>(act: Act, v: &mut [f32]) { act.apply::<L>(v) }
 }
 
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::dispatch::multiversion;
-
-    multiversion! {
-        fn apply_best<L>(act: Act, v: &mut [f32]) { act.apply::<L>(v) }
-    }
 
     /// The activation of one value by its definition, in f64: the reference for the tests.
     pub fn reference(act: Act, x: f64) -> f64 {
@@ -47,6 +69,7 @@ pub(super) mod tests {
             Act::Relu => x.max(0.0),
             Act::Relu6 => x.clamp(0.0, 6.0),
             Act::Silu => x / (1.0 + (-x).exp()),
+            Act::Gelu => 0.5 * x * (1.0 + crate::math::tests::erf64(x / std::f64::consts::SQRT_2)),
         }
     }
 
@@ -54,7 +77,7 @@ pub(super) mod tests {
     fn activations_match_definitions() {
         // 400 values: 25 full vectors of 16, on the portable lanes and the widest this CPU has.
         let xs: Vec<f32> = (-200..200).map(|i| i as f32 * 0.37).collect();
-        for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu] {
+        for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Gelu] {
             let mut portable = xs.clone();
             act.apply::<f32>(&mut portable);
             let mut best = xs.clone();
@@ -62,8 +85,10 @@ pub(super) mod tests {
             for out in [&portable, &best] {
                 for (&x, &y) in xs.iter().zip(out) {
                     let r = reference(act, x as f64);
+                    // GELU's erf error is scaled by x.
+                    let scale = r.abs().max(x.abs() as f64).max(1.0);
                     assert!(
-                        (y as f64 - r).abs() <= 1e-6 * r.abs().max(1.0),
+                        (y as f64 - r).abs() <= 1e-6 * scale,
                         "{act:?}({x}) = {y}, want {r}"
                     );
                 }

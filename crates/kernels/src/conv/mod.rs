@@ -13,6 +13,7 @@
 
 mod depthwise;
 mod epilogue;
+pub mod nhwc;
 
 use std::cell::RefCell;
 
@@ -147,8 +148,12 @@ pub fn conv2d(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [
     }
 }
 
-/// Bytes of im2col columns per tile: well inside a core's L2 next to the GEMM's packed operands.
-const COL_BYTES: usize = 256 * 1024;
+/// Bytes of im2col columns per tile: inside a core's L2 next to the GEMM's packed operands.
+const COL_BYTES: usize = 512 * 1024;
+
+/// Fewest output pixels per GEMM: every GEMM packs the whole weight again, so narrow tiles (deep
+/// layers, where K is large) would spend their time packing.
+const MIN_TILE: usize = 64;
 
 thread_local! {
     /// The im2col tile of the current thread, reused across calls.
@@ -177,10 +182,17 @@ fn dense(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32])
     let n = oh * ow;
     let k = s.cin * s.kh * s.kw;
     let direct = s.kh == 1 && s.kw == 1 && s.stride == 1 && s.pad == Pad::default();
-    let tile = (COL_BYTES / (4 * k)).max(16).next_multiple_of(16).min(n);
-    let tiles = n.div_ceil(tile);
-    let jobs = s.batch * tiles;
     let threads = crate::cpu::threads();
+    let tile = if direct {
+        // No copy: the GEMM reads the input in place, so an image is split only for parallelism.
+        n.div_ceil((2 * threads).div_ceil(s.batch))
+    } else {
+        COL_BYTES / (4 * k)
+    };
+    // Equal tiles (no sliver at the end).
+    let tiles = n.div_ceil(tile.max(MIN_TILE).min(n));
+    let tile = n.div_ceil(tiles);
+    let jobs = s.batch * tiles;
     // Enough tiles: one GEMM per tile per thread; otherwise (batch 1, late stages) one tile at a
     // time with the GEMM itself split across the threads.
     let outer = jobs >= 2 * threads;
@@ -322,6 +334,17 @@ multiversion! {
 pub(crate) mod tests {
     use super::*;
 
+    /// The reference tests [`portable_paths_match_naive_reference`] repeats on the portable paths.
+    pub const PORTABLE_CHECKED: &[&str] = &[
+        "conv::tests::dense_matches_naive_reference",
+        "conv::depthwise::tests::depthwise_matches_naive_reference",
+        "conv::epilogue::tests::activations_match_definitions",
+        "conv::nhwc::tests::depthwise_nhwc_matches_naive_reference",
+        "conv::nhwc::tests::linear_and_patches_match_naive_conv",
+        "pool::tests::max_pool_matches_definition",
+        "pool::tests::means_and_gate_match_definitions",
+    ];
+
     /// Max error relative to the largest reference magnitude: f32 sums of up to ~1000 products in
     /// a different order (GEMM blocking, FMA) than the naive loop.
     pub const CONV_REL_TOL: f32 = 2e-5;
@@ -453,6 +476,32 @@ pub(crate) mod tests {
             let reference = naive_conv(&x, &wt, &s, e);
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
         }
+    }
+
+    /// Runs this module's reference tests again in a child process with `VISENC_KERNELS=portable`,
+    /// so the portable paths (chosen once per process) are checked on the same cases.
+    #[test]
+    fn portable_paths_match_naive_reference() {
+        if std::env::var("VISENC_KERNELS").is_ok_and(|v| v == "portable") {
+            assert_eq!(crate::cpu::features(), crate::cpu::Features::PORTABLE);
+            return;
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let out = std::process::Command::new(exe)
+            .args(["--exact", "--test-threads", "1"])
+            .args(PORTABLE_CHECKED)
+            .arg("conv::tests::portable_paths_match_naive_reference")
+            .env("VISENC_KERNELS", "portable")
+            .output()
+            .expect("the test binary runs");
+        let log = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "portable run failed:\n{log}");
+        // Every named test ran (a renamed test would otherwise be silently skipped).
+        let ran = PORTABLE_CHECKED.len() + 1;
+        assert!(
+            log.contains(&format!("{ran} passed")),
+            "expected {ran} tests:\n{log}"
+        );
     }
 
     #[test]

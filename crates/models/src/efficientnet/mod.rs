@@ -12,7 +12,7 @@ mod timm;
 use candle_core::{Tensor, D};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures};
-use crate::conv::{global_avg_pool, Conv};
+use crate::conv::{global_avg_pool, sigmoid_gate_planes, Conv};
 use crate::error::{ModelError, Result};
 use crate::nn::Activation;
 
@@ -77,11 +77,12 @@ struct SqueezeExcite {
 
 impl SqueezeExcite {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let s = x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
+        let (b, c, _, _) = x.dims4()?;
+        let s = global_avg_pool(x)?.reshape((b, c, 1, 1))?;
         let s = self
             .expand
-            .forward(&self.act.forward(&self.reduce.forward(&s)?)?)?;
-        Ok(x.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)?)
+            .forward(&self.reduce.forward_with(&s, None, Some(self.act))?)?;
+        sigmoid_gate_planes(x, &s)
     }
 }
 

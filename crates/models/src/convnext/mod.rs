@@ -16,11 +16,13 @@ use serde_json::Value;
 use visenc_weights::{Scope, Weights};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
-use crate::conv::{global_avg_pool, layer_norm_2d, Conv, ConvSpec, Padding};
+use crate::conv::{global_avg_pool, is_cpu_f32, layer_norm_2d, Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{layer_norm, linear, Activation};
 use crate::vit::hf_labels;
 use crate::{parse, LoadedModel};
+
+mod nhwc;
 
 /// eps of the norms inside the transformers trunk (stem, downsampling, blocks), fixed in the code.
 const HF_INNER_EPS: f64 = 1e-6;
@@ -149,8 +151,8 @@ struct Block {
     fc1: crate::linear::Linear,
     act: Activation,
     grn: Option<Grn>,
+    /// With the layer scale (V1) folded in: `gamma * (W x + b) = (gamma W) x + gamma b`.
     fc2: crate::linear::Linear,
-    gamma: Option<Tensor>,
 }
 
 impl Block {
@@ -174,14 +176,14 @@ impl Block {
         } else {
             None
         };
+        let gamma = c.layer_scale.then(|| s.get(dim, k.gamma)).transpose()?;
         Ok(Self {
             dwconv: Conv::load(s, k.dwconv, dw)?,
             norm: layer_norm(s, k.norm, dim, c.eps)?,
-            fc1: pointwise(s, k.fc1, dim, hidden, c.conv_mlp)?,
+            fc1: pointwise(s, k.fc1, dim, hidden, c.conv_mlp, None)?,
             act: c.act,
             grn,
-            fc2: pointwise(s, k.fc2, hidden, dim, c.conv_mlp)?,
-            gamma: c.layer_scale.then(|| s.get(dim, k.gamma)).transpose()?,
+            fc2: pointwise(s, k.fc2, hidden, dim, c.conv_mlp, gamma.as_ref())?,
         })
     }
 
@@ -200,28 +202,33 @@ impl Block {
             Some(g) => g.forward(&y)?,
             None => y,
         };
-        let mut y = self.fc2.forward(&y)?;
-        if let Some(g) = &self.gamma {
-            y = y.broadcast_mul(g)?;
-        }
+        let y = self.fc2.forward(&y)?;
         Ok((x + y.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?)?)
     }
 }
 
-/// A Linear layer, or a 1x1 convolution used as one (timm `conv_mlp`), with bias.
+/// A Linear layer, or a 1x1 convolution used as one (timm `conv_mlp`), with bias; its outputs
+/// multiplied by `scale` when given (folded into the weight and the bias).
 fn pointwise(
     s: &Scope,
     name: &str,
     cin: usize,
     cout: usize,
     conv: bool,
+    scale: Option<&Tensor>,
 ) -> Result<crate::linear::Linear> {
-    if !conv {
-        return linear(s, name, cin, cout, true);
-    }
     let s = s.pp(name);
-    let w = s.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?;
-    crate::linear::Linear::load(&s, w, Some(s.get(cout, "bias")?))
+    let w = if conv {
+        s.get((cout, cin, 1, 1), "weight")?.reshape((cout, cin))?
+    } else {
+        s.get((cout, cin), "weight")?
+    };
+    let b = s.get(cout, "bias")?;
+    let (w, b) = match scale {
+        Some(g) => (w.broadcast_mul(&g.reshape((cout, 1))?)?, (b * g)?),
+        None => (w, b),
+    };
+    crate::linear::Linear::load(&s, w, Some(b))
 }
 
 struct Stage {
@@ -239,6 +246,8 @@ pub struct ConvNeXt {
     /// The LayerNorm on the pooled vector (HF `layernorm`, timm `head.norm`).
     head_norm: Option<crate::nn::LayerNorm>,
     head: Option<crate::linear::Linear>,
+    /// The channels-last CPU path's extra weights, when it applies ([`nhwc`]).
+    nhwc: Option<nhwc::NhwcWeights>,
 }
 
 impl ConvNeXt {
@@ -297,6 +306,15 @@ impl ImageEncoder for ConvNeXt {
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/convnext.py#L619
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("ConvNeXt")?;
+        if let (Some(w), true) = (&self.nhwc, is_cpu_f32(pixels)) {
+            let t = self.trunk_nhwc(w, pixels, opts.features)?;
+            let pooled = match &self.head_norm {
+                Some(n) => n.forward(&t.pooled)?,
+                None => t.pooled,
+            };
+            let logits = self.head.as_ref().map(|h| h.forward(&pooled)).transpose()?;
+            return ImageFeatures::from_map(pooled, logits, &t.last, t.maps, opts);
+        }
         let mut x = self.stem_norm.forward(&self.stem.forward(pixels)?)?;
         let mut reduction = self.patch;
         let mut maps = Vec::new();
@@ -425,7 +443,7 @@ fn load_hf_generation(
         labels: head.as_ref().and(hf_labels(cfg)),
         ..Default::default()
     };
-    let model = ConvNeXt {
+    let mut model = ConvNeXt {
         stem,
         stem_norm,
         patch: c.patch_size,
@@ -433,7 +451,9 @@ fn load_hf_generation(
         norm_pre: None,
         head_norm,
         head,
+        nhwc: None,
     };
+    model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,
@@ -632,7 +652,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         labels: head.as_ref().and(labels),
         ..Default::default()
     };
-    let model = ConvNeXt {
+    let mut model = ConvNeXt {
         stem,
         stem_norm,
         patch: a.patch_size,
@@ -640,7 +660,9 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         norm_pre,
         head_norm,
         head,
+        nhwc: None,
     };
+    model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,

@@ -1,0 +1,266 @@
+//! ConvNeXt's trunk on the CPU in f32, channels last: every block works on rows of C values per
+//! pixel, which is the layout its LayerNorm and its two Linear layers want, so no tensor is ever
+//! transposed. The depthwise convolution runs vectorised across channels, the patchify stem and
+//! the 2x2 downsampling are a patch gather + one GEMM, the Linear layers fuse their bias, GELU and
+//! (the second, with the layer scale folded in at load) the residual, and global pooling reads the
+//! rows directly. The same network as the candle path in `mod.rs`, only in another memory layout.
+
+use std::ops::Deref;
+
+use candle_core::{Layout, Storage, Tensor};
+use visenc_kernels::conv::nhwc::{depthwise, linear, patches};
+use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
+use visenc_kernels::norm::layer_norm;
+use visenc_kernels::pool::mean_pixels;
+
+use super::{Block, ConvNeXt, Norm2d};
+use crate::api::FeatureMap;
+use crate::conv::{cpu_f32, is_cpu_f32, Conv};
+use crate::error::{ModelError, Result};
+use crate::nn::Activation;
+
+/// The weights the NHWC path needs beyond the model's own tensors: the patch convolutions'
+/// weights permuted to [cout, ky, kx, cin] (the order [`patches`] gathers in).
+#[derive(Debug)]
+pub(super) struct NhwcWeights {
+    stem: Tensor,
+    /// One per stage with downsampling.
+    downsample: Vec<Option<Tensor>>,
+}
+
+impl NhwcWeights {
+    /// `None` when the NHWC path does not apply: weights not f32 on the CPU, low-precision
+    /// Linear layers, GRN (ConvNeXt-V2) or an activation other than GELU.
+    pub(super) fn prepare(m: &ConvNeXt) -> Result<Option<Self>> {
+        let blocks_ok = m.stages.iter().flat_map(|s| &s.blocks).all(|b| {
+            b.grn.is_none()
+                && b.act == Activation::Gelu
+                && [&b.fc1, &b.fc2]
+                    .iter()
+                    .all(|l| l.f32_parts().is_some_and(|(w, _)| is_cpu_f32(w)))
+                && is_cpu_f32(b.dwconv.weight())
+        });
+        if !blocks_ok || !is_cpu_f32(m.stem.weight()) {
+            return Ok(None);
+        }
+        let khwc =
+            |c: &Conv| -> Result<Tensor> { Ok(c.weight().permute((0, 2, 3, 1))?.contiguous()?) };
+        Ok(Some(Self {
+            stem: khwc(&m.stem)?,
+            downsample: m
+                .stages
+                .iter()
+                .map(|s| s.downsample.as_ref().map(|(_, c)| khwc(c)).transpose())
+                .collect::<Result<_>>()?,
+        }))
+    }
+}
+
+/// A read lock on a CPU tensor's storage, to borrow its f32 data.
+struct View<'a, G>(G, &'a Layout);
+
+fn view(t: &Tensor) -> View<'_, impl Deref<Target = Storage> + '_> {
+    let (s, l) = t.storage_and_layout();
+    View(s, l)
+}
+
+impl<G: Deref<Target = Storage>> View<'_, G> {
+    fn data(&self) -> Result<&[f32]> {
+        cpu_f32(&self.0, self.1)
+    }
+}
+
+/// An f32 Linear layer's weight and bias.
+fn f32_linear(l: &crate::linear::Linear) -> Result<(&Tensor, Option<&Tensor>)> {
+    l.f32_parts()
+        .ok_or_else(|| ModelError::Input("the NHWC path needs f32 Linear layers".into()))
+}
+
+/// An NHWC map: `data` holds [batch, h, w, c].
+struct Map {
+    data: Vec<f32>,
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl Map {
+    fn rows(&self) -> usize {
+        self.batch * self.h * self.w
+    }
+
+    /// The map as an NCHW tensor (a strided view, copied only if a caller needs it contiguous).
+    fn to_nchw(&self) -> Result<Tensor> {
+        let t = Tensor::from_slice(
+            &self.data,
+            (self.batch, self.h, self.w, self.c),
+            &candle_core::Device::Cpu,
+        )?;
+        Ok(t.permute((0, 3, 1, 2))?)
+    }
+}
+
+/// LayerNorm over each row of C values.
+fn norm_rows(x: &Map, weight: &Tensor, bias: &Tensor, eps: f64, out: &mut Vec<f32>) -> Result<()> {
+    let (g, b) = (view(weight), view(bias));
+    out.resize(x.data.len(), 0.0);
+    layer_norm(&x.data, g.data()?, b.data()?, eps as f32, out);
+    Ok(())
+}
+
+/// A `k x k` stride-`k` convolution (`weight` [cout, ky, kx, cin]) on an NHWC map, floor-cropping
+/// sizes that are not a multiple of `k`.
+fn patch_conv(x: &Map, k: usize, weight: &Tensor, bias: Option<&Tensor>) -> Result<Map> {
+    let (oh, ow) = (x.h / k, x.w / k);
+    if oh == 0 || ow == 0 {
+        return Err(ModelError::Input(format!(
+            "a {}x{} map is smaller than the {k}x{k} patch convolution over it",
+            x.h, x.w
+        )));
+    }
+    let cout = weight.dim(0)?;
+    let mut cols = vec![0f32; x.batch * oh * ow * k * k * x.c];
+    patches(&x.data, x.batch, x.h, x.w, x.c, k, &mut cols);
+    let (wv, bv) = (view(weight), bias.map(view));
+    let e = Epilogue {
+        bias: bv.as_ref().map(|v| v.data()).transpose()?,
+        ..Default::default()
+    };
+    let mut out = vec![0f32; x.batch * oh * ow * cout];
+    linear(&cols, x.batch * oh * ow, wv.data()?, cout, e, &mut out);
+    Ok(Map {
+        data: out,
+        batch: x.batch,
+        h: oh,
+        w: ow,
+        c: cout,
+    })
+}
+
+/// Buffers reused by every block of a forward pass.
+#[derive(Default)]
+struct Scratch {
+    dw: Vec<f32>,
+    normed: Vec<f32>,
+    hidden: Vec<f32>,
+    out: Vec<f32>,
+}
+
+impl Block {
+    /// `x + fc2(gelu(fc1(norm(dwconv(x)))))` on NHWC rows, into `x`.
+    fn forward_nhwc(&self, x: &mut Map, s: &mut Scratch) -> Result<()> {
+        let (m, c) = (x.rows(), x.c);
+        let k = self.dwconv.weight().dim(2)?;
+        let shape = ConvShape {
+            batch: x.batch,
+            cin: c,
+            h: x.h,
+            w: x.w,
+            cout: c,
+            kh: k,
+            kw: k,
+            stride: 1,
+            pad: Pad::same((k - 1) / 2),
+            depthwise: true,
+        };
+        let (dw_w, dw_b) = (
+            view(self.dwconv.weight()),
+            self.dwconv.bias_tensor().map(view),
+        );
+        s.dw.resize(m * c, 0.0);
+        let e = Epilogue {
+            bias: dw_b.as_ref().map(|v| v.data()).transpose()?,
+            ..Default::default()
+        };
+        depthwise(&x.data, dw_w.data()?, &shape, e, &mut s.dw);
+        let (g, b, eps) = self.norm.parts();
+        let (g, b) = (view(g), view(b));
+        s.normed.resize(m * c, 0.0);
+        layer_norm(&s.dw, g.data()?, b.data()?, eps as f32, &mut s.normed);
+        let ((w1, b1), (w2, b2)) = (f32_linear(&self.fc1)?, f32_linear(&self.fc2)?);
+        let (w1, b1, w2, b2) = (view(w1), b1.map(view), view(w2), b2.map(view));
+        let hidden = self.fc1.out_dim();
+        s.hidden.resize(m * hidden, 0.0);
+        let e1 = Epilogue {
+            bias: b1.as_ref().map(|v| v.data()).transpose()?,
+            residual: None,
+            act: Act::Gelu,
+        };
+        linear(&s.normed, m, w1.data()?, hidden, e1, &mut s.hidden);
+        s.out.resize(m * c, 0.0);
+        let e2 = Epilogue {
+            bias: b2.as_ref().map(|v| v.data()).transpose()?,
+            residual: Some(&x.data),
+            act: Act::None,
+        };
+        linear(&s.hidden, m, w2.data()?, c, e2, &mut s.out);
+        std::mem::swap(&mut x.data, &mut s.out);
+        Ok(())
+    }
+}
+
+/// The trunk's outputs: the final map (NCHW view), the pooled vector before the head's norm, the
+/// requested feature maps.
+pub(super) struct Trunk {
+    pub last: Tensor,
+    pub pooled: Tensor,
+    pub maps: Vec<FeatureMap>,
+}
+
+impl ConvNeXt {
+    /// Stem, stages, `norm_pre` and global pooling on NHWC rows (`pixels` NCHW, f32 on the CPU).
+    pub(super) fn trunk_nhwc(
+        &self,
+        w: &NhwcWeights,
+        pixels: &Tensor,
+        features: bool,
+    ) -> Result<Trunk> {
+        let (batch, cin, h, wd) = pixels.dims4()?;
+        let nhwc = pixels.permute((0, 2, 3, 1))?.contiguous()?;
+        let input = Map {
+            data: view(&nhwc).data()?.to_vec(),
+            batch,
+            h,
+            w: wd,
+            c: cin,
+        };
+        let mut x = patch_conv(&input, self.patch, &w.stem, self.stem.bias_tensor())?;
+        let mut buf = Vec::new();
+        let mut normed = |x: &mut Map, n: &Norm2d| -> Result<()> {
+            norm_rows(x, &n.weight, &n.bias, n.eps, &mut buf)?;
+            std::mem::swap(&mut x.data, &mut buf);
+            Ok(())
+        };
+        normed(&mut x, &self.stem_norm)?;
+        let mut reduction = self.patch;
+        let mut maps = Vec::new();
+        let mut scratch = Scratch::default();
+        for (stage, down) in self.stages.iter().zip(&w.downsample) {
+            if let (Some((norm, conv)), Some(dw)) = (&stage.downsample, down) {
+                normed(&mut x, norm)?;
+                x = patch_conv(&x, 2, dw, conv.bias_tensor())?;
+                reduction *= 2;
+            }
+            for b in &stage.blocks {
+                b.forward_nhwc(&mut x, &mut scratch)?;
+            }
+            if features {
+                maps.push(FeatureMap {
+                    reduction,
+                    map: x.to_nchw()?.contiguous()?,
+                });
+            }
+        }
+        if let Some(n) = &self.norm_pre {
+            normed(&mut x, n)?;
+        }
+        let mut pooled = vec![0f32; x.batch * x.c];
+        mean_pixels(&x.data, x.h * x.w, x.c, &mut pooled);
+        Ok(Trunk {
+            last: x.to_nchw()?,
+            pooled: Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?,
+            maps,
+        })
+    }
+}
