@@ -296,9 +296,11 @@ impl Checkpoint {
         })
     }
 
-    /// Reads every weight file; tensors keep their stored dtype until a model takes them as `dtype`.
+    /// Opens every weight file: safetensors tensors stay in their files until a model takes them (then
+    /// they are read one at a time, as `dtype`); pickled PyTorch files are read whole.
     pub fn load_weights(&self, dtype: DType, device: &Device) -> Result<Weights, WeightsError> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let mut lazy = HashMap::new();
         for f in &self.weight_files {
             if !f.is_file() {
                 return Err(WeightsError::Read {
@@ -307,17 +309,19 @@ impl Checkpoint {
                 });
             }
             let ext = f.extension().and_then(|e| e.to_str());
-            let pickled = ext.is_some_and(|e| matches!(e, "pth" | "pt" | "bin"));
-            let part = if pickled {
-                crate::pth::load_pth(f, device)?
+            if ext.is_some_and(|e| matches!(e, "pth" | "pt" | "bin")) {
+                tensors.extend(crate::pth::load_pth(f, device)?);
             } else {
-                candle_core::safetensors::load(f, device).map_err(|e| WeightsError::Read {
-                    path: f.clone(),
-                    reason: e.to_string(),
-                })?
-            };
-            tensors.extend(part);
+                // safetensors: tensors are read when the model takes them.
+                lazy.extend(crate::lazy::open(f)?);
+            }
         }
-        Ok(Weights::new(tensors, &self.dir, dtype, device))
+        Ok(Weights::from_parts(
+            tensors,
+            lazy,
+            self.dir.clone(),
+            dtype,
+            device,
+        ))
     }
 }

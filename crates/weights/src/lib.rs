@@ -4,6 +4,7 @@
 mod checkpoint;
 mod error;
 mod hub;
+mod lazy;
 mod pth;
 mod store;
 mod two_tower;

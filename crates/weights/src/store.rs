@@ -16,6 +16,22 @@ use candle_core::{DType, Device, Shape, Tensor};
 use visenc_kernels::Precision;
 
 use crate::error::WeightsError;
+use crate::lazy::LazyTensor;
+
+/// A checkpoint tensor: in memory, or still in its safetensors file (read when a model takes it).
+enum Stored {
+    Memory(Tensor),
+    File(LazyTensor),
+}
+
+impl Stored {
+    fn dims(&self) -> &[usize] {
+        match self {
+            Self::Memory(t) => t.dims(),
+            Self::File(t) => t.dims(),
+        }
+    }
+}
 
 /// What to do when the checkpoint and the model disagree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,7 +94,7 @@ impl fmt::Display for LoadReport {
 
 /// Tensors of one checkpoint, converted to the model's dtype on the model's device.
 pub struct Weights {
-    tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Stored>,
     source: PathBuf,
     dtype: DType,
     device: Device,
@@ -98,9 +114,39 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Self {
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| (k, Stored::Memory(t)))
+            .collect();
+        Self::with_stored(tensors, source.into(), dtype, device)
+    }
+
+    /// Builds from tensors in memory and tensors still in safetensors files (read one at a time as
+    /// the model takes them, so loading holds no second copy of the weights).
+    pub(crate) fn from_parts(
+        memory: HashMap<String, Tensor>,
+        files: HashMap<String, LazyTensor>,
+        source: PathBuf,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let tensors = memory
+            .into_iter()
+            .map(|(k, t)| (k, Stored::Memory(t)))
+            .chain(files.into_iter().map(|(k, t)| (k, Stored::File(t))))
+            .collect();
+        Self::with_stored(tensors, source, dtype, device)
+    }
+
+    fn with_stored(
+        tensors: HashMap<String, Stored>,
+        source: PathBuf,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
         Self {
             tensors,
-            source: source.into(),
+            source,
             dtype,
             device: device.clone(),
             precision: Precision::F32,
@@ -184,14 +230,18 @@ impl Weights {
         };
         self.used.borrow_mut().insert(name.to_string());
         if let Some(shape) = shape {
-            if t.shape() != shape {
+            if t.dims() != shape.dims() {
                 self.mismatched
                     .borrow_mut()
                     .insert(name.to_string(), (shape.dims().to_vec(), t.dims().to_vec()));
                 return Ok(Some(Tensor::zeros(shape, self.dtype, &self.device)?));
             }
         }
-        Ok(Some(t.to_dtype(self.dtype)?))
+        let t = match t {
+            Stored::Memory(t) => t.to_dtype(self.dtype)?,
+            Stored::File(t) => t.load(name, &self.device)?.to_dtype(self.dtype)?,
+        };
+        Ok(Some(t))
     }
 
     /// Number of parameters in the tensors the model used.
@@ -200,7 +250,7 @@ impl Weights {
         self.tensors
             .iter()
             .filter(|(k, _)| used.contains(*k))
-            .map(|(_, t)| t.elem_count())
+            .map(|(_, t)| t.dims().iter().product::<usize>())
             .sum()
     }
 
