@@ -157,10 +157,19 @@ impl Weights {
         }
     }
 
-    /// The tensors as read, in their stored dtype: the state dict, for callers that build models
+    /// Every tensor, read now, in its stored dtype: the state dict, for callers that build models
     /// from an edited copy of it (fine-tuning).
-    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+    pub fn into_tensors(self) -> Result<HashMap<String, Tensor>, WeightsError> {
         self.tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let t = match t {
+                    Stored::Memory(t) => t,
+                    Stored::File(t) => t.load(&name, &self.device)?,
+                };
+                Ok((name, t))
+            })
+            .collect()
     }
 
     /// Where the tensors came from (a file or a directory).

@@ -189,6 +189,7 @@ impl FineTuner {
             .load_weights(DType::F32, &Device::Cpu)
             .map_err(vx)?
             .into_tensors()
+            .map_err(vx)?
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
             .collect::<Result<_>>()?;
