@@ -312,3 +312,54 @@ fn resume_continues_exactly() {
     let want = resumed.logits(&x, false).unwrap();
     assert!(rel_err(f.logits.as_ref().unwrap(), &want) < 1e-5);
 }
+
+/// timm layout: LoRA on the fused `attn.qkv` and `attn.proj`, a new head for the data's classes, and the
+/// exported checkpoint (labels in `label_names`, `num_classes`) gives the tuner's logits.
+#[test]
+fn timm_vit_trains_and_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let set = photo_classes(&tmp.path().join("data"));
+    let split = stratified_split(&set.labels, 0.34, 0).unwrap();
+    let spec = repo().join("fixtures/models/vit_timm");
+    let spec = spec.to_str().unwrap();
+    let enc = visenc::Encoder::load(spec, &visenc::LoadOptions::default()).unwrap();
+    let (h, w) = enc.info().image_size;
+    let data = Data {
+        set: &set,
+        split: &split,
+        eval: enc.preprocess(),
+        size: (h as u32, w as u32),
+        limits: Default::default(),
+    };
+    let method = Method::Lora {
+        rank: 2,
+        alpha: 2.0,
+    };
+    let mut t = FineTuner::new(spec, &set.classes, method, AdamWConfig::default(), 0).unwrap();
+    let names: Vec<&str> = t.opt.params().iter().map(|p| p.name.as_str()).collect();
+    assert!(
+        names.contains(&"blocks.0.attn.qkv.lora_A.weight"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"head.weight") && names.contains(&"blocks.1.attn.proj.lora_B.weight"));
+    let cfg = RunConfig {
+        epochs: 1,
+        batch: 2,
+        lr: 1e-2,
+        warmup: 0,
+        seed: 0,
+        save_every: 0,
+        stop_at: None,
+    };
+    let out = tmp.path().join("out");
+    fit(&mut t, &data, &cfg, &out, false, |_| ()).unwrap();
+    let exported =
+        visenc::Encoder::load(out.to_str().unwrap(), &visenc::LoadOptions::default()).unwrap();
+    assert_eq!(exported.info().labels.as_deref(), Some(&set.classes[..]));
+    let px = exported.load_image(&set.paths[3]).unwrap();
+    let f = exported
+        .encode_pixels(&[px.clone()], &Default::default())
+        .unwrap();
+    let x = Tensor::from_vec(px.data, (1, 3, px.height, px.width), &Device::Cpu).unwrap();
+    assert!(rel_err(f.logits.as_ref().unwrap(), &t.logits(&x, false).unwrap()) < 1e-5);
+}
