@@ -267,6 +267,36 @@ mod tests {
             .is_none());
     }
 
+    /// A tracked input (a `Var` or anything computed from one) is left to candle's differentiable
+    /// ops, which give the gradient of the composed formula.
+    #[test]
+    fn tracked_inputs_take_differentiable_ops() {
+        let dev = Device::Cpu;
+        let x = candle_core::Var::randn(0f32, 1., (2, 7), &dev).unwrap();
+        let (w, b) = (
+            Tensor::ones(7, DType::F32, &dev).unwrap(),
+            Tensor::zeros(7, DType::F32, &dev).unwrap(),
+        );
+        assert!(layer_norm(&x, &w, &b, 1e-5).unwrap().is_none());
+        assert!(activation(&x, activation::Activation::Gelu)
+            .unwrap()
+            .is_none());
+        assert!(!activation_inplace(&x, activation::Activation::Gelu).unwrap());
+        let plain = x.as_tensor().detach();
+        assert!(layer_norm(&plain, &w, &b, 1e-5).unwrap().is_some());
+        // d/dx sum(softmax(x) * c) = s * (c - sum(s * c)), row by row.
+        let c = Tensor::randn(0f32, 1., (2, 7), &dev).unwrap();
+        let s = softmax_last_dim(&x).unwrap();
+        let g = (&s * &c).unwrap().sum_all().unwrap().backward().unwrap();
+        let sc = (&s * &c).unwrap().sum_keepdim(D::Minus1).unwrap();
+        let want = (&s * c.broadcast_sub(&sc).unwrap()).unwrap();
+        assert!(max_diff(g.get(&x).unwrap(), &want) < 1e-6);
+        let y = layer_norm_differentiable(&x, &w, &b, 1e-5).unwrap();
+        let want = candle_nn::ops::layer_norm(&plain, &w, &b, 1e-5).unwrap();
+        assert!(max_diff(&y, &want) < TOL);
+        assert!(y.sum_all().unwrap().backward().unwrap().get(&x).is_some());
+    }
+
     #[test]
     fn attention_reads_strided_views_and_matches_candle() {
         let dev = Device::Cpu;

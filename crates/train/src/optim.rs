@@ -1,10 +1,18 @@
 //! AdamW with its state in the open (step count, first and second moments per parameter) so a run can
 //! be checkpointed and resumed exactly, and the cosine learning-rate schedule with linear warmup.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
+use serde_json::{json, Value};
 
 use crate::error::{data_err, Result};
+use crate::io::file_err;
+
+/// Metadata key of a state file: `{"step": N, "settings": {...}}`.
+const STATE_META: &str = "visenc_train_state";
 
 /// AdamW hyper-parameters; the defaults are `torch.optim.AdamW`'s.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -103,13 +111,69 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments as `(name, m, v)` per parameter, for a checkpoint.
-    pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor, &Tensor)> {
-        self.params.iter().map(|p| (p.name.as_str(), &p.m, &p.v))
+    /// Writes a resumable state to `path`: every parameter (`param.{name}`), its moments
+    /// (`adamw_m.{name}`, `adamw_v.{name}`) and, in the metadata, the step and the run's `settings`
+    /// (whatever a resumed run must share: data, schedule, seeds...). Written beside and renamed, so an
+    /// interrupted write never leaves a broken state behind.
+    pub fn save(&self, settings: &Value, path: &Path) -> Result<()> {
+        let mut owned: Vec<(String, Tensor)> = Vec::new();
+        for p in &self.params {
+            owned.push((format!("param.{}", p.name), p.var.as_tensor().detach()));
+            owned.push((format!("adamw_m.{}", p.name), p.m.clone()));
+            owned.push((format!("adamw_v.{}", p.name), p.v.clone()));
+        }
+        let refs: Vec<(&str, &Tensor)> = owned.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let meta = json!({ "step": self.step, "settings": settings });
+        let meta = HashMap::from([(STATE_META.to_string(), meta.to_string())]);
+        let tmp = path.with_extension("safetensors.tmp");
+        crate::io::save_f32(&tmp, &refs, meta)?;
+        std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
     }
 
-    /// Restores a checkpointed state: `get(name)` gives the stored (value, m, v) of each parameter.
-    pub fn restore(
+    /// Restores a state written by [`Self::save`] after checking that it was written with `settings`
+    /// (a difference is named, field by field); returns the step it stopped at.
+    pub fn load(&mut self, settings: &Value, path: &Path) -> Result<u64> {
+        let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+        let (_, st) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
+        let meta: Value = st
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(STATE_META))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| file_err(path, "not a visenc training state (no metadata)"))?;
+        let stored = &meta["settings"];
+        if stored != settings {
+            let diff: Vec<String> = settings
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| stored.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}: {} in the checkpoint, {v} now", stored[k.as_str()]))
+                .collect();
+            return Err(file_err(
+                path,
+                format!("cannot resume with other settings ({})", diff.join("; ")),
+            ));
+        }
+        let step = meta["step"]
+            .as_u64()
+            .ok_or_else(|| file_err(path, "no step in the metadata"))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| file_err(path, e))?;
+        self.restore(step, |name| {
+            Some((
+                tensors.get(&format!("param.{name}"))?.clone(),
+                tensors.get(&format!("adamw_m.{name}"))?.clone(),
+                tensors.get(&format!("adamw_v.{name}"))?.clone(),
+            ))
+        })
+        .map_err(|e| file_err(path, e))?;
+        Ok(step)
+    }
+
+    /// Restores a state: `get(name)` gives the stored (value, m, v) of each parameter.
+    fn restore(
         &mut self,
         step: u64,
         mut get: impl FnMut(&str) -> Option<(Tensor, Tensor, Tensor)>,

@@ -6,7 +6,6 @@
 //! `k`-th image of that order draws from its own generator seeded by (seed, e, k). A checkpoint
 //! therefore only needs the trainable tensors, the AdamW moments and the step count.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -22,8 +21,6 @@ use crate::optim::CosineSchedule;
 
 /// Name of the training-state file inside the output directory.
 pub const STATE_FILE: &str = "train_state.safetensors";
-/// Metadata key of the state file.
-const STATE_META: &str = "visenc_finetune";
 
 /// How long and how fast to train.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,68 +142,6 @@ fn settings(tuner: &FineTuner, cfg: &RunConfig, data: &Data) -> Value {
     })
 }
 
-/// Writes the trainable tensors, the AdamW moments and the step (metadata) to `path`.
-pub fn save_state(tuner: &FineTuner, settings: &Value, path: &Path) -> Result<()> {
-    let mut owned: Vec<(String, Tensor)> = Vec::new();
-    for p in tuner.opt.params() {
-        owned.push((format!("param.{}", p.name), p.var.as_tensor().detach()));
-    }
-    for (name, m, v) in tuner.opt.moments() {
-        owned.push((format!("adamw_m.{name}"), m.clone()));
-        owned.push((format!("adamw_v.{name}"), v.clone()));
-    }
-    let refs: Vec<(&str, &Tensor)> = owned.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let meta = json!({ "step": tuner.opt.step, "settings": settings });
-    let meta = HashMap::from([(STATE_META.to_string(), meta.to_string())]);
-    // Written beside and renamed, so an interrupted write never leaves a broken state behind.
-    let tmp = path.with_extension("safetensors.tmp");
-    crate::io::save_f32(&tmp, &refs, meta)?;
-    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
-}
-
-/// Restores a state written by [`save_state`] into `tuner` after checking that it was written with
-/// `settings`; returns the step it stopped at.
-pub fn load_state(tuner: &mut FineTuner, settings: &Value, path: &Path) -> Result<u64> {
-    let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
-    let (_, st) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| file_err(path, e))?;
-    let meta: Value = st
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(STATE_META))
-        .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| file_err(path, "not a visenc fine-tuning state (no metadata)"))?;
-    let stored = &meta["settings"];
-    if stored != settings {
-        let diff: Vec<String> = settings
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| stored.get(k.as_str()) != Some(v))
-            .map(|(k, v)| format!("{k}: {} in the checkpoint, {v} now", stored[k.as_str()]))
-            .collect();
-        return Err(file_err(
-            path,
-            format!("cannot resume with other settings ({})", diff.join("; ")),
-        ));
-    }
-    let step = meta["step"]
-        .as_u64()
-        .ok_or_else(|| file_err(path, "no step in the metadata"))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| file_err(path, e))?;
-    tuner
-        .opt
-        .restore(step, |name| {
-            Some((
-                tensors.get(&format!("param.{name}"))?.clone(),
-                tensors.get(&format!("adamw_m.{name}"))?.clone(),
-                tensors.get(&format!("adamw_v.{name}"))?.clone(),
-            ))
-        })
-        .map_err(|e| file_err(path, e))?;
-    Ok(step)
-}
-
 /// Validation accuracy of the current weights with the checkpoint's eval preprocessing.
 pub fn evaluate(tuner: &FineTuner, data: &Data, idx: &[usize], batch: usize) -> Result<Accuracy> {
     let mut correct = 0;
@@ -265,7 +200,7 @@ pub fn fit(
     let state = out.join(STATE_FILE);
     let settings = settings(tuner, cfg, data);
     if resume {
-        let step = load_state(tuner, &settings, &state)?;
+        let step = tuner.opt.load(&settings, &state)?;
         on(Event::Resumed { step });
     }
     let per_epoch = n.div_ceil(cfg.batch) as u64;
@@ -279,7 +214,7 @@ pub fn fit(
     let stop = cfg.stop_at.unwrap_or(total).min(total);
     let mut val = None;
     let save = |tuner: &FineTuner, on: &mut dyn FnMut(Event)| -> Result<()> {
-        save_state(tuner, &settings, &state)?;
+        tuner.opt.save(&settings, &state)?;
         on(Event::Saved {
             path: state.clone(),
             step: tuner.opt.step,
