@@ -131,6 +131,8 @@ fn zero_shot_classify_picks_the_cat_and_the_coffee() {
         "classify",
         "-q",
         "--json",
+        "--top",
+        "6",
         "--model",
         &t.dir,
         "--labels",
