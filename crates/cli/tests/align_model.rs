@@ -131,6 +131,8 @@ fn zero_shot_classify_picks_the_cat_and_the_coffee() {
         "classify",
         "-q",
         "--json",
+        "--top",
+        "6",
         "--model",
         &t.dir,
         "--labels",
@@ -382,4 +384,31 @@ fn bad_two_tower_directories_are_refused_naming_the_file() {
     refused(&d, &["config.json", "text_towr"]);
     // A sentence encoder alone has no image tower.
     refused(&minilm(), &["no image tower", "two-tower"]);
+}
+
+#[test]
+fn train_align_never_overwrites_another_models_directory() {
+    let d = scratch("occupied");
+    let cfg = r#"{"model_type": "bert"}"#;
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    let run = visenc(&[
+        "train",
+        "align",
+        "--text-model",
+        &minilm(),
+        "--image-model",
+        &lite0(),
+        "--class-names",
+        &asset("weights/imagenet_classes.txt"),
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    run.expect_code(2);
+    assert!(
+        run.stderr.contains("another model's config.json"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_to_string(d.join("config.json")).unwrap(), cfg);
+    assert!(!d.join("projection.safetensors").exists());
 }

@@ -219,14 +219,17 @@ pub fn load_text(
             (encoder, dim)
         }
         (layout, other) => {
+            let kind = match other {
+                "" => format!("a {layout:?} checkpoint"),
+                t => format!("a {layout:?} checkpoint of model_type {t:?}"),
+            };
             return Err(ModelError::Unsupported {
                 what: "text tower",
                 name: format!(
-                    "{}: {layout:?} checkpoint of model_type {other:?}; supported: bert \
-                     (transformers / sentence-transformers directories)",
+                    "{}: {kind}; supported: bert (transformers / sentence-transformers directories)",
                     ckpt.spec
                 ),
-            })
+            });
         }
     };
     let report = w.finish(policy)?;

@@ -5,7 +5,7 @@
 //! that its classifier scores); text embeddings are `text_projection @ sentence_embedding`; zero-shot
 //! scoring uses the learnt `logit_scale` (and `logit_bias` after SigLIP training).
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use visenc_weights::{Checkpoint, LoadPolicy, LoadReport, Weights};
 
 use crate::api::{Scoring, TextEncoder, TextFeatures};

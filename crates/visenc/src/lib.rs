@@ -370,11 +370,6 @@ impl TextModel {
         })
     }
 
-    /// Width of the text embedding (`TextFeatures::projected`).
-    pub fn dim(&self) -> usize {
-        self.tower.dim
-    }
-
     /// Tokenizes and encodes texts; `projected` is the sentence embedding.
     pub fn encode_texts(&self, texts: &[&str]) -> Result<TextFeatures> {
         encode_texts(

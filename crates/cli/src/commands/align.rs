@@ -86,6 +86,18 @@ fn tower_ref(spec: &str) -> Result<String> {
 }
 
 pub fn run(a: AlignArgs) -> Result<usize> {
+    // Never overwrite another model's files: --out is a new directory or an earlier alignment's.
+    let existing = a.out.join("config.json");
+    if existing.is_file() {
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&existing)?)
+            .with_context(|| format!("{}: not JSON", existing.display()))?;
+        if cfg["model_type"] != TWO_TOWER_MODEL_TYPE {
+            bail!(
+                "{} holds another model's config.json; give --out a new directory",
+                a.out.display()
+            );
+        }
+    }
     let names: Vec<String> = std::fs::read_to_string(&a.class_names)
         .with_context(|| format!("{}: cannot read class names", a.class_names.display()))?
         .lines()
@@ -191,17 +203,6 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         ("held_out_top1", held_acc[0].to_string()),
         ("held_out_top5", held_acc[1].to_string()),
     ];
-    let existing = a.out.join("config.json");
-    if existing.is_file() {
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&existing)?)
-            .with_context(|| format!("{}: not JSON", existing.display()))?;
-        if cfg["model_type"] != TWO_TOWER_MODEL_TYPE {
-            bail!(
-                "{} holds another model's config.json; give --out a new directory",
-                a.out.display()
-            );
-        }
-    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("{}: cannot create the model directory", a.out.display()))?;
     aligned.save(
