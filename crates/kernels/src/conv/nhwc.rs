@@ -124,7 +124,10 @@ fn linear_rows(
 /// the patches' size.
 pub fn patches(x: &[f32], batch: usize, h: usize, w: usize, c: usize, k: usize, out: &mut [f32]) {
     let (oh, ow) = (h / k.max(1), w / k.max(1));
-    assert!(k > 0 && oh > 0 && ow > 0, "patches: {h}x{w} map, {k}x{k} patches");
+    assert!(
+        k > 0 && oh > 0 && ow > 0,
+        "patches: {h}x{w} map, {k}x{k} patches"
+    );
     assert_eq!(x.len(), batch * h * w * c, "patches: input length");
     let row = k * k * c;
     assert_eq!(out.len(), batch * oh * ow * row, "patches: output length");
