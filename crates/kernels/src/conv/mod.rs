@@ -13,6 +13,7 @@
 
 mod depthwise;
 mod epilogue;
+pub mod lowp;
 
 use std::cell::RefCell;
 
