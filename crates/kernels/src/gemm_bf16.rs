@@ -9,7 +9,7 @@
 //! the order of the f32 additions differs).
 
 use crate::cpu::Features;
-use crate::panel::{dispatch_tile, for_each_tile, panel_cols, with_scratch, OutPtr, MR, NR};
+use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, MR, NR};
 
 /// Rounds to bf16 like `vcvtneps2bf16`: round to nearest even, subnormals to signed zero, NaN stays a
 /// (quiet) NaN.
@@ -89,55 +89,60 @@ pub fn gemm_bf16(
     features: Features,
 ) {
     let (n, k, pairs) = (w.n, w.k, w.pairs);
-    assert_eq!(a.len(), m * k, "gemm_bf16: activations are not {m} x {k}");
-    assert_eq!(c.len(), m * n, "gemm_bf16: output is not {m} x {n}");
-    assert!(
-        bias.is_none_or(|b| b.len() == n),
-        "gemm_bf16: bias is not {n} wide"
-    );
+    check_shapes("gemm_bf16", a, m, n, k, bias, c);
     if m == 0 || n == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
+    // Only x86-64 has the native kernels (and only there can detection report the feature).
     let native = features.avx512bf16;
-    #[cfg(not(target_arch = "x86_64"))]
-    let native = {
-        let _ = features;
-        false
-    };
     with_scratch(&A_BF16, m * pairs, |a16| {
         // Activations as bf16 pairs, one u32 per pair (the broadcast unit), the odd tail zero.
         a16.chunks_mut(pairs.max(1))
             .zip(a.chunks(k.max(1)))
             .for_each(|(dst, src)| to_pairs(src, dst, native));
         let a16: &[u32] = a16;
-        let out = OutPtr(c.as_mut_ptr());
-        for_each_tile(m, n, k, |row0, rows, panel| {
-            let out = out;
-            let cols = panel_cols(n, panel);
-            let bias = bias.map(|b| &b[panel * NR..panel * NR + cols]);
-            let b = w.panel(panel);
-            for r in (row0..row0 + rows).step_by(MR) {
-                let mr = MR.min(row0 + rows - r);
-                let a = &a16[r * pairs..(r + mr) * pairs];
-                // SAFETY: this task alone writes rows r..r+mr of columns panel*NR..+cols.
-                let c = unsafe { out.0.add(r * n + panel * NR) };
-                #[cfg(target_arch = "x86_64")]
-                if native {
-                    // SAFETY: AVX512-BF16 (and so AVX-512F) is present; the slices cover the tile.
-                    unsafe {
-                        x86::tile(a, pairs, b, mr, cols, bias, c, n);
-                    }
-                    continue;
-                }
-                portable_tile(a, pairs, b, mr, cols, bias, c, n);
-            }
+        for_each_tile(c, m, n, k, |t| {
+            let bias = bias.map(|b| &b[t.panel * NR..t.panel * NR + t.cols]);
+            let b = w.panel(t.panel);
+            let a = &a16[t.row * pairs..(t.row + t.rows) * pairs];
+            // SAFETY: the tile's rows x columns of `c` are this task's alone.
+            unsafe { register_tile(native, a, pairs, b, t.rows, t.cols, bias, t.c, n) };
         });
     });
 }
 
+/// `c[r][j] = Σ_p a[r][p] · b[p][j] (+ bias[j])` for `mr` (<= 6) rows of bf16 pairs `a` ([mr, pairs],
+/// one u32 per pair) and the first `cols` (<= 64) columns of one packed panel `b` ([pairs, 64, 2]),
+/// written to `c` with rows `ldc` apart; on `vdpbf16ps` when `native` (AVX512-BF16 detected).
+///
+/// # Safety
+/// `c` points to `mr` rows of at least `cols` writable values, `ldc` apart, that nothing else accesses
+/// meanwhile; `native` only when the CPU has AVX512-BF16.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn register_tile(
+    native: bool,
+    a: &[u32],
+    pairs: usize,
+    b: &[u16],
+    mr: usize,
+    cols: usize,
+    bias: Option<&[f32]>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    assert!(a.len() >= mr * pairs && b.len() >= pairs * NR * 2 && mr <= MR && cols <= NR);
+    #[cfg(target_arch = "x86_64")]
+    if native {
+        // SAFETY: AVX512-BF16 (and so AVX-512F) is present; the slices cover the tile.
+        unsafe { x86::tile(a, pairs, b, mr, cols, bias, c, ldc) };
+        return;
+    }
+    let _ = native;
+    portable_tile(a, pairs, b, mr, cols, bias, c, ldc);
+}
+
 /// Rounds one activation row to bf16 pairs (zero-padded to `dst.len()` pairs).
-fn to_pairs(src: &[f32], dst: &mut [u32], native: bool) {
+pub(crate) fn to_pairs(src: &[f32], dst: &mut [u32], native: bool) {
     #[cfg(target_arch = "x86_64")]
     if native {
         // SAFETY: AVX512-BF16 is present.
@@ -146,10 +151,15 @@ fn to_pairs(src: &[f32], dst: &mut [u32], native: bool) {
     }
     let _ = native;
     for (p, d) in dst.iter_mut().enumerate() {
-        let lo = src.get(2 * p).map_or(0, |&x| f32_to_bf16(x));
-        let hi = src.get(2 * p + 1).map_or(0, |&x| f32_to_bf16(x));
-        *d = lo as u32 | (hi as u32) << 16;
+        *d = pair(src, p);
     }
+}
+
+/// Values `2p` and `2p + 1` of `src` as a bf16 pair (low half first), zero past the end.
+fn pair(src: &[f32], p: usize) -> u32 {
+    let lo = src.get(2 * p).map_or(0, |&x| f32_to_bf16(x));
+    let hi = src.get(2 * p + 1).map_or(0, |&x| f32_to_bf16(x));
+    lo as u32 | (hi as u32) << 16
 }
 
 /// The register tile without SIMD intrinsics: `mr` rows x `cols` columns of one panel.
@@ -200,10 +210,8 @@ mod x86 {
                 _mm256_storeu_si256(out.add(16 * i) as *mut __m256i, h);
             }
         }
-        for p in full * 8..dst.len() {
-            let lo = src.get(2 * p).map_or(0, |&x| f32_to_bf16(x));
-            let hi = src.get(2 * p + 1).map_or(0, |&x| f32_to_bf16(x));
-            dst[p] = lo as u32 | (hi as u32) << 16;
+        for (p, d) in dst.iter_mut().enumerate().skip(full * 8) {
+            *d = pair(src, p);
         }
     }
 

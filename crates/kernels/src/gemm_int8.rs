@@ -17,7 +17,7 @@
 //! bit-identical results: the packed layout keeps 4 consecutive `k` of one output column together.
 
 use crate::cpu::Features;
-use crate::panel::{dispatch_tile, for_each_tile, panel_cols, with_scratch, OutPtr, MR, NR};
+use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, NR};
 
 /// Largest magnitude of a quantised weight (symmetric, so -128 is unused).
 const QMAX_W: f32 = 127.0;
@@ -106,22 +106,12 @@ pub fn gemm_int8(
     features: Features,
 ) {
     let (n, k, quads) = (w.n, w.k, w.quads);
-    assert_eq!(a.len(), m * k, "gemm_int8: activations are not {m} x {k}");
-    assert_eq!(c.len(), m * n, "gemm_int8: output is not {m} x {n}");
-    assert!(
-        bias.is_none_or(|b| b.len() == n),
-        "gemm_int8: bias is not {n} wide"
-    );
+    check_shapes("gemm_int8", a, m, n, k, bias, c);
     if m == 0 || n == 0 {
         return;
     }
-    #[cfg(target_arch = "x86_64")]
+    // Only x86-64 has the native kernels (and only there can detection report the feature).
     let native = features.avx512vnni;
-    #[cfg(not(target_arch = "x86_64"))]
-    let native = {
-        let _ = features;
-        false
-    };
     let width = quads * 4;
     with_scratch(&A_U8, m * width, |aq| {
         with_scratch(&A_QUANT, m, |rq| {
@@ -133,31 +123,23 @@ pub fn gemm_int8(
                 *rq = quantize_row(src, dst, native);
             }
             let (aq, rq): (&[u8], &[RowQuant]) = (aq, rq);
-            let out = OutPtr(c.as_mut_ptr());
-            for_each_tile(m, n, k, |row0, rows, panel| {
-                let out = out;
-                let cols = panel_cols(n, panel);
-                let cs = panel * NR..panel * NR + cols;
+            for_each_tile(c, m, n, k, |t| {
+                let cs = t.panel * NR..t.panel * NR + t.cols;
                 let epi = Epilogue {
                     scales: &w.scales[cs.clone()],
                     col_sums: &w.col_sums[cs.clone()],
                     bias: bias.map(|b| &b[cs]),
                 };
-                let b = w.panel(panel);
-                for r in (row0..row0 + rows).step_by(MR) {
-                    let mr = MR.min(row0 + rows - r);
-                    let a = &aq[r * width..(r + mr) * width];
-                    let rq = &rq[r..r + mr];
-                    // SAFETY: this task alone writes rows r..r+mr of columns panel*NR..+cols.
-                    let c = unsafe { out.0.add(r * n + panel * NR) };
-                    #[cfg(target_arch = "x86_64")]
-                    if native {
-                        // SAFETY: AVX512-VNNI (and so AVX-512F/BW) is present; slices cover the tile.
-                        unsafe { x86::tile(a, quads, b, mr, rq, &epi, c, n) };
-                        continue;
-                    }
-                    portable_tile(a, quads, b, mr, rq, &epi, c, n);
+                let b = w.panel(t.panel);
+                let a = &aq[t.row * width..(t.row + t.rows) * width];
+                let rq = &rq[t.row..t.row + t.rows];
+                #[cfg(target_arch = "x86_64")]
+                if native {
+                    // SAFETY: AVX512-VNNI (and so AVX-512F/BW) is present; slices cover the tile.
+                    unsafe { x86::tile(a, quads, b, t.rows, rq, &epi, t.c, n) };
+                    return;
                 }
+                portable_tile(a, quads, b, t.rows, rq, &epi, t.c, n);
             });
         });
     });

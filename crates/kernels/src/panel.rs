@@ -21,25 +21,70 @@ const SERIAL_MACS: usize = 1 << 18;
 
 /// A pointer to the output that tasks writing disjoint tiles share.
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub *mut f32);
+struct OutPtr(*mut f32);
 // SAFETY: every task writes a disjoint set of rows x panel columns of the output.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// Calls `tile(row0, rows, panel)` for every block of up to [`MC`] rows and every panel of an
-/// `m` x `n` output, in parallel when the product is large enough.
-pub(crate) fn for_each_tile(
+/// One register tile of the output: rows `row..row + rows` (at most [`MR`]) x the `cols` valid
+/// columns of panel `panel`.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub row: usize,
+    pub rows: usize,
+    pub panel: usize,
+    pub cols: usize,
+    /// The tile's first output element; rows are `n` apart. Only this tile's task writes there.
+    pub c: *mut f32,
+}
+
+/// Checks the operands of `c[m, n] = a[m, k] · wᵀ + bias` (`name` opens the panic message: a wrong
+/// shape here is a bug of the caller, not bad input).
+pub(crate) fn check_shapes(
+    name: &str,
+    a: &[f32],
     m: usize,
     n: usize,
     k: usize,
-    tile: impl Fn(usize, usize, usize) + Sync,
+    bias: Option<&[f32]>,
+    c: &[f32],
 ) {
+    assert_eq!(a.len(), m * k, "{name}: activations are not {m} x {k}");
+    assert_eq!(c.len(), m * n, "{name}: output is not {m} x {n}");
+    assert!(
+        bias.is_none_or(|b| b.len() == n),
+        "{name}: bias is not {n} wide"
+    );
+}
+
+/// Calls `tile` for every register tile of the `m` x `n` output `c`: tasks of up to [`MC`] rows x one
+/// panel, in parallel when the product (`k` deep) is large enough.
+pub(crate) fn for_each_tile(
+    c: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: impl Fn(Tile) + Sync,
+) {
+    assert!(c.len() >= m * n, "for_each_tile: output is not {m} x {n}");
+    let out = OutPtr(c.as_mut_ptr());
     let panels = n.div_ceil(NR);
     let blocks = m.div_ceil(MC);
     let run = |t: usize| {
+        let out = out;
         let (block, panel) = (t / panels, t % panels);
         let row0 = block * MC;
-        tile(row0, MC.min(m - row0), panel);
+        let end = m.min(row0 + MC);
+        for row in (row0..end).step_by(MR) {
+            tile(Tile {
+                row,
+                rows: MR.min(end - row),
+                panel,
+                cols: panel_cols(n, panel),
+                // SAFETY: row < m and panel * NR < n, so the offset is inside `c`.
+                c: unsafe { out.0.add(row * n + panel * NR) },
+            });
+        }
     };
     if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 {
         (0..blocks * panels).for_each(run);
@@ -68,7 +113,7 @@ pub(crate) fn with_scratch<T: Copy + Default + 'static, R>(
 }
 
 /// The valid columns of panel `panel` in an output `n` wide.
-pub(crate) fn panel_cols(n: usize, panel: usize) -> usize {
+fn panel_cols(n: usize, panel: usize) -> usize {
     NR.min(n - panel * NR)
 }
 

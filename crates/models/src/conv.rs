@@ -2,6 +2,7 @@
 //! TensorFlow "SAME" padding, BatchNorm folded into the preceding convolution at load time, pooling.
 
 use candle_core::{DType, Layout, Storage, Tensor, D};
+use visenc_kernels::conv::lowp::{conv2d_bf16, PackedConvBf16};
 use visenc_kernels::conv::{conv2d, Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::pool::{max_pool2d, mean_planes, sigmoid_gate, MaxPool};
 use visenc_weights::Scope;
@@ -28,6 +29,8 @@ pub struct Conv {
     padding: Padding,
     dilation: usize,
     groups: usize,
+    /// The bf16 weight under `Precision::Bf16` (`crate::conv_lowp`).
+    lowp: crate::conv_lowp::LowpConv,
 }
 
 /// Shape of a convolution: channels, kernel, stride, padding, groups.
@@ -98,6 +101,7 @@ impl Conv {
             padding: c.padding,
             dilation: 1,
             groups: c.groups,
+            lowp: crate::conv_lowp::LowpConv::new(s.precision()),
         })
     }
 
@@ -157,6 +161,7 @@ impl Conv {
                 bias: self.bias.as_ref(),
                 residual,
                 act,
+                bf16: self.lowp.packed(&self.weight, self.groups)?,
             };
             if let Some(y) = conv2d_cpu(x, &self.weight, self.stride, self.padding, self.groups, e)?
             {
@@ -190,6 +195,8 @@ pub struct Fused<'a> {
     /// The output's shape.
     pub residual: Option<&'a Tensor>,
     pub act: Option<Activation>,
+    /// The weight in bf16 (a dense convolution's `PackedConvBf16`): the products run in bf16.
+    pub bf16: Option<&'a PackedConvBf16>,
 }
 
 /// An f32 CPU convolution through `visenc_kernels::conv`: dense (groups = 1) or depthwise
@@ -266,13 +273,18 @@ pub fn conv2d_cpu(
         act: fused.unwrap_or_default(),
     };
     let mut out = vec![0f32; b * cout * oh * ow];
-    conv2d(
-        cpu_f32(&xg.0, xg.1)?,
-        cpu_f32(&wg.0, wg.1)?,
-        &shape,
-        epilogue,
-        &mut out,
-    );
+    let xs = cpu_f32(&xg.0, xg.1)?;
+    match e.bf16 {
+        Some(p) if !depthwise => conv2d_bf16(
+            xs,
+            p,
+            &shape,
+            epilogue,
+            &mut out,
+            visenc_kernels::cpu::features(),
+        ),
+        _ => conv2d(xs, cpu_f32(&wg.0, wg.1)?, &shape, epilogue, &mut out),
+    }
     let y = Tensor::from_vec(out, (b, cout, oh, ow), x.device())?;
     Ok(Some(match (e.act, fused) {
         (Some(a), None) => a.forward(&y)?,

@@ -7,6 +7,7 @@ pub mod api;
 pub mod bert;
 pub mod clip;
 pub mod conv;
+mod conv_lowp;
 pub mod convnext;
 pub mod dinov2;
 pub mod efficientnet;

@@ -1,6 +1,6 @@
-//! bf16 and int8 linear layers against the reference's f32 outputs on the tiny fixtures (random
-//! weights, random pixels and one real photo), with tolerances from the error analysis below rather
-//! than from our own output.
+//! bf16 and int8 linear layers (and, under bf16, the CNNs' dense convolutions) against the
+//! reference's f32 outputs on the tiny fixtures (random weights, random pixels and one real photo),
+//! with tolerances from the error analysis below rather than from our own output.
 //!
 //! Error model: a linear layer's output error relative to its typical magnitude is about the
 //! relative RMS error of the rounded operands (products of independent rounding errors add like a
@@ -64,8 +64,12 @@ fn check(f: &Fixture, p: Precision, what: &str, ours: &Tensor, key: &str) {
 /// Pooled / projected / logits at the trained size, the other size and on the real photo; text
 /// embeddings where the model has a text tower.
 fn check_fixture(name: &'static str) {
+    check_fixture_in("models", name);
+}
+
+fn check_fixture_in(group: &str, name: &'static str) {
     for p in [Precision::Bf16, Precision::Int8] {
-        let f = load_fixture_in("models", name, p);
+        let f = load_fixture_in(group, name, p);
         for prefix in ["", "alt_", "photo_"] {
             let Some(px) = f.expected.get(&format!("{prefix}pixel_values")) else {
                 continue;
@@ -122,4 +126,30 @@ fn vit_transformers_and_timm() {
 fn dinov2_transformers() {
     check_fixture("dinov2_hf");
     check_fixture("dinov2_reg_hf");
+}
+
+/// CNNs: under bf16 the dense convolutions run in bf16 as well (depthwise ones and every convolution
+/// under int8 stay f32), within the same bounds. The pooled feature comes before any linear layer, so
+/// it differing from the f32 run shows the convolutions did run in bf16.
+#[test]
+fn cnn_families() {
+    for name in [
+        "resnet_timm",
+        "resnet_hf",
+        "efficientnet_timm",
+        "convnext_timm",
+    ] {
+        check_fixture_in("families", name);
+        let px = load_fixture_in("families", name, Precision::F32).expected["pixel_values"].clone();
+        let run = |p| {
+            let f = load_fixture_in("families", name, p);
+            f.model
+                .image
+                .encode(&px, &EncodeOptions::default())
+                .unwrap()
+                .pooled
+        };
+        let diff = common::rel_err(&run(Precision::Bf16), &run(Precision::F32));
+        assert!(diff > 1e-6, "{name}: bf16 pooled equals f32 (rel {diff})");
+    }
 }

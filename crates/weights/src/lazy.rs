@@ -130,17 +130,31 @@ impl LazyTensor {
         &self.info.shape
     }
 
-    /// Reads the tensor's bytes and makes it a tensor on `device`, in the file's dtype.
+    /// Reads the tensor's bytes and makes it a tensor on `device`, in the file's dtype. f32 tensors
+    /// (the common case) are read straight into their final buffer, without a second copy.
     pub(crate) fn load(&self, name: &str, device: &Device) -> Result<Tensor, WeightsError> {
         let f = &self.file;
         let (start, end) = self.info.data_offsets;
+        let err = |e: String| read_err(&f.path, format!("tensor {name}: {e}"));
+        let read = |buf: &mut [u8]| {
+            let mut file = &f.file;
+            file.seek(SeekFrom::Start(f.data_start + start as u64))
+                .and_then(|_| file.read_exact(buf))
+                .map_err(|e| err(e.to_string()))
+        };
+        if self.dtype == DType::F32 && cfg!(target_endian = "little") {
+            let mut v = vec![0f32; (end - start) / 4];
+            // SAFETY: the bytes of an f32 buffer; every bit pattern is a valid f32.
+            read(unsafe {
+                std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, end - start)
+            })?;
+            return Tensor::from_vec(v, self.info.shape.as_slice(), device)
+                .map_err(|e| err(e.to_string()));
+        }
         let mut bytes = vec![0u8; end - start];
-        let mut file = &f.file;
-        file.seek(SeekFrom::Start(f.data_start + start as u64))
-            .and_then(|_| file.read_exact(&mut bytes))
-            .map_err(|e| read_err(&f.path, format!("tensor {name}: {e}")))?;
+        read(&mut bytes)?;
         Tensor::from_raw_buffer(&bytes, self.dtype, &self.info.shape, device)
-            .map_err(|e| read_err(&f.path, format!("tensor {name}: {e}")))
+            .map_err(|e| err(e.to_string()))
     }
 }
 

@@ -13,6 +13,7 @@
 
 mod depthwise;
 mod epilogue;
+pub mod lowp;
 pub mod nhwc;
 
 use std::cell::RefCell;
