@@ -1,8 +1,10 @@
 //! `visenc index`, `search`, `dedup`, `export`/`import` end to end on real photos and a tiny CLIP
 //! with a text tower: incremental runs, hostile file names, bad images, `kill -9` and resume, and
-//! the same commands against PostgreSQL + pgvector when `VISENC_TEST_POSTGRES` is set.
+//! the same commands (and `kill -9`) against PostgreSQL + pgvector when `VISENC_TEST_POSTGRES` is set.
 
 mod common;
+#[path = "../../index/tests/common/scratch_pg.rs"]
+mod scratch_pg;
 
 use std::path::{Path, PathBuf};
 
@@ -222,32 +224,9 @@ fn index_search_dedup_on_sqlite() {
 
 #[test]
 fn index_search_dedup_on_postgres() {
-    let Ok(url) = std::env::var("VISENC_TEST_POSTGRES") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must set VISENC_TEST_POSTGRES (see .ci/run)"
-        );
-        eprintln!("VISENC_TEST_POSTGRES is not set: the PostgreSQL test is not run");
-        return;
-    };
-    let mut admin = postgres::Client::connect(&url, postgres::NoTls)
-        .unwrap_or_else(|e| panic!("VISENC_TEST_POSTGRES={url}: cannot connect: {e}"));
-    let name = format!("visenc_cli_test_{}", std::process::id());
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .unwrap();
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let query = tail
-        .split_once('?')
-        .map_or(String::new(), |(_, q)| format!("?{q}"));
-    cycle(&format!("{scheme}://{authority}/{name}{query}"));
-    admin
-        .batch_execute(&format!("DROP DATABASE {name}"))
-        .unwrap();
+    if let Some(db) = scratch_pg::ScratchDb::create("visenc_cli_test") {
+        cycle(&db.url);
+    }
 }
 
 #[test]
@@ -319,16 +298,16 @@ fn export_is_clip_retrieval_layout_and_imports_back() {
     );
 }
 
-#[test]
-fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
+/// Kills `visenc index` (SIGKILL) after a few committed batches, then checks that every committed
+/// row is whole and that a rerun completes the index to what a single run gives. `db2` is a second,
+/// empty database for that single run.
+fn kill_9_loses_nothing_committed_and_the_rerun_completes(db: &str, db2: &str) {
     let d = tempfile::tempdir().unwrap();
     let n = 120;
     for i in 0..n {
         let name = PHOTOS[i % PHOTOS.len()];
         std::fs::copy(photo(name), d.path().join(format!("{i:03} {name}"))).unwrap();
     }
-    let t = tempfile::tempdir().unwrap();
-    let db = t.path().join("k.db").display().to_string();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_visenc"))
         .args([
             "index",
@@ -336,7 +315,7 @@ fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
             "--model",
             &fixture(MODEL),
             "--db",
-            &db,
+            db,
         ])
         .args(["--quiet", "--batch", "1", "--commit-every", "2"])
         .stderr(std::process::Stdio::null())
@@ -345,10 +324,7 @@ fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
     // Wait for some committed batches, then SIGKILL mid-run.
     let started = std::time::Instant::now();
     loop {
-        let done = Index::open(&db)
-            .ok()
-            .and_then(|i| i.len().ok())
-            .unwrap_or(0);
+        let done = Index::open(db).ok().and_then(|i| i.len().ok()).unwrap_or(0);
         if done >= 4 {
             break;
         }
@@ -364,7 +340,7 @@ fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let idx = Index::open(&db).unwrap();
+    let idx = Index::open(db).unwrap();
     let kept = idx.files().unwrap();
     assert!(
         kept.len() >= 4 && kept.len() < n,
@@ -380,7 +356,7 @@ fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
             f.path
         );
     }
-    let r = index(d.path(), &db, &[]);
+    let r = index(d.path(), db, &[]);
     r.expect_code(0);
     let summary = format!(
         "{} image(s) embedded, {} unchanged",
@@ -390,8 +366,7 @@ fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
     assert!(r.stderr.contains(&summary), "{}", r.stderr);
 
     // The resumed index equals one built in a single run.
-    let db2 = t.path().join("clean.db").display().to_string();
-    index(d.path(), &db2, &[]).expect_code(0);
+    index(d.path(), db2, &[]).expect_code(0);
     let sorted = |db: &str| {
         let (p, v) = Index::open(db).unwrap().vectors().unwrap();
         let dim = v.len() / p.len();
@@ -402,10 +377,28 @@ fn kill_9_loses_nothing_committed_and_the_rerun_completes() {
         rows.sort_by(|a, b| a.0.cmp(&b.0));
         rows
     };
-    let (a, b) = (sorted(&db), sorted(&db2));
+    let (a, b) = (sorted(db), sorted(db2));
     assert_eq!(a.len(), n);
     for ((pa, va), (pb, vb)) in a.iter().zip(&b) {
         assert_eq!(pa, pb);
         assert!(common::max_abs_diff(va, vb) < 1e-6, "{pa}");
     }
+}
+
+#[test]
+fn kill_9_on_sqlite_loses_nothing_committed() {
+    let t = tempfile::tempdir().unwrap();
+    let db = |name: &str| t.path().join(name).display().to_string();
+    kill_9_loses_nothing_committed_and_the_rerun_completes(&db("k.db"), &db("clean.db"));
+}
+
+#[test]
+fn kill_9_on_postgres_loses_nothing_committed() {
+    let (Some(db), Some(db2)) = (
+        scratch_pg::ScratchDb::create("visenc_cli_kill"),
+        scratch_pg::ScratchDb::create("visenc_cli_kill_clean"),
+    ) else {
+        return;
+    };
+    kill_9_loses_nothing_committed_and_the_rerun_completes(&db.url, &db2.url);
 }

@@ -2,7 +2,7 @@
 //!
 //! Two backends behind one API, chosen by the `db` string:
 //! - a file path: an embedded SQLite database (WAL mode, one transaction per committed batch), no
-//!   server needed. Search goes through an in-memory HNSW graph (`instant-distance`) over int8-quantised
+//!   server needed. Search goes through an in-memory HNSW graph (`usearch`) over int8-quantised
 //!   vectors, re-ranked exactly with the stored f32 vectors; the graph is cached beside the database in
 //!   `<db>.hnsw` and rebuilt when the index has changed since.
 //! - `postgres://...` / `postgresql://...`: PostgreSQL with pgvector (`vector(D)` column, an HNSW index with

@@ -79,13 +79,20 @@ pub fn image_bytes(value: &str, name: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::validation(format!("{name}: not valid base64: {e}")))
 }
 
+/// A decoded request image: its pixels, preprocessed for the model, and the height of the image
+/// as stored (before EXIF orientation), which usage counts.
+pub struct DecodedImage {
+    pub pixels: Pixels,
+    pub height: u32,
+}
+
 /// Decodes and preprocesses images on the blocking pool (never on the async runtime). Each input
 /// is named `{field}[i]` in errors; the first bad one fails the request.
 pub async fn decode_images(
     state: &AppState,
     inputs: Vec<String>,
     field: &'static str,
-) -> Result<Vec<Pixels>, ApiError> {
+) -> Result<Vec<DecodedImage>, ApiError> {
     let enc = state.encoder.clone();
     tokio::task::spawn_blocking(move || {
         inputs
@@ -94,13 +101,31 @@ pub async fn decode_images(
             .map(|(i, s)| {
                 let name = format!("{field}[{i}]");
                 let bytes = image_bytes(s, &name)?;
-                enc.decode_image(&bytes, &name)
-                    .map_err(|e| ApiError::from(e).with_param(field))
+                let pixels = enc
+                    .decode_image(&bytes, &name)
+                    .map_err(|e| ApiError::from(e).with_param(field))?;
+                // The header decoded above, so reading its size again cannot fail in practice.
+                let height = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                    .with_guessed_format()
+                    .ok()
+                    .and_then(|r| r.into_dimensions().ok())
+                    .map_or(0, |(_, h)| h);
+                Ok(DecodedImage { pixels, height })
             })
             .collect()
     })
     .await
     .map_err(|e| ApiError::new(ErrorKind::Backend, format!("image decoding failed: {e}")))?
+}
+
+/// What one image adds to `usage`, as infinity counts it: the length of its stand-in text
+/// `"an image is worth a repeated " + "token" * height` (`ImageSingle.str_repr`), measured by
+/// infinity's default `length_tokenizer` (`lengths_via_tokenize` is off by default), which counts
+/// characters; so a taller image counts more. Texts are counted in tokens of the model's tokenizer.
+/// https://github.com/michaelfeil/infinity/blob/052378fac6566adc2d5e51806937894cd63a8f27/libs/infinity_emb/infinity_emb/primitives.py
+/// https://github.com/michaelfeil/infinity/blob/013dad91837202cc3ddc044f6144b289a154756a/libs/infinity_emb/infinity_emb/inference/batch_handler.py
+pub fn image_usage(height: u32) -> usize {
+    "an image is worth a repeated ".len() + "token".len() * height as usize
 }
 
 /// Embeds texts with the text tower (through the batching queue).
@@ -120,11 +145,11 @@ pub async fn embed_texts(state: &AppState, texts: Vec<String>) -> Result<Vec<Emb
 /// Embeds decoded images (through the batching queue).
 pub async fn embed_images(
     state: &AppState,
-    pixels: Vec<Pixels>,
+    images: Vec<DecodedImage>,
 ) -> Result<Vec<Embedding>, ApiError> {
     state
         .batcher
-        .embed(pixels.into_iter().map(Item::Image).collect())
+        .embed(images.into_iter().map(|i| Item::Image(i.pixels)).collect())
         .await
 }
 

@@ -83,9 +83,9 @@ pub async fn openai(
             (inputs::embed_texts(&state, inputs).await?, tokens)
         }
         Modality::Image => {
-            let pixels = inputs::decode_images(&state, inputs, "input").await?;
-            // Images have no text tokens; usage counts text only.
-            (inputs::embed_images(&state, pixels).await?, 0)
+            let images = inputs::decode_images(&state, inputs, "input").await?;
+            let usage = images.iter().map(|i| inputs::image_usage(i.height)).sum();
+            (inputs::embed_images(&state, images).await?, usage)
         }
     };
     let data = vectors
