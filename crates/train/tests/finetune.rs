@@ -306,7 +306,7 @@ fn resume_continues_exactly() {
     assert_eq!(exported.info().labels.as_deref(), Some(&set.classes[..]));
     let px = exported.load_image(&set.paths[0]).unwrap();
     let f = exported
-        .encode_pixels(&[px.clone()], &Default::default())
+        .encode_pixels(std::slice::from_ref(&px), &Default::default())
         .unwrap();
     let x = Tensor::from_vec(px.data, (1, 3, px.height, px.width), &Device::Cpu).unwrap();
     let want = resumed.logits(&x, false).unwrap();
@@ -358,7 +358,7 @@ fn timm_vit_trains_and_exports() {
     assert_eq!(exported.info().labels.as_deref(), Some(&set.classes[..]));
     let px = exported.load_image(&set.paths[3]).unwrap();
     let f = exported
-        .encode_pixels(&[px.clone()], &Default::default())
+        .encode_pixels(std::slice::from_ref(&px), &Default::default())
         .unwrap();
     let x = Tensor::from_vec(px.data, (1, 3, px.height, px.width), &Device::Cpu).unwrap();
     assert!(rel_err(f.logits.as_ref().unwrap(), &t.logits(&x, false).unwrap()) < 1e-5);

@@ -246,7 +246,7 @@ pub fn fit(
             lr,
         });
         let step = tuner.opt.step;
-        if step % per_epoch == 0 {
+        if step.is_multiple_of(per_epoch) {
             val = (!data.split.val.is_empty())
                 .then(|| evaluate(tuner, data, &data.split.val, cfg.batch))
                 .transpose()?;
@@ -255,7 +255,7 @@ pub fn fit(
                 val,
             });
         }
-        if cfg.save_every > 0 && step % cfg.save_every == 0 && step < stop {
+        if cfg.save_every > 0 && step.is_multiple_of(cfg.save_every) && step < stop {
             save(tuner, &mut on)?;
         }
     }
