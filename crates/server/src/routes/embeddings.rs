@@ -84,7 +84,7 @@ pub async fn openai(
         }
         Modality::Image => {
             let images = inputs::decode_images(&state, inputs, "input").await?;
-            let usage = images.iter().map(|i| inputs::image_usage(i.height)).sum();
+            let usage: usize = images.iter().map(|i| inputs::image_usage(i.height)).sum();
             (inputs::embed_images(&state, images).await?, usage)
         }
     };
