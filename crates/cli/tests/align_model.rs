@@ -56,27 +56,35 @@ fn trained() -> &'static Trained {
     static T: OnceLock<Trained> = OnceLock::new();
     T.get_or_init(|| {
         let dir = scratch("model").join("lite0-minilm");
-        let run = visenc(&[
-            "train",
-            "align",
-            "-q",
-            "--text-model",
-            &minilm(),
-            "--image-model",
-            &lite0(),
-            "--class-names",
-            &asset("weights/imagenet_classes.txt"),
-            "--steps",
-            "150",
-            "--out",
-            dir.to_str().unwrap(),
-        ]);
+        let run = align(&dir, &[]);
         run.expect_code(0);
         Trained {
             dir: dir.display().to_string(),
             stdout: run.stdout.clone(),
         }
     })
+}
+
+/// `visenc train align` with the README recipe at 150 steps into `out`, plus `extra` arguments.
+fn align(out: &Path, extra: &[&str]) -> Run {
+    let (text, image, names) = (minilm(), lite0(), asset("weights/imagenet_classes.txt"));
+    let mut args = vec![
+        "train",
+        "align",
+        "-q",
+        "--text-model",
+        &text,
+        "--image-model",
+        &image,
+        "--class-names",
+        &names,
+        "--steps",
+        "150",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    visenc(&args)
 }
 
 /// The number after `label` in `text` (e.g. "top-5 0.650").
@@ -411,4 +419,49 @@ fn train_align_never_overwrites_another_models_directory() {
     );
     assert_eq!(std::fs::read_to_string(d.join("config.json")).unwrap(), cfg);
     assert!(!d.join("projection.safetensors").exists());
+}
+
+/// Stopped at step 100 and resumed, the alignment ends with the uninterrupted run's projection and
+/// numbers; a resume with other settings is refused naming them.
+#[test]
+fn train_align_stops_and_resumes_to_the_uninterrupted_result() {
+    let t = trained();
+    let dir = scratch("resume").join("model");
+    let stop = align(&dir, &["--stop-at", "100", "--save-every", "40"]);
+    stop.expect_code(0);
+    assert!(
+        stop.stdout.contains("stopped after step 100"),
+        "{}",
+        stop.stdout
+    );
+    assert!(dir.join("align_state.safetensors").is_file());
+    assert!(
+        !dir.join("config.json").exists(),
+        "no model before the run ends"
+    );
+    let other = align(&dir, &["--resume", "--lr", "0.01"]);
+    other.expect_code(2);
+    assert!(other.stderr.contains("lr"), "{}", other.stderr);
+    let resumed = align(&dir, &["--resume"]);
+    resumed.expect_code(0);
+    let held = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("held-out"))
+            .map(str::to_string)
+    };
+    assert_eq!(held(&resumed.stdout), held(&t.stdout));
+    let projection = |d: &Path| {
+        candle_core::safetensors::load(d.join("projection.safetensors"), &Device::Cpu).unwrap()
+            ["text_projection"]
+            .clone()
+    };
+    let diff = (projection(&dir) - projection(Path::new(&t.dir)))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-6, "max |resumed - straight| = {diff}");
 }

@@ -3,12 +3,14 @@
 //! classifier's class vectors paired with the class names), full-batch AdamW; and the retrieval accuracy
 //! (top-k) used to judge it on held-out pairs.
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
 use crate::contrastive::{l2_normalize, Contrastive, LossKind};
 use crate::data::SplitMix64;
 use crate::error::{data_err, Result};
+use crate::optim::{AdamW, AdamWConfig};
 
 /// Settings of [`train_projection`].
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +36,20 @@ impl Default for AlignConfig {
     }
 }
 
+/// Where [`train_projection`] keeps a resumable state (the projection, the temperature/bias and their
+/// AdamW moments; [`AdamW::save`]).
+pub struct StateFile<'a> {
+    pub path: &'a Path,
+    /// Save after every this many steps, and after the last.
+    pub every: usize,
+    /// Continue from the state at `path` (written with the same `settings`) instead of starting afresh.
+    pub resume: bool,
+    /// Stop (with the state saved) after this step, to continue later with `resume`.
+    pub stop_at: Option<usize>,
+    /// What a resumed run must share (models, data, hyper-parameters); compared field by field.
+    pub settings: &'a serde_json::Value,
+}
+
 /// A trained text-to-image projection: `image_space = text @ weight.T`.
 #[derive(Debug)]
 pub struct Aligned {
@@ -47,11 +63,13 @@ pub struct Aligned {
 }
 
 /// Trains the projection on pairs (row i of `text` [N, E] with row i of `image` [N, P]); the image side is
-/// locked. `progress` gets (step, loss).
+/// locked. With `state`, the run is checkpointed and can stop and resume exactly (full-batch training has
+/// no data order to restore). `progress` gets (step, loss).
 pub fn train_projection(
     text: &Tensor,
     image: &Tensor,
     cfg: &AlignConfig,
+    state: Option<&StateFile>,
     mut progress: impl FnMut(usize, f32),
 ) -> Result<Aligned> {
     let (n, e) = text.dims2()?;
@@ -73,23 +91,37 @@ pub fn train_projection(
         .collect();
     let w = Var::from_tensor(&Tensor::from_vec(init, (p, e), &dev)?)?;
     let loss_fn = Contrastive::new(cfg.loss, true, &dev)?;
-    let params = |weight_decay| ParamsAdamW {
-        lr: cfg.lr,
-        weight_decay,
-        ..ParamsAdamW::default()
+    let mut params = vec![("text_projection".to_string(), w.clone())];
+    params.extend(
+        ["logit_scale", "logit_bias"]
+            .into_iter()
+            .map(str::to_string)
+            .zip(loss_fn.vars()),
+    );
+    // Weight decay reaches the projection only (rank 2), not the temperature or bias, as open_clip.
+    let adamw = AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..AdamWConfig::default()
     };
-    let mut opt_w = AdamW::new(vec![w.clone()], params(cfg.weight_decay))?;
-    let mut opt_s = AdamW::new(loss_fn.vars(), params(0.0))?;
+    let mut opt = AdamW::new(params, adamw)?;
+    if let Some(s) = state.filter(|s| s.resume) {
+        opt.load(s.settings, s.path)?;
+    }
+    let last = state
+        .and_then(|s| s.stop_at)
+        .map_or(cfg.steps, |k| k.min(cfg.steps));
     let mut losses = Vec::with_capacity(cfg.steps);
-    for step in 1..=cfg.steps {
+    for step in opt.step as usize + 1..=last {
         let loss = loss_fn.loss(&image, &text.matmul(&w.as_tensor().t()?)?)?;
         let grads = loss.backward()?;
-        opt_w.step(&grads)?;
-        opt_s.step(&grads)?;
+        opt.step(&grads, cfg.lr)?;
         loss_fn.clamp()?;
         let l = loss.to_scalar::<f32>()?;
         losses.push(l);
         progress(step, l);
+        if let Some(s) = state.filter(|s| step % s.every.max(1) == 0 || step == last) {
+            opt.save(s.settings, s.path)?;
+        }
     }
     let (logit_scale, logit_bias) = loss_fn.values()?;
     Ok(Aligned {

@@ -2,7 +2,8 @@
 //! pairs it never saw; top-k accuracy counts ranks as expected.
 
 use candle_core::{Device, Tensor};
-use visenc_train::align::{top_k_accuracy, train_projection, AlignConfig};
+use visenc_train::align::{top_k_accuracy, train_projection, AlignConfig, StateFile};
+use visenc_train::LossKind;
 
 #[test]
 fn projection_learns_a_hidden_map_and_generalises_to_held_out_pairs() {
@@ -33,7 +34,7 @@ fn projection_learns_a_hidden_map_and_generalises_to_held_out_pairs() {
         lr: 1e-2,
         ..AlignConfig::default()
     };
-    let aligned = train_projection(&tr_t, &tr_i, &cfg, |_, _| {}).unwrap();
+    let aligned = train_projection(&tr_t, &tr_i, &cfg, None, |_, _| {}).unwrap();
     assert!(
         aligned.losses.last().unwrap() < &(aligned.losses[0] * 0.5),
         "{:?}",
@@ -62,9 +63,79 @@ fn top_k_counts_ranks_and_mismatched_pairs_are_refused() {
         &queries,
         &keys.narrow(0, 0, 2).unwrap(),
         &AlignConfig::default(),
+        None,
         |_, _| {},
     )
     .unwrap_err()
     .to_string();
     assert!(err.contains("3 and 2"), "{err}");
+}
+
+/// Stopping after k steps and resuming from the saved state gives the weights, temperature and bias of the
+/// uninterrupted run (full-batch: no data order to restore); a state written with other settings is refused.
+#[test]
+fn stopping_and_resuming_equals_the_uninterrupted_run() {
+    let dev = Device::Cpu;
+    let text = Tensor::randn(0f32, 1.0, (40, 8), &dev).unwrap();
+    let image = Tensor::randn(0f32, 1.0, (40, 12), &dev).unwrap();
+    let cfg = AlignConfig {
+        loss: LossKind::Siglip,
+        steps: 12,
+        lr: 1e-2,
+        ..AlignConfig::default()
+    };
+    let straight = train_projection(&text, &image, &cfg, None, |_, _| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("align_state.safetensors");
+    let settings = serde_json::json!({"data": "random", "steps": 12});
+    let state = |resume, stop_at| StateFile {
+        path: &path,
+        every: 5,
+        resume,
+        stop_at,
+        settings: &settings,
+    };
+    let first =
+        train_projection(&text, &image, &cfg, Some(&state(false, Some(7))), |_, _| {}).unwrap();
+    assert_eq!(first.losses.len(), 7);
+    let mut steps = vec![];
+    let resumed = train_projection(&text, &image, &cfg, Some(&state(true, None)), |s, _| {
+        steps.push(s)
+    })
+    .unwrap();
+    assert_eq!(steps, (8..=12).collect::<Vec<_>>());
+    for (r, s) in resumed.losses.iter().zip(&straight.losses[7..]) {
+        assert!(
+            (r - s).abs() <= 1e-6,
+            "losses {:?} vs {:?}",
+            resumed.losses,
+            &straight.losses[7..]
+        );
+    }
+    let diff = (&resumed.weight - &straight.weight)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff <= 1e-6, "max |resumed - straight| = {diff}");
+    assert_eq!(resumed.logit_scale, straight.logit_scale);
+    assert_eq!(resumed.logit_bias, straight.logit_bias);
+
+    let other = serde_json::json!({"data": "random", "steps": 20});
+    let err = train_projection(
+        &text,
+        &image,
+        &cfg,
+        Some(&StateFile {
+            settings: &other,
+            ..state(true, None)
+        }),
+        |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("steps") && err.contains("12"), "{err}");
 }

@@ -178,12 +178,12 @@ fn unknown_model_type_lists_supported_ones() {
     let path = tmp.path().join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["model_type"] = "bert".into();
-    cfg["architectures"] = serde_json::json!(["BertModel"]);
+    cfg["model_type"] = "gpt2".into();
+    cfg["architectures"] = serde_json::json!(["GPT2Model"]);
     std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
     let err = load_err(tmp.path());
     assert!(
-        err.contains("bert"),
+        err.contains("gpt2"),
         "error must name the unsupported type: {err}"
     );
     for supported in ["clip", "siglip", "vit", "dinov2"] {

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use visenc::weights::{Checkpoint, TwoTowerConfig, PROJECTION_FILE, TWO_TOWER_MODEL_TYPE};
 use visenc::{Encoder, LoadOptions, TextModel};
-use visenc_train::align::{top_k_accuracy, train_projection, AlignConfig};
+use visenc_train::align::{top_k_accuracy, train_projection, AlignConfig, StateFile};
 use visenc_train::data::SplitMix64;
 use visenc_train::LossKind;
 
@@ -50,9 +50,21 @@ pub struct AlignArgs {
     /// and `projection.safetensors` (`text_projection` [image dim, text dim], `logit_scale`).
     #[arg(long, default_value = "aligned-model")]
     out: PathBuf,
+    /// Save the training state (`OUT/align_state.safetensors`) every this many steps and after the last.
+    #[arg(long, default_value_t = 50)]
+    save_every: usize,
+    /// Stop after this step with the state saved (continue later with --resume).
+    #[arg(long)]
+    stop_at: Option<usize>,
+    /// Continue from `OUT/align_state.safetensors`, written by a run with the same settings.
+    #[arg(long)]
+    resume: bool,
     #[arg(long, short)]
     quiet: bool,
 }
+
+/// The training state file inside the output directory.
+const STATE_FILE: &str = "align_state.safetensors";
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LossArg {
@@ -150,16 +162,50 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         seed: a.seed,
     };
     let quiet = a.quiet;
+    // Everything a resumed run must share with the one that wrote the state.
+    let settings = serde_json::json!({
+        "text_model": a.text_model,
+        "image_model": a.image_model,
+        "image_vectors": a.classifier_weight,
+        "class_names": a.class_names.display().to_string(),
+        "template": a.template,
+        "held_out": a.holdout,
+        "seed": a.seed,
+        "loss": cfg.loss,
+        "steps": a.steps,
+        "lr": a.lr,
+        "weight_decay": a.weight_decay,
+    });
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("{}: cannot create the model directory", a.out.display()))?;
+    let state_path = a.out.join(STATE_FILE);
+    let state = StateFile {
+        path: &state_path,
+        every: a.save_every,
+        resume: a.resume,
+        stop_at: a.stop_at,
+        settings: &settings,
+    };
     let aligned = train_projection(
         &pick(&text, train)?,
         &pick(&classes, train)?,
         &cfg,
+        Some(&state),
         |s, l| {
             if !quiet && (s % 50 == 0 || s == 1) {
                 eprintln!("visenc: step {s}: loss {l:.4}");
             }
         },
     )?;
+    if let Some(k) = a.stop_at.filter(|&k| k < a.steps) {
+        writeln!(
+            std::io::stdout(),
+            "stopped after step {k} of {}; state saved to {} (continue with --resume)",
+            a.steps,
+            state_path.display()
+        )?;
+        return Ok(0);
+    }
     let project = |t: &Tensor| -> Result<Tensor> { Ok(t.matmul(&aligned.weight.t()?)?) };
     let held_acc = top_k_accuracy(
         &project(&pick(&text, held)?)?,
@@ -203,8 +249,6 @@ pub fn run(a: AlignArgs) -> Result<usize> {
         ("held_out_top1", held_acc[0].to_string()),
         ("held_out_top5", held_acc[1].to_string()),
     ];
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("{}: cannot create the model directory", a.out.display()))?;
     aligned.save(
         &a.out.join(PROJECTION_FILE),
         meta.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
