@@ -10,7 +10,7 @@ use visenc_weights::{Scope, Weights};
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
 use crate::conv::{global_avg_pool, max_pool_3x3_s2_p1, Conv, ConvSpec};
 use crate::error::{config_err, ModelError, Result};
-use crate::nn::{linear, Activation};
+use crate::nn::{linear, optional_classifier, Activation};
 use crate::vit::{hf_labels, timm_labels};
 use crate::{parse, LoadedModel};
 
@@ -200,10 +200,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         }
         stages.push(blocks);
     }
-    let head = match root.shape_of("classifier.1.weight") {
-        Some(shape) => Some(linear(&root, "classifier.1", cin, shape[0], true)?),
-        None => None,
-    };
+    let head = optional_classifier(&root, "classifier.1", cin)?;
     let info = ModelInfo {
         architecture: architecture.to_string(),
         family: "resnet",

@@ -18,7 +18,7 @@ use visenc_weights::{Scope, Weights};
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
 use crate::conv::{global_avg_pool, is_cpu_f32, layer_norm_2d, Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
-use crate::nn::{layer_norm, linear, Activation};
+use crate::nn::{layer_norm, linear, optional_classifier, Activation};
 use crate::vit::hf_labels;
 use crate::{parse, LoadedModel};
 
@@ -429,10 +429,7 @@ fn load_hf_generation(
     let (stem, stem_norm, stages) = ConvNeXt::load_trunk(&s, &HF_KEYS, &trunk_cfg)?;
     let width = trunk_cfg.dims[n - 1];
     let head_norm = Some(layer_norm(&s, "layernorm", width, c.layer_norm_eps)?);
-    let head = match root.shape_of("classifier.weight") {
-        Some(shape) => Some(linear(&root, "classifier", width, shape[0], true)?),
-        None => None,
-    };
+    let head = optional_classifier(&root, "classifier", width)?;
     let info = ModelInfo {
         architecture: architecture.to_string(),
         family: if v2 { "convnextv2" } else { "convnext" },

@@ -11,7 +11,7 @@ use super::{make_divisible, Block, ConvBnAct, EfficientNet, Pad, Pool, SqueezeEx
 use crate::api::ModelInfo;
 use crate::conv::{Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
-use crate::nn::{linear, Activation};
+use crate::nn::{optional_classifier, Activation};
 use crate::vit::hf_labels;
 use crate::{parse, LoadedModel};
 
@@ -290,12 +290,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         None,
         Some(act),
     )?;
-    let classes = root
-        .shape_of("classifier.weight")
-        .and_then(|shape| shape.first().copied());
-    let classifier = classes
-        .map(|n| linear(&root, "classifier", top_chs, n, true))
-        .transpose()?;
+    let classifier = optional_classifier(&root, "classifier", top_chs)?;
     let image_size = match c.image_size {
         ImageSize::Square(s) => (s, s),
         ImageSize::Rect([h, w]) => (h, w),
