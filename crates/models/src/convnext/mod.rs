@@ -440,7 +440,7 @@ fn load_hf_generation(
         labels: head.as_ref().and(hf_labels(cfg)),
         ..Default::default()
     };
-    let mut model = ConvNeXt {
+    let model = ConvNeXt {
         stem,
         stem_norm,
         patch: c.patch_size,
@@ -450,12 +450,7 @@ fn load_hf_generation(
         head,
         nhwc: None,
     };
-    model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
-    Ok(LoadedModel {
-        image: Box::new(model),
-        text: None,
-        info,
-    })
+    finish(model, info)
 }
 
 /// timm accepts one depthwise kernel size or one per stage.
@@ -545,6 +540,16 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
         m.extend(extra.clone());
     }
     Ok(m.as_object().cloned().unwrap_or_default())
+}
+
+/// Prepares the channels-last weights (where the model qualifies) and wraps the loaded model.
+fn finish(mut model: ConvNeXt, info: ModelInfo) -> Result<LoadedModel> {
+    model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
 }
 
 /// Loads a timm ConvNeXt / ConvNeXt-V2 saved in timm's hub layout.
@@ -649,7 +654,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         labels: head.as_ref().and(labels),
         ..Default::default()
     };
-    let mut model = ConvNeXt {
+    let model = ConvNeXt {
         stem,
         stem_norm,
         patch: a.patch_size,
@@ -659,12 +664,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         head,
         nhwc: None,
     };
-    model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
-    Ok(LoadedModel {
-        image: Box::new(model),
-        text: None,
-        info,
-    })
+    finish(model, info)
 }
 
 /// The trained (height, width) from timm's `pretrained_cfg.input_size` ([C, H, W]).
