@@ -139,6 +139,34 @@ impl Conv {
         self.weight.dims()[0]
     }
 
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn padding(&self) -> Padding {
+        self.padding
+    }
+
+    /// Whether this is a depthwise convolution (one group per channel, one filter each).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.out_channels() && self.weight.dim(1).ok() == Some(1)
+    }
+
+    /// Whether a 1x1 stride-1 unpadded dense convolution: a linear layer over each pixel.
+    pub fn is_pointwise(&self) -> bool {
+        let (_, _, kh, kw) = self.weight.dims4().unwrap_or((0, 0, 0, 0));
+        self.groups == 1
+            && (kh, kw) == (1, 1)
+            && self.stride == 1
+            && self.dilation == 1
+            && matches!(self.padding, Padding::Symmetric(0) | Padding::TfSame)
+    }
+
+    /// The precision the model was loaded for (bf16 makes dense convolutions run in bf16).
+    pub(crate) fn precision(&self) -> visenc_kernels::Precision {
+        self.lowp.precision()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_with(x, None, None)
     }
@@ -254,13 +282,7 @@ pub fn conv2d_cpu(
             )));
         }
     }
-    let fused = match e.act {
-        None => Some(Act::None),
-        Some(Activation::Relu) => Some(Act::Relu),
-        Some(Activation::Relu6) => Some(Act::Relu6),
-        Some(Activation::Silu) => Some(Act::Silu),
-        Some(_) => None,
-    };
+    let fused = fused_act(e.act);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let bias = e.bias.map(Tensor::contiguous).transpose()?;
     let residual = e.residual.map(Tensor::contiguous).transpose()?;
@@ -290,6 +312,18 @@ pub fn conv2d_cpu(
         (Some(a), None) => a.forward(&y)?,
         _ => y,
     }))
+}
+
+/// The activation as the convolution kernels' epilogue applies it; `None` for those it has not
+/// (they run after, through candle).
+pub(crate) fn fused_act(a: Option<Activation>) -> Option<Act> {
+    match a {
+        None => Some(Act::None),
+        Some(Activation::Relu) => Some(Act::Relu),
+        Some(Activation::Relu6) => Some(Act::Relu6),
+        Some(Activation::Silu) => Some(Act::Silu),
+        Some(_) => None,
+    }
 }
 
 /// The f32 data of a contiguous CPU tensor.
