@@ -135,6 +135,11 @@ impl Conv {
         self.bias.as_ref()
     }
 
+    /// The stride, the padding and the number of groups.
+    pub fn geometry(&self) -> (usize, Padding, usize) {
+        (self.stride, self.padding, self.groups)
+    }
+
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -254,13 +259,7 @@ pub fn conv2d_cpu(
             )));
         }
     }
-    let fused = match e.act {
-        None => Some(Act::None),
-        Some(Activation::Relu) => Some(Act::Relu),
-        Some(Activation::Relu6) => Some(Act::Relu6),
-        Some(Activation::Silu) => Some(Act::Silu),
-        Some(_) => None,
-    };
+    let fused = e.act.map_or(Some(Act::None), kernel_act);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let bias = e.bias.map(Tensor::contiguous).transpose()?;
     let residual = e.residual.map(Tensor::contiguous).transpose()?;
@@ -290,6 +289,16 @@ pub fn conv2d_cpu(
         (Some(a), None) => a.forward(&y)?,
         _ => y,
     }))
+}
+
+/// The kernels' fused form of an activation, where they have it (ReLU, ReLU6, SiLU).
+pub(crate) fn kernel_act(a: Activation) -> Option<Act> {
+    match a {
+        Activation::Relu => Some(Act::Relu),
+        Activation::Relu6 => Some(Act::Relu6),
+        Activation::Silu => Some(Act::Silu),
+        _ => None,
+    }
 }
 
 /// The f32 data of a contiguous CPU tensor.

@@ -1,14 +1,18 @@
 //! ResNet in the transformers layout (`ResNetModel`, `ResNetForImageClassification`) and the
 //! timm / torchvision layout (`conv1`, `layer1.0.conv1`, `downsample.0`, `fc`), which are the same
-//! keys. BatchNorms are folded into their convolutions at load time.
+//! keys. BatchNorms are folded into their convolutions at load time. On the CPU in f32 the trunk
+//! runs channels last ([`nhwc`]).
+
+mod nhwc;
 
 use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::Value;
+use visenc_kernels::Precision;
 use visenc_weights::{Scope, Weights};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
-use crate::conv::{global_avg_pool, max_pool_3x3_s2_p1, Conv, ConvSpec};
+use crate::conv::{global_avg_pool, is_cpu_f32, max_pool_3x3_s2_p1, Conv, ConvSpec};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{linear, optional_classifier, Activation};
 use crate::vit::{hf_labels, timm_labels};
@@ -57,11 +61,22 @@ pub struct ResNet {
     act: Activation,
     head: Option<crate::linear::Linear>,
     features: Features,
+    /// The channels-last CPU path's prepared convolutions, when it applies ([`nhwc`]).
+    nhwc: Option<nhwc::NhwcWeights>,
 }
 
 impl ImageEncoder for ResNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("ResNet")?;
+        if let (Some(w), true) = (&self.nhwc, is_cpu_f32(pixels)) {
+            let t = w.trunk(pixels, opts.features.then_some(self.features))?;
+            let logits = self
+                .head
+                .as_ref()
+                .map(|h| h.forward(&t.pooled))
+                .transpose()?;
+            return ImageFeatures::from_map(t.pooled, logits, &t.last, t.maps, opts);
+        }
         let mut maps = Vec::new();
         let stem = self.stem.forward_with(pixels, None, Some(self.act))?;
         if opts.features && self.features == Features::Timm {
@@ -216,7 +231,14 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         act,
         head,
         features: Features::Hf,
+        nhwc: None,
     };
+    finish(model, info, root.precision())
+}
+
+/// Prepares the channels-last convolutions (where the model qualifies) and wraps the loaded model.
+fn finish(mut model: ResNet, info: ModelInfo, precision: Precision) -> Result<LoadedModel> {
+    model.nhwc = nhwc::NhwcWeights::prepare(&model, precision)?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,
@@ -352,10 +374,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         act: Activation::Relu,
         head,
         features: Features::Timm,
+        nhwc: None,
     };
-    Ok(LoadedModel {
-        image: Box::new(model),
-        text: None,
-        info,
-    })
+    finish(model, info, root.precision())
 }
