@@ -43,6 +43,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -896,7 +897,7 @@ def report(res):
     if K.get("kernels"):
         peak = K["fma_peak"]["gflops"]
         bf = K.get("bf16_dot_peak_gflops")
-        L += ["### Kernel micro-benchmarks (candle, as visenc calls it; 2 threads)", "",
+        L += ["### Kernel micro-benchmarks (as visenc calls them; 2 threads)", "",
               f"Other processes used {K['run']['other_load_cores']:.2f} cores on average during this part. "
               f"Measured FMA peak: **{peak:.0f} GFLOP/s** f32 ({K['fma_peak']['isa']}, 12 independent FMA chains per "
               f"thread, {K['threads']} threads; one thread alone: {K['fma_peak'].get('gflops_1_thread', 0):.0f})"
@@ -904,7 +905,10 @@ def report(res):
               "| kernel | shape | visenc/candle GFLOP/s | of FMA peak | PyTorch GFLOP/s (same shape) | candle/PyTorch |",
               "|---|---|---|---|---|---|"]
         for k in K["kernels"]:
-            t = TK.get(k["name"].replace(" (candle)", ""))
+            # PyTorch ran the f32 batch-8 shapes only.
+            same = re.sub(r" (f32 )?\((candle|visenc)\)$", "", k["name"])
+            t = TK.get(same) if "(b1 x" not in k["shape"] and " bf16 " not in k["name"] + " " \
+                and " int8 " not in k["name"] + " " else None
             tg = f"{t['gflops']:.1f}" if t else "–"
             L.append(f"| {k['name']} | {k['shape']} | {k['gflops']:.1f} | {100 * k['fraction_of_peak']:.1f} % | {tg} | "
                      f"{ratio(k['gflops'], t['gflops']) if t else '–'} |")

@@ -8,6 +8,7 @@
 //! Elsewhere a portable loop computes the same products (both operands are the same bf16 values; only
 //! the order of the f32 additions differs).
 
+use crate::conv::Epilogue;
 use crate::cpu::Features;
 use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, MR, NR};
 
@@ -78,18 +79,18 @@ thread_local! {
     static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `c[m, n] = bf16(a[m, k]) · bf16(w)ᵀ + bias`, on the fastest path `features` allow.
-/// `a` is row-major [m, k], `c` row-major [m, n], `bias` [n].
+/// `c[m, n] = act(bf16(a[m, k]) · bf16(w)ᵀ + bias + residual)` (`e`), on the fastest path `features`
+/// allow. `a` is row-major [m, k], `c` and the residual row-major [m, n], the bias [n].
 pub fn gemm_bf16(
     a: &[f32],
     m: usize,
     w: &PackedBf16,
-    bias: Option<&[f32]>,
+    e: Epilogue,
     c: &mut [f32],
     features: Features,
 ) {
     let (n, k, pairs) = (w.n, w.k, w.pairs);
-    check_shapes("gemm_bf16", a, m, n, k, bias, c);
+    check_shapes("gemm_bf16", a, m, n, k, &e, c);
     if m == 0 || n == 0 {
         return;
     }
@@ -101,8 +102,8 @@ pub fn gemm_bf16(
             .zip(a.chunks(k.max(1)))
             .for_each(|(dst, src)| to_pairs(src, dst, native));
         let a16: &[u32] = a16;
-        for_each_tile(c, m, n, k, |t| {
-            let bias = bias.map(|b| &b[t.panel * NR..t.panel * NR + t.cols]);
+        for_each_tile(c, m, n, k, &e, |t| {
+            let bias = e.bias.map(|b| &b[t.panel * NR..t.panel * NR + t.cols]);
             let b = w.panel(t.panel);
             let a = &a16[t.row * pairs..(t.row + t.rows) * pairs];
             // SAFETY: the tile's rows x columns of `c` are this task's alone.
@@ -313,7 +314,11 @@ mod tests {
         let want = reference(&a, &w, b.as_deref(), m, n, k);
         let packed = PackedBf16::pack(&w, n, k);
         let mut got = vec![f32::NAN; m * n];
-        gemm_bf16(&a, m, &packed, b.as_deref(), &mut got, features);
+        let e = Epilogue {
+            bias: b.as_deref(),
+            ..Default::default()
+        };
+        gemm_bf16(&a, m, &packed, e, &mut got, features);
         for i in 0..m {
             for j in 0..n {
                 let scale: f32 = (0..k).map(|p| (a[i * k + p] * w[j * k + p]).abs()).sum();
@@ -363,8 +368,9 @@ mod tests {
         let a = test_values(m * k, 5);
         let w = PackedBf16::pack(&test_values(n * k, 6), n, k);
         let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
-        gemm_bf16(&a, m, &w, None, &mut x, crate::cpu::features());
-        gemm_bf16(&a, m, &w, None, &mut y, Features::PORTABLE);
+        let e = Epilogue::default();
+        gemm_bf16(&a, m, &w, e, &mut x, crate::cpu::features());
+        gemm_bf16(&a, m, &w, e, &mut y, Features::PORTABLE);
         for (x, y) in x.iter().zip(&y) {
             assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
         }

@@ -16,6 +16,7 @@
 //! AVX512-VNNI path (`vpdpbusd`: u8 x i8 quadruples summed into an i32 lane) and the portable one give
 //! bit-identical results: the packed layout keeps 4 consecutive `k` of one output column together.
 
+use crate::conv::Epilogue;
 use crate::cpu::Features;
 use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, NR};
 
@@ -95,18 +96,19 @@ thread_local! {
     static A_QUANT: std::cell::RefCell<Vec<RowQuant>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `c[m, n] ≈ a[m, k] · wᵀ + bias` with `a` quantised per row to uint8 and `w` per channel to int8
-/// (module docs), on the fastest path `features` allow. Row-major `a` [m, k], `c` [m, n], `bias` [n].
+/// `c[m, n] ≈ act(a[m, k] · wᵀ + bias + residual)` (`e`) with `a` quantised per row to uint8 and `w`
+/// per channel to int8 (module docs), on the fastest path `features` allow. Row-major `a` [m, k], `c`
+/// and the residual [m, n], the bias [n].
 pub fn gemm_int8(
     a: &[f32],
     m: usize,
     w: &PackedInt8,
-    bias: Option<&[f32]>,
+    e: Epilogue,
     c: &mut [f32],
     features: Features,
 ) {
     let (n, k, quads) = (w.n, w.k, w.quads);
-    check_shapes("gemm_int8", a, m, n, k, bias, c);
+    check_shapes("gemm_int8", a, m, n, k, &e, c);
     if m == 0 || n == 0 {
         return;
     }
@@ -123,12 +125,12 @@ pub fn gemm_int8(
                 *rq = quantize_row(src, dst, native);
             }
             let (aq, rq): (&[u8], &[RowQuant]) = (aq, rq);
-            for_each_tile(c, m, n, k, |t| {
+            for_each_tile(c, m, n, k, &e, |t| {
                 let cs = t.panel * NR..t.panel * NR + t.cols;
-                let epi = Epilogue {
+                let epi = Dequant {
                     scales: &w.scales[cs.clone()],
                     col_sums: &w.col_sums[cs.clone()],
-                    bias: bias.map(|b| &b[cs]),
+                    bias: e.bias.map(|b| &b[cs]),
                 };
                 let b = w.panel(t.panel);
                 let a = &aq[t.row * width..(t.row + t.rows) * width];
@@ -146,13 +148,13 @@ pub fn gemm_int8(
 }
 
 /// The per-column factors of one panel's epilogue.
-struct Epilogue<'a> {
+struct Dequant<'a> {
     scales: &'a [f32],
     col_sums: &'a [i32],
     bias: Option<&'a [f32]>,
 }
 
-impl Epilogue<'_> {
+impl Dequant<'_> {
     /// The output value of column `j` from a row's integer dot product; the native path computes the
     /// same operations in the same order, so both paths agree bit for bit.
     #[inline(always)]
@@ -211,7 +213,7 @@ fn portable_tile(
     b: &[i8],
     mr: usize,
     rq: &[RowQuant],
-    epi: &Epilogue,
+    epi: &Dequant,
     c: *mut f32,
     ldc: usize,
 ) {
@@ -282,7 +284,7 @@ mod x86 {
         b: &[i8],
         mr: usize,
         rq: &[RowQuant],
-        epi: &Epilogue,
+        epi: &Dequant,
         c: *mut f32,
         ldc: usize,
     ) {
@@ -305,7 +307,7 @@ mod x86 {
     }
 
     /// `MR` rows x `16 NV` columns: per `k` quadruple, NV panel loads, MR broadcasts, MR x NV
-    /// `vpdpbusd`; then the epilogue of [`Epilogue::apply`] in vector form.
+    /// `vpdpbusd`; then the epilogue of [`Dequant::apply`] in vector form.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -314,7 +316,7 @@ mod x86 {
         quads: usize,
         b: *const i8,
         rq: &[RowQuant],
-        epi: &Epilogue,
+        epi: &Dequant,
         c: *mut f32,
         ldc: usize,
     ) {
@@ -385,7 +387,10 @@ mod tests {
             &a,
             m,
             &PackedInt8::pack(&w, n, k),
-            Some(&b),
+            Epilogue {
+                bias: Some(&b),
+                ..Default::default()
+            },
             &mut got,
             features,
         );
@@ -471,7 +476,7 @@ mod tests {
         a[2 * k..].fill(-2.0);
         for features in [crate::cpu::features(), Features::PORTABLE] {
             let mut c = vec![f32::NAN; 3 * n];
-            gemm_int8(&a, 3, &packed, None, &mut c, features);
+            gemm_int8(&a, 3, &packed, Epilogue::default(), &mut c, features);
             let want = reference(&a, &w, None, 3, n, k);
             assert!(c[..n].iter().all(|&x| x == 0.0), "{c:?}");
             for (g, r) in c.iter().zip(&want) {

@@ -1,7 +1,8 @@
-//! What the low-precision GEMMs ([`crate::gemm_bf16`], [`crate::gemm_int8`]) share: the panel width of
-//! packed weights, the register tile, and the parallel loop over output tiles.
+//! What the GEMMs on packed weights ([`crate::gemm_f32`], [`crate::gemm_bf16`], [`crate::gemm_int8`])
+//! share: the panel width of packed weights, the register tile, the parallel loop over output tiles
+//! and the epilogue after each tile.
 //!
-//! `C[m, n] = A[m, k] · Wᵀ + bias`, with `W` [n, k] (a PyTorch `nn.Linear` weight) packed once into
+//! `C[m, n] = act(A[m, k] · Wᵀ + bias + residual)`, with `W` [n, k] (a PyTorch `nn.Linear` weight) packed once into
 //! panels of [`NR`] output columns, each panel holding its whole `k` contiguously. There is no `k`
 //! blocking: one panel is at most 64 x 3072 bf16 (384 KiB), which stays in the 1 MiB L2 while a block of
 //! [`MC`] rows streams past it, and a full-`k` dot product lets the epilogue (bias, int8 dequantisation)
@@ -9,6 +10,8 @@
 //! (<https://github.com/flame/blis/blob/0.9.0/docs/KernelsHowTo.md>).
 
 use rayon::prelude::*;
+
+use crate::conv::Epilogue;
 
 /// Output columns per packed panel: four 16-lane registers.
 pub(crate) const NR: usize = 64;
@@ -38,32 +41,38 @@ pub(crate) struct Tile {
     pub c: *mut f32,
 }
 
-/// Checks the operands of `c[m, n] = a[m, k] · wᵀ + bias` (`name` opens the panic message: a wrong
-/// shape here is a bug of the caller, not bad input).
+/// Checks the operands of `c[m, n] = act(a[m, k] · wᵀ + bias + residual)` (`name` opens the panic
+/// message: a wrong shape here is a bug of the caller, not bad input).
 pub(crate) fn check_shapes(
     name: &str,
     a: &[f32],
     m: usize,
     n: usize,
     k: usize,
-    bias: Option<&[f32]>,
+    e: &Epilogue,
     c: &[f32],
 ) {
     assert_eq!(a.len(), m * k, "{name}: activations are not {m} x {k}");
     assert_eq!(c.len(), m * n, "{name}: output is not {m} x {n}");
     assert!(
-        bias.is_none_or(|b| b.len() == n),
+        e.bias.is_none_or(|b| b.len() == n),
         "{name}: bias is not {n} wide"
+    );
+    assert!(
+        e.residual.is_none_or(|r| r.len() == m * n),
+        "{name}: residual is not {m} x {n}"
     );
 }
 
-/// Calls `tile` for every register tile of the `m` x `n` output `c`: tasks of up to [`MC`] rows x one
-/// panel, in parallel when the product (`k` deep) is large enough.
+/// Calls `tile` for every register tile of the `m` x `n` output `c` (which writes `a · wᵀ + bias`
+/// there), then adds `e`'s residual and applies its activation to the tile while it is in cache:
+/// tasks of up to [`MC`] rows x one panel, in parallel when the product (`k` deep) is large enough.
 pub(crate) fn for_each_tile(
     c: &mut [f32],
     m: usize,
     n: usize,
     k: usize,
+    e: &Epilogue,
     tile: impl Fn(Tile) + Sync,
 ) {
     assert!(c.len() >= m * n, "for_each_tile: output is not {m} x {n}");
@@ -75,15 +84,26 @@ pub(crate) fn for_each_tile(
         let (block, panel) = (t / panels, t % panels);
         let row0 = block * MC;
         let end = m.min(row0 + MC);
+        let cols = panel_cols(n, panel);
         for row in (row0..end).step_by(MR) {
-            tile(Tile {
+            let t = Tile {
                 row,
                 rows: MR.min(end - row),
                 panel,
-                cols: panel_cols(n, panel),
+                cols,
                 // SAFETY: row < m and panel * NR < n, so the offset is inside `c`.
                 c: unsafe { out.0.add(row * n + panel * NR) },
-            });
+            };
+            tile(t);
+            if e.residual.is_none() && e.act == crate::conv::Act::None {
+                continue;
+            }
+            for r in 0..t.rows {
+                // SAFETY: the tile's rows x columns of `c` are this task's alone.
+                let dst = unsafe { std::slice::from_raw_parts_mut(t.c.add(r * n), cols) };
+                let at = (row + r) * n + panel * NR;
+                e.finish(dst, e.residual.map(|res| &res[at..at + cols]));
+            }
         }
     };
     if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 {

@@ -1,10 +1,11 @@
-//! The linear layer of every family: candle's f32 product, or the bf16 / int8 kernels of
-//! `visenc-kernels` with the weights packed once at load ([`Precision`]).
+//! The linear layer of every family: visenc's GEMM on weights packed once at load
+//! ([`visenc_kernels::gemm`], in the model's [`Precision`]), or candle's product where the kernels do
+//! not apply (weights on another device or in another dtype, or tracked by autograd).
 
 use candle_core::{DType, Device, Module, Storage, Tensor};
-use visenc_kernels::gemm_bf16::{gemm_bf16, PackedBf16};
-use visenc_kernels::gemm_int8::{gemm_int8, PackedInt8};
-use visenc_kernels::{cpu, Precision};
+use visenc_kernels::conv::Epilogue;
+use visenc_kernels::gemm::{gemm, PackedWeight};
+use visenc_kernels::Precision;
 use visenc_weights::Scope;
 
 use crate::error::{config_err, Result};
@@ -17,65 +18,54 @@ pub struct Linear {
 
 #[derive(Debug, Clone)]
 enum Kind {
-    /// candle's matmul on the weights as loaded (any device, any dtype).
-    F32(candle_nn::Linear),
-    /// A CPU kernel on packed weights; the f32 weight is dropped after packing.
+    /// candle's matmul on the weights as loaded (any device, any dtype, autograd).
+    Candle(candle_nn::Linear),
+    /// visenc's GEMM on packed weights; the loaded weight is dropped after packing.
     Packed {
-        packed: Packed,
+        packed: PackedWeight,
         bias: Option<Vec<f32>>,
     },
 }
 
-#[derive(Debug, Clone)]
-enum Packed {
-    Bf16(PackedBf16),
-    Int8(PackedInt8),
-}
-
 impl Linear {
-    /// An f32 layer from `weight` [out, in] and `bias` [out].
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            kind: Kind::F32(candle_nn::Linear::new(weight, bias)),
-        }
-    }
-
-    /// A layer in `precision`: f32 keeps candle's product; bf16 and int8 pack the weight for the CPU
-    /// kernels (they need f32 weights on the CPU).
+    /// A layer in `precision`. f32 weights on the CPU that autograd does not track are packed for
+    /// visenc's GEMM; other f32 weights keep candle's product. bf16 and int8 always pack (they need
+    /// the weights on the CPU).
     pub fn with_precision(
         weight: Tensor,
         bias: Option<Tensor>,
         precision: Precision,
     ) -> Result<Self> {
-        let packing = |w: &Tensor| -> Result<(Vec<f32>, usize, usize)> {
-            let (n, k) = w.dims2()?;
-            if !matches!(w.device(), Device::Cpu) {
-                return Err(config_err(
-                    "precision",
-                    format!(
-                        "{precision} runs on the CPU kernels; the weights are on {:?}",
-                        w.device()
-                    ),
-                ));
-            }
-            Ok((w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, n, k))
-        };
-        let packed = match precision {
-            Precision::F32 => return Ok(Self::new(weight, bias)),
-            Precision::Bf16 => {
-                let (w, n, k) = packing(&weight)?;
-                Packed::Bf16(PackedBf16::pack(&w, n, k))
-            }
-            Precision::Int8 => {
-                let (w, n, k) = packing(&weight)?;
-                Packed::Int8(PackedInt8::pack(&w, n, k))
-            }
-        };
+        let on_cpu = matches!(weight.device(), Device::Cpu);
+        if precision == Precision::F32
+            && !(on_cpu
+                && weight.dtype() == DType::F32
+                && !crate::ops::tracked(&[&weight])
+                && bias.as_ref().is_none_or(|b| !crate::ops::tracked(&[b])))
+        {
+            return Ok(Self {
+                kind: Kind::Candle(candle_nn::Linear::new(weight, bias)),
+            });
+        }
+        if !on_cpu {
+            return Err(config_err(
+                "precision",
+                format!(
+                    "{precision} runs on the CPU kernels; the weights are on {:?}",
+                    weight.device()
+                ),
+            ));
+        }
+        let (n, k) = weight.dims2()?;
+        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let bias = bias
             .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
             .transpose()?;
         Ok(Self {
-            kind: Kind::Packed { packed, bias },
+            kind: Kind::Packed {
+                packed: PackedWeight::pack(&w, n, k, precision),
+                bias,
+            },
         })
     }
 
@@ -84,52 +74,40 @@ impl Linear {
         Self::with_precision(weight, bias, s.precision())
     }
 
-    /// The f32 layer's weight [out, in] and bias, for kernels that take them directly; `None` for
-    /// packed (bf16 / int8) layers.
-    pub fn f32_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+    /// The packed weight and bias, for kernels that run the product themselves (channels-last
+    /// trunks fusing a residual and an activation); `None` for layers on candle's product.
+    pub fn packed(&self) -> Option<(&PackedWeight, Option<&[f32]>)> {
         match &self.kind {
-            Kind::F32(l) => Some((l.weight(), l.bias())),
-            Kind::Packed { .. } => None,
+            Kind::Candle(_) => None,
+            Kind::Packed { packed, bias } => Some((packed, bias.as_deref())),
         }
     }
 
     /// Input width.
     pub fn in_dim(&self) -> usize {
         match &self.kind {
-            Kind::F32(l) => l.weight().dim(1).unwrap_or(0),
-            Kind::Packed {
-                packed: Packed::Bf16(p),
-                ..
-            } => p.k(),
-            Kind::Packed {
-                packed: Packed::Int8(p),
-                ..
-            } => p.k(),
+            Kind::Candle(l) => l.weight().dim(1).unwrap_or(0),
+            Kind::Packed { packed, .. } => packed.k(),
         }
     }
 
     /// Output width.
     pub fn out_dim(&self) -> usize {
         match &self.kind {
-            Kind::F32(l) => l.weight().dim(0).unwrap_or(0),
-            Kind::Packed {
-                packed: Packed::Bf16(p),
-                ..
-            } => p.n(),
-            Kind::Packed {
-                packed: Packed::Int8(p),
-                ..
-            } => p.n(),
+            Kind::Candle(l) => l.weight().dim(0).unwrap_or(0),
+            Kind::Packed { packed, .. } => packed.n(),
         }
     }
 
-    /// `x` [..., in] -> [..., out]; packed layers take and give f32 on the CPU.
+    /// `x` [..., in] -> [..., out]; packed layers take and give f32 on the CPU. An input that autograd
+    /// tracks (a frozen layer after a trainable one) goes through candle's product on the weight
+    /// unpacked, so gradients reach the layers before; only f32 layers can do that.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (packed, bias) = match &self.kind {
-            Kind::F32(l) => return Ok(l.forward(x)?),
+            Kind::Candle(l) => return Ok(l.forward(x)?),
             Kind::Packed { packed, bias } => (packed, bias),
         };
-        let (k, n) = (self.in_dim(), self.out_dim());
+        let (k, n) = (packed.k(), packed.n());
         let mut dims = x.dims().to_vec();
         if dims.last() != Some(&k) {
             return Err(candle_core::Error::ShapeMismatchBinaryOp {
@@ -139,6 +117,9 @@ impl Linear {
             }
             .into());
         }
+        if crate::ops::tracked(&[x]) {
+            return self.forward_tracked(x);
+        }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let m = x.elem_count() / k.max(1);
         let mut out = vec![0f32; m * n];
@@ -147,21 +128,41 @@ impl Linear {
             let Storage::Cpu(cpu_storage) = &*storage else {
                 return Err(config_err(
                     "precision",
-                    "bf16/int8 layers run on the CPU only",
+                    "visenc's packed linear layers run on the CPU only",
                 ));
             };
             let (start, end) = layout
                 .contiguous_offsets()
                 .expect("a contiguous tensor has contiguous offsets");
             let a = &cpu_storage.as_slice::<f32>()?[start..end];
-            let features = cpu::features();
-            match packed {
-                Packed::Bf16(w) => gemm_bf16(a, m, w, bias.as_deref(), &mut out, features),
-                Packed::Int8(w) => gemm_int8(a, m, w, bias.as_deref(), &mut out, features),
-            }
+            let e = Epilogue {
+                bias: bias.as_deref(),
+                ..Default::default()
+            };
+            gemm(a, m, packed, e, &mut out);
         }
         *dims.last_mut().expect("checked above") = n;
         Ok(Tensor::from_vec(out, dims, x.device())?)
+    }
+
+    /// [`Self::forward`] for a tracked input: candle's differentiable product.
+    fn forward_tracked(&self, x: &Tensor) -> Result<Tensor> {
+        let Kind::Packed {
+            packed: PackedWeight::F32(w),
+            bias,
+        } = &self.kind
+        else {
+            return Err(config_err(
+                "precision",
+                "gradients flow only through f32 layers; load the model in f32 to train it",
+            ));
+        };
+        let weight = Tensor::from_vec(w.unpack(), (w.n(), w.k()), x.device())?;
+        let bias = bias
+            .as_ref()
+            .map(|b| Tensor::from_slice(b, b.len(), x.device()))
+            .transpose()?;
+        Ok(candle_nn::Linear::new(weight, bias).forward(x)?)
     }
 }
 
@@ -172,14 +173,20 @@ mod tests {
     /// Each precision gives candle's f32 result within its kernel's error, on a 3-d input whose last
     /// dimension is odd.
     #[test]
-    fn precisions_match_f32() {
+    fn precisions_match_candle() {
         let dev = Device::Cpu;
         let (n, k) = (37, 45);
         let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
         let b = Tensor::randn(0f32, 1., n, &dev).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 5, k), &dev).unwrap();
-        let want = Linear::new(w.clone(), Some(b.clone())).forward(&x).unwrap();
-        for (p, tol) in [(Precision::Bf16, 0.02), (Precision::Int8, 0.05)] {
+        let want = candle_nn::Linear::new(w.clone(), Some(b.clone()))
+            .forward(&x)
+            .unwrap();
+        for (p, tol) in [
+            (Precision::F32, 1e-6),
+            (Precision::Bf16, 0.02),
+            (Precision::Int8, 0.05),
+        ] {
             let l = Linear::with_precision(w.clone(), Some(b.clone()), p).unwrap();
             assert_eq!((l.in_dim(), l.out_dim()), (k, n));
             let got = l.forward(&x).unwrap();
@@ -192,5 +199,27 @@ mod tests {
                 .forward(&Tensor::zeros((3, k + 1), DType::F32, &dev).unwrap())
                 .is_err());
         }
+    }
+
+    /// A packed f32 layer passes gradients to a tracked input, as candle's layer does.
+    #[test]
+    fn gradients_flow_through_packed_f32() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (6, 4), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+        let x = candle_core::Var::randn(0f32, 1., (3, 4), &dev).unwrap();
+        let grad = |l: &dyn Fn(&Tensor) -> Tensor| {
+            let g = l(x.as_tensor()).sqr().unwrap().sum_all().unwrap();
+            g.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+        };
+        let packed = Linear::with_precision(w.clone(), Some(b.clone()), Precision::F32).unwrap();
+        assert!(packed.packed().is_some());
+        let candle = candle_nn::Linear::new(w, Some(b));
+        let (g1, g2) = (
+            grad(&|x| packed.forward(x).unwrap()),
+            grad(&|x| candle.forward(x).unwrap()),
+        );
+        let err = (g1 - g2).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-5);
     }
 }

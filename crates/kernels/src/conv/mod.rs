@@ -12,7 +12,7 @@
 //! plain GEMM on the input, and the depthwise kernel vectorises along output columns.
 
 mod depthwise;
-mod epilogue;
+pub(crate) mod epilogue;
 pub mod lowp;
 pub mod nhwc;
 
@@ -99,8 +99,8 @@ impl ConvShape {
     }
 }
 
-/// What a convolution adds to its output and the activation it then applies:
-/// `out = act(conv + bias + residual)`.
+/// What a convolution or a GEMM on packed weights ([`crate::gemm`]) adds to its output and the
+/// activation it then applies: `out = act(conv + bias + residual)`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Epilogue<'a> {
     /// One value per output channel.
@@ -341,7 +341,7 @@ pub(crate) mod tests {
         "conv::depthwise::tests::depthwise_matches_naive_reference",
         "conv::epilogue::tests::activations_match_definitions",
         "conv::nhwc::tests::depthwise_nhwc_matches_naive_reference",
-        "conv::nhwc::tests::linear_and_patches_match_naive_conv",
+        "conv::nhwc::tests::patches_and_gemm_match_naive_conv",
         "pool::tests::max_pool_matches_definition",
         "pool::tests::means_and_gate_match_definitions",
     ];

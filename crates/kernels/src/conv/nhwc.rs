@@ -1,120 +1,17 @@
 //! Channels-last (NHWC) building blocks, for trunks that keep one row of C values per pixel
-//! (ConvNeXt, ResNet): the 1x1 convolution / linear layer as one GEMM over all pixels with the
-//! epilogue fused, the depthwise convolution vectorised across channels, and the im2col gather that
-//! turns any other dense convolution (patchify stems, 3x3 and 7x7 windows, strided 1x1) into that
-//! GEMM.
+//! (ConvNeXt, ResNet): the depthwise convolution vectorised across channels, and the im2col gather
+//! that turns any other dense convolution (patchify stems, 3x3 and 7x7 windows, strided 1x1) into
+//! one GEMM over all pixels ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers
+//! with the epilogue fused).
 
 use std::cell::RefCell;
 use std::ops::Range;
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::{ConvShape, Epilogue, OutPtr};
 use crate::dispatch::multiversion;
 use crate::math::Lanes;
-
-/// Rows of a [`linear`] GEMM per task: the weight is packed once per task, so a task's rows must
-/// amortise that (~3 % at 512 rows), while its output tile stays near L2 for the activation.
-const ROWS_PER_TASK: usize = 512;
-
-/// `out[m, n] = act(x[m, k] . weight[n, k] + bias[n] + residual[m, n])`: a linear layer
-/// (`nn.Linear`, or a 1x1 convolution on NHWC rows) over `m` rows, split across rayon's threads:
-/// by rows when there are enough of them, else inside the GEMM.
-///
-/// # Panics
-/// When `x` is not `m * k` values, `weight` not `n * k`, the bias not `n`, or `out` (and the
-/// residual) not `m * n`.
-pub fn linear(x: &[f32], m: usize, weight: &[f32], n: usize, e: Epilogue, out: &mut [f32]) {
-    assert!(
-        n > 0 && weight.len().is_multiple_of(n),
-        "linear: weight of {} values for {n} outputs",
-        weight.len()
-    );
-    let k = weight.len() / n;
-    assert_eq!(x.len(), m * k, "linear: input length");
-    assert_eq!(out.len(), m * n, "linear: output length");
-    assert!(e.bias.is_none_or(|b| b.len() == n), "linear: bias length");
-    assert!(
-        e.residual.is_none_or(|r| r.len() == m * n),
-        "linear: residual length"
-    );
-    let threads = crate::cpu::threads();
-    if m >= 2 * threads * ROWS_PER_TASK || threads == 1 {
-        let dst = OutPtr(out.as_mut_ptr());
-        (0..m.div_ceil(ROWS_PER_TASK))
-            .into_par_iter()
-            .for_each(|t| {
-                let r0 = t * ROWS_PER_TASK;
-                let mr = ROWS_PER_TASK.min(m - r0);
-                // SAFETY: rows r0..r0 + mr of `out` belong to this task alone.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(r0 * n), mr * n) };
-                linear_rows(x, r0, mr, k, weight, n, e, o, Parallelism::None);
-                e.act.apply_to(o);
-            });
-    } else {
-        linear_rows(x, 0, m, k, weight, n, e, out, Parallelism::Rayon(threads));
-        out.par_chunks_mut(n.max(16 * 1024))
-            .for_each(|c| e.act.apply_to(c));
-    }
-}
-
-/// Rows r0..r0 + mr of [`linear`] before the activation, into `o` (those rows).
-#[allow(clippy::too_many_arguments)]
-fn linear_rows(
-    x: &[f32],
-    r0: usize,
-    mr: usize,
-    k: usize,
-    weight: &[f32],
-    n: usize,
-    e: Epilogue,
-    o: &mut [f32],
-    par: Parallelism,
-) {
-    match (e.residual, e.bias) {
-        (Some(r), b) => {
-            for (orow, rrow) in o.chunks_exact_mut(n).zip(r[r0 * n..].chunks_exact(n)) {
-                match b {
-                    Some(b) => orow
-                        .iter_mut()
-                        .zip(rrow)
-                        .zip(b)
-                        .for_each(|((o, &r), &b)| *o = r + b),
-                    None => orow.copy_from_slice(rrow),
-                }
-            }
-        }
-        (None, Some(b)) => o.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(b)),
-        (None, None) => {}
-    }
-    let init = e.bias.is_some() || e.residual.is_some();
-    // SAFETY: dst mr x n (row stride n), lhs: x's rows r0.. (mr x k, row stride k), rhs: weightᵀ
-    // k x n (weight[n, k]: row stride 1, column stride k), all in bounds.
-    unsafe {
-        gemm::gemm(
-            mr,
-            n,
-            k,
-            o.as_mut_ptr(),
-            1,
-            n as isize,
-            init,
-            x[r0 * k..].as_ptr(),
-            1,
-            k as isize,
-            weight.as_ptr(),
-            k as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-}
 
 /// Output rows of [`im2col`] per task.
 const IM2COL_ROWS: usize = 32;
@@ -122,7 +19,7 @@ const IM2COL_ROWS: usize = 32;
 /// The im2col rows of an NHWC map [batch, h, w, c] for the output pixels `rows` (indices into the
 /// output's [batch, oh, ow] pixels), each row `kh * kw * c` values ordered (ky, kx, c), zero where
 /// the window reaches into the padding: a dense convolution over `s` (`cin` = c, any stride and
-/// padding) is then [`linear`] over these rows with its weight permuted to [cout, ky, kx, cin].
+/// padding) is then one GEMM ([`crate::gemm`]) over these rows with its weight permuted to [cout, ky, kx, cin].
 /// A `k x k` stride-`k` unpadded shape gathers non-overlapping patches (patchify stems), a 1x1
 /// stride-2 one the pixels a strided 1x1 convolution reads.
 ///
@@ -357,6 +254,7 @@ mod tests {
     use super::super::tests::{assert_close, naive_conv, rand_vec, CONV_REL_TOL};
     use super::super::{Act, ConvShape, Epilogue, Pad};
     use super::*;
+    use crate::gemm::{gemm, PackedWeight};
 
     /// [b, c, h, w] -> [b, h, w, c].
     fn to_nhwc(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<f32> {
@@ -431,8 +329,8 @@ mod tests {
     }
 
     #[test]
-    fn linear_and_im2col_match_naive_conv() {
-        // Dense convolutions NHWC through im2col + linear against the NCHW reference: patchify
+    fn im2col_and_gemm_match_naive_conv() {
+        // Dense convolutions NHWC through im2col + the packed GEMM against the NCHW reference: patchify
         // (2x2 and 4x4 stride = kernel, odd sizes floor like the convolution), 1x1 at stride 1
         // and 2, ResNet's padded 3x3 (stride 1 and 2) and 7x7 stride-2 stem on odd sizes, a
         // window wider than the map, asymmetric padding; m from 1 row to several tasks.
@@ -496,6 +394,7 @@ mod tests {
                     }
                 }
             }
+            let packed = PackedWeight::pack(&wp, cout, cin * k * k, crate::Precision::F32);
             let (m, row) = (b * oh * ow, k * k * cin);
             let xn = to_nhwc(&x, b, cin, h * w);
             let res = to_nhwc(&residual, b, cout, oh * ow);
@@ -510,7 +409,7 @@ mod tests {
                     ..e
                 };
                 let o = &mut out[rows.start * cout..rows.end * cout];
-                linear(&cols, rows.len(), &wp, cout, e_nhwc, o);
+                gemm(&cols, rows.len(), &packed, e_nhwc, o);
             }
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
         }

@@ -6,10 +6,12 @@
 //! rows directly. The same network as the candle path in `mod.rs`, only in another memory layout.
 
 use candle_core::Tensor;
-use visenc_kernels::conv::nhwc::{depthwise, im2col, linear};
+use visenc_kernels::conv::nhwc::{depthwise, im2col};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
+use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::norm::layer_norm;
 use visenc_kernels::pool::mean_pixels;
+use visenc_kernels::Precision;
 
 use super::{Block, ConvNeXt, Norm2d};
 use crate::api::FeatureMap;
@@ -18,47 +20,59 @@ use crate::error::{ModelError, Result};
 use crate::nhwc::{view, Map};
 use crate::nn::Activation;
 
-/// The weights the NHWC path needs beyond the model's own tensors: the patch convolutions'
-/// weights permuted to [cout, ky, kx, cin] (the order [`im2col`] gathers in).
+/// The weights the NHWC path needs beyond the model's own: the patch convolutions' weights
+/// permuted to [cout, ky, kx, cin] (the order [`im2col`] gathers in) and packed for [`gemm`].
 #[derive(Debug)]
 pub(super) struct NhwcWeights {
-    stem: Tensor,
+    stem: PackedWeight,
     /// One per stage with downsampling.
-    downsample: Vec<Option<Tensor>>,
+    downsample: Vec<Option<PackedWeight>>,
 }
 
 impl NhwcWeights {
-    /// `None` when the NHWC path does not apply: weights not f32 on the CPU, low-precision
-    /// Linear layers, GRN (ConvNeXt-V2) or an activation other than GELU.
+    /// `None` when the NHWC path does not apply: weights not on the CPU (or not f32 there), Linear
+    /// layers on candle's product, GRN (ConvNeXt-V2) or an activation other than GELU. The patch
+    /// convolutions run in bf16 when the Linear layers do, else in f32 (as the NCHW path's
+    /// convolutions, [`crate::conv_lowp`]).
     pub(super) fn prepare(m: &ConvNeXt) -> Result<Option<Self>> {
-        let blocks_ok = m.stages.iter().flat_map(|s| &s.blocks).all(|b| {
-            b.grn.is_none()
-                && b.act == Activation::Gelu
-                && [&b.fc1, &b.fc2]
-                    .iter()
-                    .all(|l| l.f32_parts().is_some_and(|(w, _)| is_cpu_f32(w)))
-                && is_cpu_f32(b.dwconv.weight())
-        });
-        if !blocks_ok || !is_cpu_f32(m.stem.weight()) {
+        let linears = || {
+            m.stages
+                .iter()
+                .flat_map(|s| &s.blocks)
+                .flat_map(|b| [&b.fc1, &b.fc2])
+        };
+        let blocks_ok =
+            m.stages.iter().flat_map(|s| &s.blocks).all(|b| {
+                b.grn.is_none() && b.act == Activation::Gelu && is_cpu_f32(b.dwconv.weight())
+            });
+        if !blocks_ok || !is_cpu_f32(m.stem.weight()) || linears().any(|l| l.packed().is_none()) {
             return Ok(None);
         }
-        let khwc =
-            |c: &Conv| -> Result<Tensor> { Ok(c.weight().permute((0, 2, 3, 1))?.contiguous()?) };
+        let precision = match linears().next().and_then(|l| l.packed()) {
+            Some((w, _)) if w.precision() == Precision::Bf16 => Precision::Bf16,
+            _ => Precision::F32,
+        };
+        let pack = |c: &Conv| -> Result<PackedWeight> {
+            let w = c.weight().permute((0, 2, 3, 1))?.contiguous()?;
+            let (n, k) = (w.dim(0)?, w.elem_count() / w.dim(0)?.max(1));
+            let packed = PackedWeight::pack(view(&w).data()?, n, k, precision);
+            Ok(packed)
+        };
         Ok(Some(Self {
-            stem: khwc(&m.stem)?,
+            stem: pack(&m.stem)?,
             downsample: m
                 .stages
                 .iter()
-                .map(|s| s.downsample.as_ref().map(|(_, c)| khwc(c)).transpose())
+                .map(|s| s.downsample.as_ref().map(|(_, c)| pack(c)).transpose())
                 .collect::<Result<_>>()?,
         }))
     }
 }
 
-/// An f32 Linear layer's weight and bias.
-fn f32_linear(l: &crate::linear::Linear) -> Result<(&Tensor, Option<&Tensor>)> {
-    l.f32_parts()
-        .ok_or_else(|| ModelError::Input("the NHWC path needs f32 Linear layers".into()))
+/// A Linear layer's packed weight and bias.
+fn packed(l: &crate::linear::Linear) -> Result<(&PackedWeight, Option<&[f32]>)> {
+    l.packed()
+        .ok_or_else(|| ModelError::Input("the NHWC path needs packed Linear layers".into()))
 }
 
 /// LayerNorm over each row of C values.
@@ -69,9 +83,9 @@ fn norm_rows(x: &Map, weight: &Tensor, bias: &Tensor, eps: f64, out: &mut Vec<f3
     Ok(())
 }
 
-/// A `k x k` stride-`k` convolution (`weight` [cout, ky, kx, cin]) on an NHWC map, floor-cropping
-/// sizes that are not a multiple of `k`.
-fn patch_conv(x: &Map, k: usize, weight: &Tensor, bias: Option<&Tensor>) -> Result<Map> {
+/// A `k x k` stride-`k` convolution (`weight` packed from [cout, ky, kx, cin]) on an NHWC map,
+/// floor-cropping sizes that are not a multiple of `k`.
+fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -> Result<Map> {
     let (oh, ow) = (x.h / k, x.w / k);
     if oh == 0 || ow == 0 {
         return Err(ModelError::Input(format!(
@@ -79,7 +93,7 @@ fn patch_conv(x: &Map, k: usize, weight: &Tensor, bias: Option<&Tensor>) -> Resu
             x.h, x.w
         )));
     }
-    let cout = weight.dim(0)?;
+    let cout = weight.n();
     let shape = ConvShape {
         batch: x.batch,
         cin: x.c,
@@ -95,13 +109,13 @@ fn patch_conv(x: &Map, k: usize, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let m = x.batch * oh * ow;
     let mut cols = vec![0f32; m * k * k * x.c];
     im2col(&x.data, &shape, 0..m, &mut cols);
-    let (wv, bv) = (view(weight), bias.map(view));
+    let bv = bias.map(view);
     let e = Epilogue {
         bias: bv.as_ref().map(|v| v.data()).transpose()?,
         ..Default::default()
     };
     let mut out = vec![0f32; m * cout];
-    linear(&cols, m, wv.data()?, cout, e, &mut out);
+    gemm(&cols, m, weight, e, &mut out);
     Ok(Map {
         data: out,
         batch: x.batch,
@@ -151,23 +165,21 @@ impl Block {
         let (g, b) = (view(g), view(b));
         s.normed.resize(m * c, 0.0);
         layer_norm(&s.dw, g.data()?, b.data()?, eps as f32, &mut s.normed);
-        let ((w1, b1), (w2, b2)) = (f32_linear(&self.fc1)?, f32_linear(&self.fc2)?);
-        let (w1, b1, w2, b2) = (view(w1), b1.map(view), view(w2), b2.map(view));
-        let hidden = self.fc1.out_dim();
-        s.hidden.resize(m * hidden, 0.0);
+        let ((w1, b1), (w2, b2)) = (packed(&self.fc1)?, packed(&self.fc2)?);
+        s.hidden.resize(m * w1.n(), 0.0);
         let e1 = Epilogue {
-            bias: b1.as_ref().map(|v| v.data()).transpose()?,
+            bias: b1,
             residual: None,
             act: Act::Gelu,
         };
-        linear(&s.normed, m, w1.data()?, hidden, e1, &mut s.hidden);
+        gemm(&s.normed, m, w1, e1, &mut s.hidden);
         s.out.resize(m * c, 0.0);
         let e2 = Epilogue {
-            bias: b2.as_ref().map(|v| v.data()).transpose()?,
+            bias: b2,
             residual: Some(&x.data),
             act: Act::None,
         };
-        linear(&s.hidden, m, w2.data()?, c, e2, &mut s.out);
+        gemm(&s.hidden, m, w2, e2, &mut s.out);
         std::mem::swap(&mut x.data, &mut s.out);
         Ok(())
     }

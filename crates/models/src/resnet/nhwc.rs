@@ -1,14 +1,15 @@
-//! ResNet's trunk on the CPU in f32, channels last: every map is rows of C values per pixel, so a
-//! 1x1 stride-1 convolution is one GEMM straight over the rows, and every other convolution (the
-//! 7x7 stem, the 3x3 ones, the strided 1x1 shortcut) an NHWC im2col gather in blocks of rows, then
-//! the same GEMM, with the folded BatchNorm's bias, the shortcut and the activation fused into its
-//! output. Max pooling runs along the channels and global pooling reads the rows directly. The same
+//! ResNet's trunk on the CPU, channels last: every map is rows of C values per pixel, so a 1x1
+//! stride-1 convolution is one GEMM straight over the rows, and every other convolution (the 7x7
+//! stem, the 3x3 ones, the strided 1x1 shortcut) an NHWC im2col gather in blocks of rows, then the
+//! same GEMM on weights packed once at load ([`gemm`], f32 or bf16 products), with the folded
+//! BatchNorm's bias, the shortcut and the activation fused into its output. Max pooling runs along the channels and global pooling reads the rows directly. The same
 //! network as the candle path in `mod.rs`, only in another memory layout; chosen at load when every
 //! convolution qualifies.
 
 use candle_core::Tensor;
-use visenc_kernels::conv::nhwc::{im2col, linear};
+use visenc_kernels::conv::nhwc::im2col;
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
+use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::pool::{max_pool_nhwc, mean_pixels, MaxPool};
 use visenc_kernels::Precision;
 
@@ -19,17 +20,16 @@ use crate::error::{ModelError, Result};
 use crate::nhwc::Map;
 
 /// im2col values gathered per GEMM call (16 MiB of f32): a 3x3 convolution over 64 channels
-/// then runs ~7000 output pixels per call, enough for `linear` to split them across threads.
+/// then runs ~7000 output pixels per call.
 const COLS_BUDGET: usize = 4 << 20;
 
 /// One convolution prepared for the NHWC path: its weight permuted to [cout, kh, kw, cin] (the
-/// order [`im2col`] gathers in) and its bias (the folded BatchNorm's).
+/// order [`im2col`] gathers in) and packed, and its bias (the folded BatchNorm's).
 #[derive(Debug)]
 struct NhwcConv {
-    weight: Vec<f32>,
+    weight: PackedWeight,
     bias: Vec<f32>,
     cin: usize,
-    cout: usize,
     k: usize,
     stride: usize,
     pad: usize,
@@ -38,7 +38,7 @@ struct NhwcConv {
 impl NhwcConv {
     /// `None` for what the path does not run: groups, TF "SAME" padding, non-square kernels,
     /// weights not f32 on the CPU.
-    fn prepare(c: &Conv) -> Result<Option<Self>> {
+    fn prepare(c: &Conv, precision: Precision) -> Result<Option<Self>> {
         let (stride, padding, groups) = c.geometry();
         let (cout, cin, kh, kw) = c.weight().dims4()?;
         let Padding::Symmetric(pad) = padding else {
@@ -47,7 +47,8 @@ impl NhwcConv {
         if groups != 1 || kh != kw || !is_cpu_f32(c.weight()) {
             return Ok(None);
         }
-        let weight = c.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+        let w: Vec<f32> = c.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+        let weight = PackedWeight::pack(&w, cout, kh * kw * cin, precision);
         let bias = match c.bias_tensor() {
             Some(b) => b.to_vec1()?,
             None => vec![0.0; cout],
@@ -56,7 +57,6 @@ impl NhwcConv {
             weight,
             bias,
             cin,
-            cout,
             k: kh,
             stride,
             pad,
@@ -77,7 +77,7 @@ impl NhwcConv {
             cin: x.c,
             h: x.h,
             w: x.w,
-            cout: self.cout,
+            cout: self.weight.n(),
             kh: self.k,
             kw: self.k,
             stride: self.stride,
@@ -93,7 +93,7 @@ impl NhwcConv {
                 k = self.k
             )));
         }
-        let (m, n) = (x.batch * oh * ow, self.cout);
+        let (m, n) = (x.batch * oh * ow, self.weight.n());
         let mut out = s.take(m * n);
         let e = Epilogue {
             bias: Some(&self.bias),
@@ -101,7 +101,7 @@ impl NhwcConv {
             act,
         };
         if self.k == 1 && self.stride == 1 && self.pad == 0 {
-            linear(&x.data, m, &self.weight, n, e, &mut out);
+            gemm(&x.data, m, &self.weight, e, &mut out);
         } else {
             let row = self.k * self.k * x.c;
             let block = (COLS_BUDGET / row).max(1);
@@ -114,7 +114,7 @@ impl NhwcConv {
                     ..e
                 };
                 let o = &mut out[rows.start * n..rows.end * n];
-                linear(&s.cols, rows.len(), &self.weight, n, e, o);
+                gemm(&s.cols, rows.len(), &self.weight, e, o);
             }
         }
         Ok(Map {
@@ -143,17 +143,19 @@ pub(super) struct NhwcWeights {
 }
 
 impl NhwcWeights {
-    /// `None` when the NHWC path does not apply: convolutions loaded for bf16 (their own NCHW
-    /// kernel), an activation the kernels do not fuse, or a convolution [`NhwcConv::prepare`]
-    /// refuses (grouped ResNeXt ones).
+    /// `None` when the NHWC path does not apply: an activation the kernels do not fuse, or a
+    /// convolution [`NhwcConv::prepare`] refuses (grouped ResNeXt ones). The products run in bf16
+    /// when the model is loaded for bf16, else in f32 (as the NCHW path's convolutions,
+    /// [`crate::conv_lowp`]).
     pub(super) fn prepare(m: &ResNet, precision: Precision) -> Result<Option<Self>> {
         let Some(act) = kernel_act(m.act) else {
             return Ok(None);
         };
-        if precision == Precision::Bf16 {
-            return Ok(None);
-        }
-        let Some(stem) = NhwcConv::prepare(&m.stem)? else {
+        let precision = match precision {
+            Precision::Bf16 => Precision::Bf16,
+            _ => Precision::F32,
+        };
+        let Some(stem) = NhwcConv::prepare(&m.stem, precision)? else {
             return Ok(None);
         };
         let mut stages = Vec::new();
@@ -162,13 +164,13 @@ impl NhwcWeights {
             for b in stage {
                 let mut convs = Vec::new();
                 for c in &b.convs {
-                    let Some(c) = NhwcConv::prepare(c)? else {
+                    let Some(c) = NhwcConv::prepare(c, precision)? else {
                         return Ok(None);
                     };
                     convs.push(c);
                 }
                 let shortcut = match &b.shortcut {
-                    Some(c) => match NhwcConv::prepare(c)? {
+                    Some(c) => match NhwcConv::prepare(c, precision)? {
                         Some(c) => Some(c),
                         None => return Ok(None),
                     },

@@ -9,10 +9,12 @@ use serde_json::{json, Value};
 
 use super::peak::{bf16_peak, fma_peak};
 use super::{randn, BenchArgs, Plan, Stats};
+use visenc::models::linear::Linear;
 
-/// `candle_nn::Linear::forward`, the layer every visenc model uses.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    candle_nn::Module::forward(&candle_nn::Linear::new(w.clone(), b.cloned()), x)
+/// visenc's linear layer in `precision` (weights packed once, as at load), the layer every visenc
+/// model uses.
+fn layer(w: &Tensor, b: Option<&Tensor>, precision: visenc::Precision) -> Result<Linear> {
+    Ok(Linear::with_precision(w.clone(), b.cloned(), precision)?)
 }
 
 /// `candle_nn::ops::softmax_last_dim`, reached through visenc's own API (CLIP scoring calls it).
@@ -125,7 +127,10 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
         Ok(xb.matmul(&yb)?)
     })?;
 
-    // ViT-B/16 GEMMs at batch 8 (M = 8 x 197 tokens), as nn::Linear calls them: x [8, 197, K] @ W[N, K]^T.
+    // ViT-B/16 GEMMs at batch 8 and 1 (M = 8 x 197 and 197 tokens), through visenc's linear layers in
+    // each precision (weights packed once, as at load; activations converted / quantised per call),
+    // and at batch 8 through candle's `nn::Linear` (the `gemm` crate, which packs the weights per
+    // call) for comparison. Only f32 compares with the f32 FMA peak; bf16 with `bf16_dot_peak_gflops`.
     let (b, t) = (8usize, 197usize);
     let vit_gemms = [
         ("vit linear qkv (fused)", 768usize, 2304usize),
@@ -136,30 +141,26 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
     for (label, kk, nn) in vit_gemms {
         let x = randt(&[b, t, kk], 3)?;
         let w = randt(&[nn, kk], 4)?;
+        let bias = randt(&[nn], 5)?;
         let g = 2.0 * (b * t * kk * nn) as f64 / 1e9;
+        let candle = candle_nn::Linear::new(w.clone(), Some(bias.clone()));
         bench(
-            label,
+            &format!("{label} f32 (candle)"),
             format!("{}x{kk}x{nn} (b{b} x {t} tokens)", b * t),
             g,
-            &mut || Ok(linear(&x, &w, None)?),
+            &mut || Ok(candle_nn::Module::forward(&candle, &x)?),
         )?;
-    }
-    // The same GEMMs through visenc's bf16 and int8 linear layers (weights packed once, as at load;
-    // activations converted / quantised per call). Their peak is not the f32 FMA peak: bf16 is
-    // compared with `bf16_dot_peak_gflops`.
-    for precision in [visenc::Precision::Bf16, visenc::Precision::Int8] {
-        for (label, kk, nn) in vit_gemms {
-            let x = randt(&[b, t, kk], 3)?;
-            let w = randt(&[nn, kk], 4)?;
-            let bias = randt(&[nn], 5)?;
-            let l = visenc::models::linear::Linear::with_precision(w, Some(bias), precision)?;
-            let g = 2.0 * (b * t * kk * nn) as f64 / 1e9;
-            bench(
-                &format!("{label} {precision} (visenc)"),
-                format!("{}x{kk}x{nn} (b{b} x {t} tokens)", b * t),
-                g,
-                &mut || Ok(l.forward(&x)?),
-            )?;
+        for precision in visenc::Precision::ALL {
+            let l = layer(&w, Some(&bias), precision)?;
+            for rows in [b, 1] {
+                let x = x.narrow(0, 0, rows)?;
+                bench(
+                    &format!("{label} {precision} (visenc)"),
+                    format!("{}x{kk}x{nn} (b{rows} x {t} tokens)", rows * t),
+                    g * rows as f64 / b as f64,
+                    &mut || Ok(l.forward(&x)?),
+                )?;
+            }
         }
     }
 
@@ -276,14 +277,20 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
     let bb1 = randt(&[mlp], 17)?;
     let w2 = (randt(&[d, mlp], 18)? * 0.02)?;
     let bb2 = randt(&[d], 19)?;
+    let f32 = visenc::Precision::F32;
+    let (lq, l1, l2) = (
+        layer(&wq, Some(&bq), f32)?,
+        layer(&w1, Some(&bb1), f32)?,
+        layer(&w2, Some(&bb2), f32)?,
+    );
     let split = |y: &Tensor| -> Result<Tensor> {
         Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
     };
-    let qlin = linear(&x, &wq, Some(&bq))?;
+    let qlin = lq.forward(&x)?;
     let qh = split(&qlin)?;
     let att = qh.matmul(&qh.t()?)?;
     let p = softmax_last_dim(&att)?;
-    let hid = linear(&x, &w1, Some(&bb1))?;
+    let hid = l1.forward(&x)?;
     let lin_g = |k: usize, n: usize| 2.0 * (b * t * k * n) as f64 / 1e9;
     let att_g = 2.0 * (b * h * t * t * hd) as f64 / 1e9;
 
@@ -295,7 +302,7 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
             "linear q/k/v/out 768->768 (+bias)",
             4,
             lin_g(d, d),
-            Box::new(|| Ok(linear(&x, &wq, Some(&bq))?)),
+            Box::new(|| Ok(lq.forward(&x)?)),
         ),
         (
             "split heads (reshape+transpose+contiguous)",
@@ -316,7 +323,7 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
             "linear fc1 768->3072 (+bias)",
             1,
             lin_g(d, mlp),
-            Box::new(|| Ok(linear(&x, &w1, Some(&bb1))?)),
+            Box::new(|| Ok(l1.forward(&x)?)),
         ),
         (
             "quick_gelu x*sigmoid(1.702x)",
@@ -328,7 +335,7 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
             "linear fc2 3072->768 (+bias)",
             1,
             lin_g(mlp, d),
-            Box::new(|| Ok(linear(&hid, &w2, Some(&bb2))?)),
+            Box::new(|| Ok(l2.forward(&hid)?)),
         ),
         ("residual add", 2, 0.0, Box::new(|| Ok((&x + &x)?))),
     ];

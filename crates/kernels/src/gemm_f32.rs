@@ -1,0 +1,329 @@
+//! f32 GEMM on weights packed once: `C[m, n] = act(A[m, k] · W[n, k]ᵀ + bias + residual)`.
+//!
+//! The weights are packed at load into panels of [`NR`] output columns, `k`-major: per `k`, the panel's
+//! 64 column values side by side, so one 512-bit load feeds 16 columns and one broadcast of `A[r][p]`
+//! feeds them all (BLIS' micro-kernel with `kc = k`, see [`crate::panel`]). Packing once is what the
+//! `gemm` crate cannot do: it re-packs the right-hand side on every call, which costs the most where
+//! `m` is small (a ViT at batch 1: 197 rows).
+//!
+//! Without AVX-512F the `gemm` crate (which picks AVX2 + FMA or NEON itself) multiplies each packed
+//! panel, read in place as a `k x 64` strided matrix, so no second copy of the weights is kept.
+
+use gemm::Parallelism;
+
+use crate::conv::Epilogue;
+use crate::cpu::Features;
+use crate::panel::{check_shapes, dispatch_tile, for_each_tile, NR};
+
+/// A weight matrix [n, k] packed for [`gemm_f32`].
+#[derive(Debug, Clone)]
+pub struct PackedF32 {
+    n: usize,
+    k: usize,
+    /// Per panel of [`NR`] columns, per `k`, per column: `w[col][k]`; columns past `n` are zero.
+    data: Vec<f32>,
+}
+
+impl PackedF32 {
+    /// Packs `w`, row-major [n, k] (the layout of a PyTorch `nn.Linear` weight).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n * k, "f32 pack: weight is not {n} x {k}");
+        let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
+        for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
+            let panel = &mut data[(j / NR) * k * NR..][..k * NR];
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * NR + j % NR] = v;
+            }
+        }
+        Self { n, k, data }
+    }
+
+    /// Output width.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Input width.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// The weight back in its row-major [n, k] layout.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n * self.k];
+        for (j, row) in w.chunks_exact_mut(self.k.max(1)).take(self.n).enumerate() {
+            let panel = self.panel(j / NR);
+            for (p, v) in row.iter_mut().enumerate() {
+                *v = panel[p * NR + j % NR];
+            }
+        }
+        w
+    }
+
+    fn panel(&self, panel: usize) -> &[f32] {
+        &self.data[panel * self.k * NR..][..self.k * NR]
+    }
+}
+
+/// `c[m, n] = act(a[m, k] · wᵀ + bias + residual)` (`e`), on the fastest path `features` allow.
+/// `a` is row-major [m, k], `c` and the residual row-major [m, n], the bias [n].
+pub fn gemm_f32(
+    a: &[f32],
+    m: usize,
+    w: &PackedF32,
+    e: Epilogue,
+    c: &mut [f32],
+    features: Features,
+) {
+    let (n, k) = (w.n, w.k);
+    check_shapes("gemm_f32", a, m, n, k, &e, c);
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if features.avx512f {
+        for_each_tile(c, m, n, k, &e, |t| {
+            let bias = e.bias.map(|b| &b[t.panel * NR..t.panel * NR + t.cols]);
+            let a = &a[t.row * k..(t.row + t.rows) * k];
+            // SAFETY: AVX-512F is present; the tile's rows x columns of `c` are this task's alone.
+            unsafe { x86::tile(a, k, w.panel(t.panel), t.rows, t.cols, bias, t.c, n) };
+        });
+        return;
+    }
+    let _ = features;
+    by_gemm_crate(a, m, w, e, c);
+}
+
+/// The product through the `gemm` crate, one packed panel at a time: `c` starts as bias + residual
+/// and accumulates, then the activation runs over it.
+fn by_gemm_crate(a: &[f32], m: usize, w: &PackedF32, e: Epilogue, c: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    for (i, row) in c.chunks_exact_mut(n).enumerate() {
+        match (e.bias, e.residual) {
+            (Some(b), Some(r)) => row
+                .iter_mut()
+                .zip(b.iter().zip(&r[i * n..(i + 1) * n]))
+                .for_each(|(o, (b, r))| *o = b + r),
+            (Some(b), None) => row.copy_from_slice(b),
+            (None, Some(r)) => row.copy_from_slice(&r[i * n..(i + 1) * n]),
+            (None, None) => row.fill(0.0),
+        }
+    }
+    let threads = crate::cpu::threads();
+    for panel in 0..n.div_ceil(NR) {
+        let cols = NR.min(n - panel * NR);
+        let par = if threads > 1 && m * cols * k >= 1 << 20 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        };
+        // SAFETY: dst: rows of `c` (stride n) at the panel's columns, m x cols; lhs: `a`, m x k
+        // (row stride k); rhs: the panel, k x cols (row stride NR); all in bounds.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                c.as_mut_ptr().add(panel * NR),
+                1,
+                n as isize,
+                true,
+                a.as_ptr(),
+                1,
+                k as isize,
+                w.panel(panel).as_ptr(),
+                1,
+                NR as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+    if e.act != crate::conv::Act::None {
+        use rayon::prelude::*;
+        c.par_chunks_mut(n.max(16 * 1024))
+            .for_each(|v| e.finish(v, None));
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+    use crate::panel::lane_mask;
+
+    /// `c[r][j] = Σ_p a[r][p] · b[p][j] (+ bias[j])` for `mr` (<= 6) rows of `a` ([mr, k]) and the
+    /// first `cols` (<= 64) columns of one packed panel `b` ([k, 64]), rows of `c` `ldc` apart.
+    ///
+    /// # Safety
+    /// AVX-512F is present; `c` points to `mr` rows of at least `cols` writable values, `ldc` apart,
+    /// that nothing else accesses meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile(
+        a: &[f32],
+        k: usize,
+        b: &[f32],
+        mr: usize,
+        cols: usize,
+        bias: Option<&[f32]>,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        assert!(a.len() >= mr * k && b.len() >= k * NR && mr <= crate::panel::MR && cols <= NR);
+        let nv = cols.div_ceil(16);
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        // SAFETY: forwarded from the caller; the slices cover the tile.
+        unsafe {
+            dispatch_tile!(
+                kernel,
+                mr,
+                nv,
+                a.as_ptr(),
+                k,
+                b.as_ptr(),
+                cols,
+                bias,
+                c,
+                ldc
+            )
+        }
+    }
+
+    /// `MR` rows x `16 NV` columns: per `k`, NV panel loads, MR broadcasts, MR x NV FMAs.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn kernel<const MR: usize, const NV: usize>(
+        a: *const f32,
+        k: usize,
+        b: *const f32,
+        cols: usize,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        // SAFETY: `a` holds MR rows of `k` values; `b` holds `k` x NR values.
+        unsafe {
+            for p in 0..k {
+                let bp = b.add(p * NR);
+                let mut wv = [_mm512_setzero_ps(); NV];
+                for (v, w) in wv.iter_mut().enumerate() {
+                    *w = _mm512_loadu_ps(bp.add(16 * v));
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * k + p));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(av, wv[v], *x);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                for (v, &x) in row.iter().enumerate() {
+                    let mask = lane_mask(cols - 16 * v);
+                    let x = if bias.is_null() {
+                        x
+                    } else {
+                        _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
+                    };
+                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conv::Act;
+    use crate::panel::{reference, test_values};
+
+    /// f32 sums of `k` products against the exact (f64) sum: each addition rounds by at most 2^-24
+    /// of the running sum, so the error stays below `k · 2^-24 · Σ|a w|`; tested with a margin of 4.
+    fn check(m: usize, n: usize, k: usize, residual: bool, act: Act, features: Features) {
+        let a = test_values(m * k, 1 + m as u64);
+        let w = test_values(n * k, 2 + n as u64);
+        let bias = test_values(n, 3);
+        let res = residual.then(|| test_values(m * n, 4));
+        let mut want = reference(&a, &w, Some(&bias), m, n, k);
+        for (i, v) in want.iter_mut().enumerate() {
+            let x = *v as f64 + res.as_ref().map_or(0.0, |r| r[i] as f64);
+            *v = crate::conv::epilogue::tests::reference(act, x) as f32;
+        }
+        let packed = PackedF32::pack(&w, n, k);
+        assert_eq!(packed.unpack(), w);
+        let mut got = vec![f32::NAN; m * n];
+        let e = Epilogue {
+            bias: Some(&bias),
+            residual: res.as_deref(),
+            act,
+        };
+        gemm_f32(&a, m, &packed, e, &mut got, features);
+        for i in 0..m {
+            for j in 0..n {
+                let scale: f32 = (0..k).map(|p| (a[i * k + p] * w[j * k + p]).abs()).sum();
+                let bound = 4.0 * k as f32 * scale / 16_777_216.0 + 1e-5;
+                let err = (got[i * n + j] - want[i * n + j]).abs();
+                assert!(
+                    err <= bound,
+                    "{m}x{n}x{k} {act:?} {features:?} at ({i},{j}): {} vs {} (bound {bound})",
+                    got[i * n + j],
+                    want[i * n + j],
+                );
+            }
+        }
+    }
+
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (1, 7, 3),
+        (2, 64, 16),
+        (5, 65, 33),
+        (6, 130, 31),
+        (7, 17, 2),
+        (13, 200, 77),
+        (97, 129, 250),
+        (200, 100, 513),
+    ];
+
+    #[test]
+    fn detected_path_matches_reference() {
+        for (m, n, k) in SHAPES {
+            check(m, n, k, false, Act::None, crate::cpu::features());
+            check(m, n, k, true, Act::Gelu, crate::cpu::features());
+        }
+    }
+
+    #[test]
+    fn gemm_crate_path_matches_reference() {
+        for (m, n, k) in SHAPES {
+            check(m, n, k, false, Act::None, Features::PORTABLE);
+            check(m, n, k, true, Act::Relu, Features::PORTABLE);
+        }
+    }
+
+    /// No bias, no residual, and an empty `k`: the output is the epilogue alone.
+    #[test]
+    fn degenerate_shapes() {
+        let w = PackedF32::pack(&[], 3, 0);
+        for features in [crate::cpu::features(), Features::PORTABLE] {
+            let mut c = vec![f32::NAN; 6];
+            let e = Epilogue {
+                bias: Some(&[1.0, -2.0, 3.0]),
+                ..Default::default()
+            };
+            gemm_f32(&[], 2, &w, e, &mut c, features);
+            assert_eq!(c, [1.0, -2.0, 3.0, 1.0, -2.0, 3.0]);
+            let mut c = vec![f32::NAN; 6];
+            gemm_f32(&[], 2, &w, Epilogue::default(), &mut c, features);
+            assert_eq!(c, [0.0; 6]);
+        }
+    }
+}
