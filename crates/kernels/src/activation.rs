@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::dispatch::multiversion;
-use crate::math::{map_inplace, Lanes};
+use crate::math::{map_fn, Lanes};
 
 /// The activations with a fused kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +59,10 @@ pub(crate) fn relu6<L: Lanes>(x: L) -> L {
 multiversion! {
     fn apply_serial<L>(act: Activation, xs: &mut [f32]) {
         match act {
-            Activation::Gelu => map_inplace::<L>(xs, gelu::<L>, gelu::<f32>),
-            Activation::GeluTanh => map_inplace::<L>(xs, gelu_tanh::<L>, gelu_tanh::<f32>),
-            Activation::QuickGelu => map_inplace::<L>(xs, quick_gelu::<L>, quick_gelu::<f32>),
-            Activation::Silu => map_inplace::<L>(xs, silu::<L>, silu::<f32>),
+            Activation::Gelu => map_fn!(L, xs, gelu),
+            Activation::GeluTanh => map_fn!(L, xs, gelu_tanh),
+            Activation::QuickGelu => map_fn!(L, xs, quick_gelu),
+            Activation::Silu => map_fn!(L, xs, silu),
         }
     }
 }

@@ -260,6 +260,10 @@ mod avx512 {
 }
 
 /// Applies `f` to every element of `xs` in place, `L::N` lanes at a time, the tail one by one.
+///
+/// `f` is a closure here; for functions, [`map_fn!`] calls them directly instead: a function item
+/// passed as a closure goes through its `Fn::call` shim, which is compiled without the caller's
+/// target features, so the intrinsics inside it are not inlined (each becomes a call).
 #[inline(always)]
 pub(crate) fn map_inplace<L: Lanes>(xs: &mut [f32], f: impl Fn(L) -> L, tail: impl Fn(f32) -> f32) {
     let mut chunks = xs.chunks_exact_mut(L::N);
@@ -272,26 +276,49 @@ pub(crate) fn map_inplace<L: Lanes>(xs: &mut [f32], f: impl Fn(L) -> L, tail: im
     }
 }
 
+/// `map_fn!(L, xs, f)`: applies the `#[inline(always)]` function `f::<L>` to every element of the
+/// slice `xs` in place, `L::N` lanes at a time, and `f::<f32>` to the tail, by direct calls that
+/// inline into the calling kernel's target features.
+macro_rules! map_fn {
+    ($L:ty, $xs:expr, $f:path) => {{
+        let xs: &mut [f32] = $xs;
+        let mut chunks = xs.chunks_exact_mut(<$L as $crate::math::Lanes>::N);
+        for c in &mut chunks {
+            // SAFETY: the chunk holds exactly N values.
+            unsafe {
+                $crate::math::Lanes::store(
+                    $f(<$L as $crate::math::Lanes>::load(c.as_ptr())),
+                    c.as_mut_ptr(),
+                )
+            }
+        }
+        for x in chunks.into_remainder() {
+            *x = $f(*x);
+        }
+    }};
+}
+pub(crate) use map_fn;
+
 use crate::dispatch::multiversion;
 
 multiversion! {
     /// `e^x` in place.
-    pub fn exp_inplace<L>(xs: &mut [f32]) { map_inplace::<L>(xs, L::exp, Lanes::exp) }
+    pub fn exp_inplace<L>(xs: &mut [f32]) { map_fn!(L, xs, Lanes::exp) }
 }
 
 multiversion! {
     /// `erf(x)` in place.
-    pub fn erf_inplace<L>(xs: &mut [f32]) { map_inplace::<L>(xs, L::erf, Lanes::erf) }
+    pub fn erf_inplace<L>(xs: &mut [f32]) { map_fn!(L, xs, Lanes::erf) }
 }
 
 multiversion! {
     /// `tanh(x)` in place.
-    pub fn tanh_inplace<L>(xs: &mut [f32]) { map_inplace::<L>(xs, L::tanh, Lanes::tanh) }
+    pub fn tanh_inplace<L>(xs: &mut [f32]) { map_fn!(L, xs, Lanes::tanh) }
 }
 
 multiversion! {
     /// `1 / (1 + e^{-x})` in place.
-    pub fn sigmoid_inplace<L>(xs: &mut [f32]) { map_inplace::<L>(xs, L::sigmoid, Lanes::sigmoid) }
+    pub fn sigmoid_inplace<L>(xs: &mut [f32]) { map_fn!(L, xs, Lanes::sigmoid) }
 }
 
 #[cfg(test)]

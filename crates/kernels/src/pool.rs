@@ -230,6 +230,45 @@ pub fn sigmoid_gate(x: &[f32], plane: usize, s: &[f32], out: &mut [f32]) {
         .for_each(|((o, x), s)| gate_serial(x, plane, s, o));
 }
 
+/// The squeeze-excitation gate on an NHWC map, in place: every pixel row of image `b` of `x`
+/// [batch, pixels, c] times `sigmoid(s[b])` channel by channel (`s` [batch, c]).
+///
+/// # Panics
+/// When `x` is not `s.len() / c` images of `pixels * c` values.
+pub fn sigmoid_gate_rows(x: &mut [f32], pixels: usize, c: usize, s: &[f32]) {
+    assert!(
+        c > 0 && s.len().is_multiple_of(c) && x.len() == s.len() / c * pixels * c,
+        "sigmoid_gate_rows: lengths"
+    );
+    let gates: Vec<f32> = s.iter().map(|&g| 1.0 / (1.0 + (-g).exp())).collect();
+    let rows_per_task = (16 * 1024 / c).max(1);
+    x.par_chunks_mut(rows_per_task * c)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            for (r, row) in chunk.chunks_exact_mut(c).enumerate() {
+                let b = (t * rows_per_task + r) / pixels.max(1);
+                scale_row(row, &gates[b * c..(b + 1) * c]);
+            }
+        });
+}
+
+multiversion! {
+    fn scale_row<L>(x: &mut [f32], g: &[f32]) {
+        let full = x.len() / L::N * L::N;
+        for i in (0..full).step_by(L::N) {
+            // SAFETY: i + N <= len of both slices (equal lengths, checked by the caller's chunking).
+            unsafe {
+                L::load(x.as_ptr().add(i))
+                    .mul(L::load(g.as_ptr().add(i)))
+                    .store(x.as_mut_ptr().add(i))
+            };
+        }
+        for i in full..x.len() {
+            x[i] *= g[i];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +413,22 @@ mod tests {
                     "mean_pixels {b},{ch}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn gate_rows_matches_definition() {
+        // 3 images of 200 pixels x 37 channels: tasks of 442 rows cross image boundaries, and 37
+        // channels leave a tail after the vectors.
+        let (batch, pixels, c) = (3, 200, 37);
+        let x = uniform(14, batch * pixels * c, -2.0, 2.0);
+        let s = uniform(15, batch * c, -4.0, 4.0);
+        let mut y = x.clone();
+        sigmoid_gate_rows(&mut y, pixels, c, &s);
+        for (i, (&got, &v)) in y.iter().zip(&x).enumerate() {
+            let (b, ch) = (i / (pixels * c), i % c);
+            let want = v as f64 / (1.0 + (-(s[b * c + ch] as f64)).exp());
+            assert!((got as f64 - want).abs() < 1e-6, "gate at {i}");
         }
     }
 }

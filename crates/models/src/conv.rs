@@ -135,13 +135,40 @@ impl Conv {
         self.bias.as_ref()
     }
 
-    /// The stride, the padding and the number of groups.
-    pub fn geometry(&self) -> (usize, Padding, usize) {
-        (self.stride, self.padding, self.groups)
-    }
-
     pub fn out_channels(&self) -> usize {
         self.weight.dims()[0]
+    }
+
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    pub fn padding(&self) -> Padding {
+        self.padding
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Whether this is a depthwise convolution (one group per channel, one filter each).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.out_channels() && self.weight.dim(1).ok() == Some(1)
+    }
+
+    /// Whether a 1x1 stride-1 unpadded dense convolution: a linear layer over each pixel.
+    pub fn is_pointwise(&self) -> bool {
+        let (_, _, kh, kw) = self.weight.dims4().unwrap_or((0, 0, 0, 0));
+        self.groups == 1
+            && (kh, kw) == (1, 1)
+            && self.stride == 1
+            && self.dilation == 1
+            && matches!(self.padding, Padding::Symmetric(0) | Padding::TfSame)
+    }
+
+    /// The precision the model was loaded for (bf16 makes dense convolutions run in bf16).
+    pub(crate) fn precision(&self) -> visenc_kernels::Precision {
+        self.lowp.precision()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -259,7 +286,7 @@ pub fn conv2d_cpu(
             )));
         }
     }
-    let fused = e.act.map_or(Some(Act::None), kernel_act);
+    let fused = fused_act(e.act);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let bias = e.bias.map(Tensor::contiguous).transpose()?;
     let residual = e.residual.map(Tensor::contiguous).transpose()?;
@@ -291,13 +318,15 @@ pub fn conv2d_cpu(
     }))
 }
 
-/// The kernels' fused form of an activation, where they have it (ReLU, ReLU6, SiLU).
-pub(crate) fn kernel_act(a: Activation) -> Option<Act> {
+/// The activation as the convolution kernels' epilogue applies it; `None` for those it has not
+/// (they run after, through candle).
+pub(crate) fn fused_act(a: Option<Activation>) -> Option<Act> {
     match a {
-        Activation::Relu => Some(Act::Relu),
-        Activation::Relu6 => Some(Act::Relu6),
-        Activation::Silu => Some(Act::Silu),
-        _ => None,
+        None => Some(Act::None),
+        Some(Activation::Relu) => Some(Act::Relu),
+        Some(Activation::Relu6) => Some(Act::Relu6),
+        Some(Activation::Silu) => Some(Act::Silu),
+        Some(_) => None,
     }
 }
 

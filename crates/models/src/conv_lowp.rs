@@ -26,6 +26,10 @@ impl LowpConv {
         }
     }
 
+    pub(crate) fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// The bf16 weight for a dense (`groups == 1`) f32 CPU convolution loaded for bf16; `None` when
     /// the convolution runs in f32.
     pub(crate) fn packed(&self, weight: &Tensor, groups: usize) -> Result<Option<&PackedConvBf16>> {

@@ -107,7 +107,7 @@ impl NhwcConv {
     /// depthwise, non-square kernels, TF "SAME" padding with extra padding, weights not f32 on the
     /// CPU.
     pub(crate) fn prepare(c: &Conv, extra: Pad, precision: Precision) -> Result<Option<Self>> {
-        let (stride, padding, groups) = c.geometry();
+        let (stride, padding, groups) = (c.stride(), c.padding(), c.groups());
         let (cout, per_group, kh, kw) = c.weight().dims4()?;
         let depthwise = groups > 1 && per_group == 1 && cout == groups;
         if (groups != 1 && !depthwise) || kh != kw || !is_cpu_f32(c.weight()) {

@@ -4,7 +4,7 @@
 
 use crate::activation::{gelu, relu, relu6, silu};
 use crate::dispatch::multiversion;
-use crate::math::{map_inplace, Lanes};
+use crate::math::{map_fn, Lanes};
 
 /// The activation a convolution applies to its output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,10 +27,10 @@ impl Act {
     pub(super) fn apply<L: Lanes>(self, v: &mut [f32]) {
         match self {
             Act::None => {}
-            Act::Relu => map_inplace::<L>(v, relu::<L>, relu::<f32>),
-            Act::Relu6 => map_inplace::<L>(v, relu6::<L>, relu6::<f32>),
-            Act::Silu => map_inplace::<L>(v, silu::<L>, silu::<f32>),
-            Act::Gelu => map_inplace::<L>(v, gelu::<L>, gelu::<f32>),
+            Act::Relu => map_fn!(L, v, relu),
+            Act::Relu6 => map_fn!(L, v, relu6),
+            Act::Silu => map_fn!(L, v, silu),
+            Act::Gelu => map_fn!(L, v, gelu),
         }
     }
 

@@ -154,7 +154,14 @@ fn channel_block<L>(
         for ix in 0..w {
             let src = ((b * h + iy) * w + ix) * c + c0;
             let d = ((iy + s.pad.top) * wp + ix + s.pad.left) * CB;
-            sc.block[d..d + nc].copy_from_slice(&x[src..src + nc]);
+            // SAFETY: nc values at src in x and at d in the block (checked by the slicing).
+            unsafe {
+                copy_channels(
+                    x[src..src + nc].as_ptr(),
+                    sc.block[d..d + nc].as_mut_ptr(),
+                    nc,
+                )
+            };
         }
     }
     // The weights as [tap][16 channels], the tail zero.
@@ -176,6 +183,23 @@ fn channel_block<L>(
         rows::<L, CB>(sc, s, e, b, c0, nc, &bias, dst, oh, ow, wp);
     }
 }
+}
+
+/// Copies `n` (<= 16) channel values: a full block of 16 as one fixed-size copy (a vector move;
+/// a length only known at run time would make it a `memcpy` call per pixel).
+///
+/// # Safety
+/// `src` and `dst` are valid for `n` values and do not overlap.
+#[inline(always)]
+unsafe fn copy_channels(src: *const f32, dst: *mut f32, n: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if n == CB {
+            std::ptr::copy_nonoverlapping(src, dst, CB);
+        } else {
+            std::ptr::copy_nonoverlapping(src, dst, n);
+        }
+    }
 }
 
 /// Pixels accumulated together along an output row.
@@ -242,7 +266,7 @@ fn rows<L: Lanes, const G: usize>(
                 }
                 e.act.apply::<L>(&mut tmp[..nc]);
                 // SAFETY: pixel (b, oy, ox0 + p), channels c0..c0 + nc belong to this task alone.
-                unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst.at(at), nc) };
+                unsafe { copy_channels(tmp.as_ptr(), dst.at(at), nc) };
             }
             ox0 += npx;
         }

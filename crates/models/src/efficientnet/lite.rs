@@ -381,14 +381,7 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         default_preprocess: Some(tf_eval_preprocess(image_size.unwrap_or(res))),
         ..Default::default()
     };
-    let model = EfficientNet {
-        stem,
-        stages,
-        head,
-        pool: Pool::Mean,
-        classifier,
-        taps: vec![],
-    };
+    let model = EfficientNet::new(stem, stages, head, Pool::Mean, classifier, vec![])?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,

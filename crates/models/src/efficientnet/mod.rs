@@ -7,12 +7,13 @@
 
 mod hf;
 mod lite;
+mod nhwc;
 mod timm;
 
 use candle_core::{Tensor, D};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures};
-use crate::conv::{global_avg_pool, sigmoid_gate_planes, Conv};
+use crate::conv::{global_avg_pool, is_cpu_f32, sigmoid_gate_planes, Conv};
 use crate::error::{ModelError, Result};
 use crate::nn::Activation;
 
@@ -141,13 +142,39 @@ pub struct EfficientNet {
     pool: Pool,
     classifier: Option<crate::linear::Linear>,
     taps: Vec<Tap>,
+    /// The channels-last path's packed weights, where it applies (f32 on the CPU, 1x1 and
+    /// depthwise convolutions only).
+    nhwc: Option<nhwc::NhwcWeights>,
+}
+
+impl EfficientNet {
+    fn new(
+        stem: ConvBnAct,
+        stages: Vec<Vec<Block>>,
+        head: ConvBnAct,
+        pool: Pool,
+        classifier: Option<crate::linear::Linear>,
+        taps: Vec<Tap>,
+    ) -> Result<Self> {
+        let mut model = Self {
+            stem,
+            stages,
+            head,
+            pool,
+            classifier,
+            taps,
+            nhwc: None,
+        };
+        model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
+        Ok(model)
+    }
 }
 
 impl ImageEncoder for EfficientNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("EfficientNet")?;
         let mut maps = Vec::new();
-        let mut x = self.stem.forward(pixels, None)?;
+        let stem = self.stem.forward(pixels, None)?;
         let mut tap = |stage: Option<usize>, x: &Tensor| {
             if opts.features {
                 for t in self.taps.iter().filter(|t| t.stage == stage) {
@@ -158,14 +185,26 @@ impl ImageEncoder for EfficientNet {
                 }
             }
         };
-        tap(None, &x);
-        for (i, stage) in self.stages.iter().enumerate() {
-            for b in stage {
-                x = b.forward(&x)?;
+        tap(None, &stem);
+        let x = match (&self.nhwc, is_cpu_f32(&stem)) {
+            (Some(w), true) => {
+                let trunk = self.trunk_nhwc(w, &stem, opts.features && !self.taps.is_empty())?;
+                for (i, map) in &trunk.stage_maps {
+                    tap(Some(*i), map);
+                }
+                trunk.last
             }
-            tap(Some(i), &x);
-        }
-        let x = self.head.forward(&x, None)?;
+            _ => {
+                let mut x = stem;
+                for (i, stage) in self.stages.iter().enumerate() {
+                    for b in stage {
+                        x = b.forward(&x)?;
+                    }
+                    tap(Some(i), &x);
+                }
+                self.head.forward(&x, None)?
+            }
+        };
         let (h, w) = (x.dim(2)?, x.dim(3)?);
         let pooled = match self.pool {
             Pool::Mean => global_avg_pool(&x)?,

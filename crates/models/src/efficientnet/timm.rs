@@ -520,14 +520,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         labels: classifier.as_ref().and(labels),
         ..Default::default()
     };
-    let model = EfficientNet {
-        stem,
-        stages,
-        head,
-        pool: Pool::Mean,
-        classifier,
-        taps,
-    };
+    let model = EfficientNet::new(stem, stages, head, Pool::Mean, classifier, taps)?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,

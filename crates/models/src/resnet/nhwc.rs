@@ -13,7 +13,7 @@ use visenc_kernels::Precision;
 
 use super::{Features, ResNet};
 use crate::api::FeatureMap;
-use crate::conv::{kernel_act, Conv};
+use crate::conv::{fused_act, Conv};
 use crate::error::{ModelError, Result};
 use crate::nhwc::{Map, NhwcConv, Scratch};
 
@@ -38,7 +38,7 @@ impl NhwcWeights {
     /// CPU). The products run in bf16 when the model is loaded for bf16, else in f32 (as the NCHW
     /// path's convolutions, [`crate::conv_lowp`]).
     pub(super) fn prepare(m: &ResNet, precision: Precision) -> Result<Option<Self>> {
-        let Some(act) = kernel_act(m.act) else {
+        let Some(act) = fused_act(Some(m.act)) else {
             return Ok(None);
         };
         let precision = match precision {
