@@ -26,7 +26,7 @@ pub(crate) fn gelu<L: Lanes>(x: L) -> L {
 }
 
 #[inline(always)]
-fn gelu_tanh<L: Lanes>(x: L) -> L {
+pub(crate) fn gelu_tanh<L: Lanes>(x: L) -> L {
     // sqrt(2 / pi)
     const K: f32 = 0.797_884_6;
     let x3 = x.mul(x).mul(x);
@@ -35,7 +35,7 @@ fn gelu_tanh<L: Lanes>(x: L) -> L {
 }
 
 #[inline(always)]
-fn quick_gelu<L: Lanes>(x: L) -> L {
+pub(crate) fn quick_gelu<L: Lanes>(x: L) -> L {
     x.mul(x.mul(L::splat(1.702)).sigmoid())
 }
 

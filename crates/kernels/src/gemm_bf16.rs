@@ -196,7 +196,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::lane_mask;
+    use crate::panel::store_tile;
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) fn to_pairs(src: &[f32], dst: &mut [u32]) {
@@ -281,17 +281,7 @@ mod x86 {
                     }
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                for (v, &x) in row.iter().enumerate() {
-                    let mask = lane_mask(cols - 16 * v);
-                    let x = if bias.is_null() {
-                        x
-                    } else {
-                        _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
-                    };
-                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
-                }
-            }
+            store_tile(&acc, cols, bias, c, ldc);
         }
     }
 }
@@ -299,7 +289,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::panel::{reference, test_values};
+    use crate::panel::{reference, test_values, TEST_SHAPES};
 
     /// Relative error bound of one bf16 dot product against the exact one, as a fraction of
     /// `sum |a_i w_i|`: bf16 keeps 8 significant bits, so each operand carries a relative rounding
@@ -334,21 +324,9 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 9] = [
-        (1, 1, 1),
-        (1, 7, 3),
-        (2, 64, 16),
-        (5, 65, 33),
-        (6, 130, 31),
-        (7, 17, 2),
-        (13, 200, 77),
-        (97, 129, 250),
-        (200, 100, 513),
-    ];
-
     #[test]
     fn detected_path_matches_reference() {
-        for (m, n, k) in SHAPES {
+        for (m, n, k) in TEST_SHAPES {
             check(m, n, k, true, crate::cpu::features());
             check(m, n, k, false, crate::cpu::features());
         }
@@ -356,7 +334,7 @@ mod tests {
 
     #[test]
     fn portable_path_matches_reference() {
-        for (m, n, k) in SHAPES {
+        for (m, n, k) in TEST_SHAPES {
             check(m, n, k, true, Features::PORTABLE);
         }
     }

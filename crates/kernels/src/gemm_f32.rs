@@ -155,7 +155,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::lane_mask;
+    use crate::panel::store_tile;
 
     /// `c[r][j] = Σ_p a[r][p] · b[p][j] (+ bias[j])` for `mr` (<= 6) rows of `a` ([mr, k]) and the
     /// first `cols` (<= 64) columns of one packed panel `b` ([k, 64]), rows of `c` `ldc` apart.
@@ -224,17 +224,7 @@ mod x86 {
                     }
                 }
             }
-            for (r, row) in acc.iter().enumerate() {
-                for (v, &x) in row.iter().enumerate() {
-                    let mask = lane_mask(cols - 16 * v);
-                    let x = if bias.is_null() {
-                        x
-                    } else {
-                        _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
-                    };
-                    _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
-                }
-            }
+            store_tile(&acc, cols, bias, c, ldc);
         }
     }
 }
@@ -243,7 +233,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::conv::Act;
-    use crate::panel::{reference, test_values};
+    use crate::panel::{reference, test_values, TEST_SHAPES};
 
     /// f32 sums of `k` products against the exact (f64) sum: each addition rounds by at most 2^-24
     /// of the running sum, so the error stays below `k · 2^-24 · Σ|a w|`; tested with a margin of 4.
@@ -281,21 +271,9 @@ mod tests {
         }
     }
 
-    const SHAPES: [(usize, usize, usize); 9] = [
-        (1, 1, 1),
-        (1, 7, 3),
-        (2, 64, 16),
-        (5, 65, 33),
-        (6, 130, 31),
-        (7, 17, 2),
-        (13, 200, 77),
-        (97, 129, 250),
-        (200, 100, 513),
-    ];
-
     #[test]
     fn detected_path_matches_reference() {
-        for (m, n, k) in SHAPES {
+        for (m, n, k) in TEST_SHAPES {
             check(m, n, k, false, Act::None, crate::cpu::features());
             check(m, n, k, true, Act::Gelu, crate::cpu::features());
         }
@@ -303,7 +281,7 @@ mod tests {
 
     #[test]
     fn gemm_crate_path_matches_reference() {
-        for (m, n, k) in SHAPES {
+        for (m, n, k) in TEST_SHAPES {
             check(m, n, k, false, Act::None, Features::PORTABLE);
             check(m, n, k, true, Act::Relu, Features::PORTABLE);
         }

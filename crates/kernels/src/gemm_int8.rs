@@ -365,7 +365,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::panel::{reference, test_values};
+    use crate::panel::{reference, test_values, TEST_SHAPES};
 
     /// Error bound of one output against the exact f32 product, from the quantisation steps: each
     /// activation is off by at most `s_a / 2`, each weight by `s_w / 2`, so a dot product is off by at
@@ -412,28 +412,16 @@ mod tests {
         (got, want)
     }
 
-    const SHAPES: [(usize, usize, usize); 9] = [
-        (1, 1, 1),
-        (1, 7, 3),
-        (2, 64, 16),
-        (5, 65, 33),
-        (6, 130, 31),
-        (7, 17, 2),
-        (13, 200, 77),
-        (97, 129, 250),
-        (200, 100, 514),
-    ];
-
     #[test]
     fn detected_path_matches_reference() {
-        for (m, n, k) in SHAPES {
+        for (m, n, k) in TEST_SHAPES {
             run(m, n, k, 11, crate::cpu::features());
         }
     }
 
     #[test]
     fn portable_path_matches_reference() {
-        for (m, n, k) in SHAPES {
+        for (m, n, k) in TEST_SHAPES {
             run(m, n, k, 21, Features::PORTABLE);
         }
     }

@@ -147,6 +147,39 @@ pub(crate) fn lane_mask(cols: usize) -> u16 {
     }
 }
 
+/// Writes an `MR` x `16 NV` register tile of accumulators to `c` (rows `ldc` apart), the first `cols`
+/// columns only, adding `bias[j]` where `bias` is not null: the store of the f32 and bf16 kernels.
+///
+/// # Safety
+/// AVX-512F is present; `c` points to `MR` rows of at least `cols` writable values, `ldc` apart; a
+/// non-null `bias` holds `cols` values.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store_tile<const MR: usize, const NV: usize>(
+    acc: &[[std::arch::x86_64::__m512; NV]; MR],
+    cols: usize,
+    bias: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    for (r, row) in acc.iter().enumerate() {
+        for (v, &x) in row.iter().enumerate() {
+            let mask = lane_mask(cols - 16 * v);
+            // SAFETY: the masked lanes are inside the tile's columns and the bias (caller).
+            unsafe {
+                let x = if bias.is_null() {
+                    x
+                } else {
+                    _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
+                };
+                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
+            }
+        }
+    }
+}
+
 /// Calls `$kernel::<MR, NV>($args)` for run-time `$mr` in 1..=6 and `$nv` in 1..=4 (the register tile
 /// is a compile-time shape so its accumulators live in registers).
 macro_rules! dispatch_tile {
@@ -169,6 +202,21 @@ macro_rules! dispatch_tile {
     };
 }
 pub(crate) use dispatch_tile;
+
+/// Shapes (m, n, k) the GEMM tests run: single values, partial register tiles and panels, `k` tails
+/// of every packing (pairs, quadruples), several row blocks.
+#[cfg(test)]
+pub(crate) const TEST_SHAPES: [(usize, usize, usize); 9] = [
+    (1, 1, 1),
+    (1, 7, 3),
+    (2, 64, 16),
+    (5, 65, 33),
+    (6, 130, 31),
+    (7, 17, 2),
+    (13, 200, 77),
+    (97, 129, 250),
+    (200, 100, 513),
+];
 
 /// Deterministic pseudo-random numbers for the kernels' tests (xorshift64*).
 #[cfg(test)]

@@ -175,9 +175,9 @@ impl Conv {
         self.forward_with(x, None, None)
     }
 
-    /// `act(conv(x) + residual)`: on the CPU in f32 the bias, the residual and a ReLU, ReLU6 or
-    /// SiLU run inside the convolution kernel (`visenc_kernels::conv`); elsewhere, or for other
-    /// groupings and activations, through candle.
+    /// `act(conv(x) + residual)`: on the CPU in f32 the bias, the residual and the activation run
+    /// inside the convolution kernel (`visenc_kernels::conv`); elsewhere, or for other groupings,
+    /// through candle.
     pub fn forward_with(
         &self,
         x: &Tensor,
@@ -232,9 +232,8 @@ pub struct Fused<'a> {
 }
 
 /// An f32 CPU convolution through `visenc_kernels::conv`: dense (groups = 1) or depthwise
-/// (`weight` [C, 1, kh, kw] on C channels), with the bias, the residual and the activation fused
-/// where the kernel has it (ReLU, ReLU6, SiLU; other activations run after). `None` for other
-/// groupings (candle's path).
+/// (`weight` [C, 1, kh, kw] on C channels), with the bias, the residual and the activation fused.
+/// `None` for other groupings (candle's path).
 pub fn conv2d_cpu(
     x: &Tensor,
     weight: &Tensor,
@@ -296,7 +295,7 @@ pub fn conv2d_cpu(
     let epilogue = Epilogue {
         bias: bg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?,
         residual: rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?,
-        act: fused.unwrap_or_default(),
+        act: fused,
     };
     let mut out = vec![0f32; b * cout * oh * ow];
     let xs = cpu_f32(&xg.0, xg.1)?;
@@ -311,23 +310,12 @@ pub fn conv2d_cpu(
         ),
         _ => conv2d(xs, cpu_f32(&wg.0, wg.1)?, &shape, epilogue, &mut out),
     }
-    let y = Tensor::from_vec(out, (b, cout, oh, ow), x.device())?;
-    Ok(Some(match (e.act, fused) {
-        (Some(a), None) => a.forward(&y)?,
-        _ => y,
-    }))
+    Ok(Some(Tensor::from_vec(out, (b, cout, oh, ow), x.device())?))
 }
 
-/// The activation as the convolution kernels' epilogue applies it; `None` for those it has not
-/// (they run after, through candle).
-pub(crate) fn fused_act(a: Option<Activation>) -> Option<Act> {
-    match a {
-        None => Some(Act::None),
-        Some(Activation::Relu) => Some(Act::Relu),
-        Some(Activation::Relu6) => Some(Act::Relu6),
-        Some(Activation::Silu) => Some(Act::Silu),
-        Some(_) => None,
-    }
+/// The activation as the convolution kernels' epilogue applies it (none: [`Act::None`]).
+pub(crate) fn fused_act(a: Option<Activation>) -> Act {
+    a.map_or(Act::None, Activation::epilogue)
 }
 
 /// The f32 data of a contiguous CPU tensor.

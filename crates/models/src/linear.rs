@@ -2,13 +2,15 @@
 //! ([`visenc_kernels::gemm`], in the model's [`Precision`]), or candle's product where the kernels do
 //! not apply (weights on another device or in another dtype, or tracked by autograd).
 
-use candle_core::{DType, Device, Module, Storage, Tensor};
-use visenc_kernels::conv::Epilogue;
+use candle_core::{DType, Device, Module, Tensor};
+use visenc_kernels::conv::{Act, Epilogue};
 use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::Precision;
 use visenc_weights::Scope;
 
+use crate::conv::cpu_f32;
 use crate::error::{config_err, Result};
+use crate::nn::Activation;
 
 /// `y = x Wᵀ + b` over the last dimension, `W` [out, in] as in PyTorch's `nn.Linear`.
 #[derive(Debug, Clone)]
@@ -103,9 +105,36 @@ impl Linear {
     /// tracks (a frozen layer after a trainable one) goes through candle's product on the weight
     /// unpacked, so gradients reach the layers before; only f32 layers can do that.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None, None)
+    }
+
+    /// `act(x Wᵀ + b + residual)`: packed layers add the residual and apply the activation to each
+    /// output tile while it is in cache (a residual of the output's shape, f32 on the CPU); other
+    /// layers and tracked tensors run them after the product.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
         let (packed, bias) = match &self.kind {
-            Kind::Candle(l) => return Ok(l.forward(x)?),
-            Kind::Packed { packed, bias } => (packed, bias),
+            Kind::Packed { packed, bias }
+                if !crate::ops::tracked(&[x])
+                    && residual.is_none_or(|r| !crate::ops::tracked(&[r])) =>
+            {
+                (packed, bias)
+            }
+            _ => {
+                let y = match &self.kind {
+                    Kind::Candle(l) => l.forward(x)?,
+                    Kind::Packed { .. } => self.forward_tracked(x)?,
+                };
+                let y = match residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                };
+                return act.map_or(Ok(y.clone()), |a| a.forward(&y));
+            }
         };
         let (k, n) = (packed.k(), packed.n());
         let mut dims = x.dims().to_vec();
@@ -117,31 +146,33 @@ impl Linear {
             }
             .into());
         }
-        if crate::ops::tracked(&[x]) {
-            return self.forward_tracked(x);
-        }
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let m = x.elem_count() / k.max(1);
+        *dims.last_mut().expect("checked above") = n;
+        let residual = residual
+            .map(|r| {
+                if r.dims() != dims.as_slice() {
+                    return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                        lhs: r.shape().clone(),
+                        rhs: dims.as_slice().into(),
+                        op: "linear residual",
+                    });
+                }
+                r.to_dtype(DType::F32)?.contiguous()
+            })
+            .transpose()?;
+        let rg = residual.as_ref().map(Tensor::storage_and_layout);
         let mut out = vec![0f32; m * n];
         {
             let (storage, layout) = x.storage_and_layout();
-            let Storage::Cpu(cpu_storage) = &*storage else {
-                return Err(config_err(
-                    "precision",
-                    "visenc's packed linear layers run on the CPU only",
-                ));
-            };
-            let (start, end) = layout
-                .contiguous_offsets()
-                .expect("a contiguous tensor has contiguous offsets");
-            let a = &cpu_storage.as_slice::<f32>()?[start..end];
+            let a = cpu_f32(&storage, layout)?;
             let e = Epilogue {
                 bias: bias.as_deref(),
-                ..Default::default()
+                residual: rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?,
+                act: act.map_or(Act::None, Activation::epilogue),
             };
             gemm(a, m, packed, e, &mut out);
         }
-        *dims.last_mut().expect("checked above") = n;
         Ok(Tensor::from_vec(out, dims, x.device())?)
     }
 
@@ -221,5 +252,34 @@ mod tests {
         );
         let err = (g1 - g2).unwrap().abs().unwrap().max_all().unwrap();
         assert!(err.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+
+    /// The fused residual and activation equal the product followed by candle's add and the
+    /// activation, in every precision; a residual of the wrong shape is an error.
+    #[test]
+    fn fused_epilogue_matches_separate_ops() {
+        let dev = Device::Cpu;
+        let (n, k) = (20, 33);
+        let w = Tensor::randn(0f32, 1., (n, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., n, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, k), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (2, 3, n), &dev).unwrap();
+        for p in Precision::ALL {
+            let l = Linear::with_precision(w.clone(), Some(b.clone()), p).unwrap();
+            for act in [
+                Activation::QuickGelu,
+                Activation::GeluTanh,
+                Activation::Relu,
+            ] {
+                let want = act
+                    .forward(&(l.forward(&x).unwrap() + &r).unwrap())
+                    .unwrap();
+                let got = l.forward_with(&x, Some(&r), Some(act)).unwrap();
+                let err = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(err.to_scalar::<f32>().unwrap() < 1e-5, "{p} {act:?}");
+            }
+            let bad = Tensor::zeros((2, 3, n + 1), DType::F32, &dev).unwrap();
+            assert!(l.forward_with(&x, Some(&bad), None).is_err());
+        }
     }
 }

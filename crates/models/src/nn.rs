@@ -106,6 +106,19 @@ impl Activation {
             .map_err(|_| config_err("hidden_act", format!("unsupported activation {name:?}")))
     }
 
+    /// The activation as the kernels' epilogues (GEMM, convolution) apply it.
+    pub fn epilogue(self) -> visenc_kernels::conv::Act {
+        use visenc_kernels::conv::Act;
+        match self {
+            Self::QuickGelu => Act::QuickGelu,
+            Self::Gelu => Act::Gelu,
+            Self::GeluTanh => Act::GeluTanh,
+            Self::Relu => Act::Relu,
+            Self::Relu6 => Act::Relu6,
+            Self::Silu => Act::Silu,
+        }
+    }
+
     /// The fused kernel for this activation, if there is one.
     fn kernel(self) -> Option<visenc_kernels::activation::Activation> {
         use visenc_kernels::activation::Activation as K;
@@ -270,6 +283,17 @@ impl Attention {
         kv: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_residual(x, kv, bias, None)
+    }
+
+    /// [`Self::forward`] plus `residual` [B, N, D], added in the output projection's epilogue.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        kv: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let scale = (hd as f64).powf(-0.5);
@@ -296,7 +320,7 @@ impl Attention {
                     .reshape((b, n, d))?
             }
         };
-        Ok(self.out.forward(&y)?)
+        self.out.forward_with(&y, residual, None)
     }
 }
 
@@ -379,8 +403,14 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.act.forward_owned(self.fc1.forward(x)?)?;
-        Ok(self.fc2.forward(&h)?)
+        self.forward_residual(x, None)
+    }
+
+    /// [`Self::forward`] plus `residual` (the input's shape), added in `fc2`'s epilogue; the
+    /// activation runs in `fc1`'s.
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.fc1.forward_with(x, None, Some(self.act))?;
+        self.fc2.forward_with(&h, residual, None)
     }
 }
 
@@ -417,18 +447,19 @@ impl Block {
         })
     }
 
+    /// Without LayerScale the residual adds run in the epilogues of the output projection and of
+    /// `fc2`; with it, after the scaling.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let scale = |y: Tensor, g: &Option<Tensor>| -> Result<Tensor> {
-            Ok(match g {
-                Some(g) => y.broadcast_mul(g)?,
-                None => y,
-            })
+        let h = self.norm1.forward(x)?;
+        let x = match &self.ls1 {
+            None => self.attn.forward_residual(&h, None, mask, Some(x))?,
+            Some(g) => (x + self.attn.forward(&h, None, mask)?.broadcast_mul(g)?)?,
         };
-        let x = (x + scale(
-            self.attn.forward(&self.norm1.forward(x)?, None, mask)?,
-            &self.ls1,
-        )?)?;
-        Ok((&x + scale(self.mlp.forward(&self.norm2.forward(&x)?)?, &self.ls2)?)?)
+        let h = self.norm2.forward(&x)?;
+        Ok(match &self.ls2 {
+            None => self.mlp.forward_residual(&h, Some(&x))?,
+            Some(g) => (&x + self.mlp.forward(&h)?.broadcast_mul(g)?)?,
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 //! accumulating), through the same per-lane functions as [`crate::activation`], so it stays in
 //! vector registers.
 
-use crate::activation::{gelu, relu, relu6, silu};
+use crate::activation::{gelu, gelu_tanh, quick_gelu, relu, relu6, silu};
 use crate::dispatch::multiversion;
 use crate::math::{map_fn, Lanes};
 
@@ -19,6 +19,10 @@ pub enum Act {
     Silu,
     /// `0.5 x (1 + erf(x / sqrt 2))` (`nn.GELU()`).
     Gelu,
+    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (`gelu_pytorch_tanh`).
+    GeluTanh,
+    /// `x sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
 }
 
 impl Act {
@@ -31,6 +35,8 @@ impl Act {
             Act::Relu6 => map_fn!(L, v, relu6),
             Act::Silu => map_fn!(L, v, silu),
             Act::Gelu => map_fn!(L, v, gelu),
+            Act::GeluTanh => map_fn!(L, v, gelu_tanh),
+            Act::QuickGelu => map_fn!(L, v, quick_gelu),
         }
     }
 
@@ -50,6 +56,8 @@ impl Act {
             Act::Relu6 => relu6::<L>(v),
             Act::Silu => silu::<L>(v),
             Act::Gelu => gelu::<L>(v),
+            Act::GeluTanh => gelu_tanh::<L>(v),
+            Act::QuickGelu => quick_gelu::<L>(v),
         }
     }
 }
@@ -102,6 +110,11 @@ pub(crate) mod tests {
             Act::Relu6 => x.clamp(0.0, 6.0),
             Act::Silu => x / (1.0 + (-x).exp()),
             Act::Gelu => 0.5 * x * (1.0 + crate::math::tests::erf64(x / std::f64::consts::SQRT_2)),
+            Act::GeluTanh => {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Act::QuickGelu => x / (1.0 + (-1.702 * x).exp()),
         }
     }
 
@@ -109,7 +122,15 @@ pub(crate) mod tests {
     fn activations_match_definitions() {
         // 400 values: 25 full vectors of 16, on the portable lanes and the widest this CPU has.
         let xs: Vec<f32> = (-200..200).map(|i| i as f32 * 0.37).collect();
-        for act in [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Gelu] {
+        for act in [
+            Act::None,
+            Act::Relu,
+            Act::Relu6,
+            Act::Silu,
+            Act::Gelu,
+            Act::GeluTanh,
+            Act::QuickGelu,
+        ] {
             let mut portable = xs.clone();
             act.apply::<f32>(&mut portable);
             let mut best = xs.clone();

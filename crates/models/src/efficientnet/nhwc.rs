@@ -26,12 +26,9 @@ struct Pointwise {
 }
 
 impl Pointwise {
-    /// `None` when `c` is not a pointwise f32 CPU convolution or its activation is not fused.
+    /// `None` when `c` is not a pointwise f32 CPU convolution.
     fn prepare(c: &ConvBnAct) -> Result<Option<Self>> {
-        let Some(act) = fused_act(c.act) else {
-            return Ok(None);
-        };
-        Self::of(&c.conv, act, c.pad.is_none())
+        Self::of(&c.conv, fused_act(c.act), c.pad.is_none())
     }
 
     fn of(conv: &Conv, act: Act, unpadded: bool) -> Result<Option<Self>> {
@@ -88,8 +85,8 @@ pub(super) struct NhwcWeights {
 }
 
 impl NhwcWeights {
-    /// `None` when the path does not apply: weights not f32 on the CPU, a convolution that is
-    /// neither 1x1 nor depthwise (e.g. a fused-MBConv's 3x3), or an activation the kernels lack.
+    /// `None` when the path does not apply: weights not f32 on the CPU, or a convolution that is
+    /// neither 1x1 nor depthwise (e.g. a fused-MBConv's 3x3).
     pub(super) fn prepare(m: &EfficientNet) -> Result<Option<Self>> {
         let mut stages = Vec::new();
         for stage in &m.stages {
@@ -110,7 +107,7 @@ fn prepare_block(b: &Block) -> Result<Option<NhwcBlock>> {
     let mut steps = Vec::new();
     for c in &b.convs {
         let step = if c.conv.is_depthwise() && is_cpu_f32(c.conv.weight()) {
-            fused_act(c.act).map(Step::Depthwise)
+            Some(Step::Depthwise(fused_act(c.act)))
         } else {
             Pointwise::prepare(c)?.map(Step::Pointwise)
         };
@@ -125,13 +122,10 @@ fn prepare_block(b: &Block) -> Result<Option<NhwcBlock>> {
             expand,
             act,
         }) => match (
-            fused_act(Some(*act)).map(|a| Pointwise::of(reduce, a, true)),
+            Pointwise::of(reduce, act.epilogue(), true)?,
             Pointwise::of(expand, Act::None, true)?,
         ) {
-            (Some(r), Some(e)) => match r? {
-                Some(r) => Some((r, e)),
-                None => return Ok(None),
-            },
+            (Some(r), Some(e)) => Some((r, e)),
             _ => return Ok(None),
         },
         None => None,
