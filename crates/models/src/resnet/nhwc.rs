@@ -33,14 +33,11 @@ pub(super) struct NhwcWeights {
 }
 
 impl NhwcWeights {
-    /// `None` when the NHWC path does not apply: an activation the kernels do not fuse, or a
-    /// convolution [`NhwcConv::prepare`] refuses (grouped ResNeXt ones, weights not f32 on the
-    /// CPU). The products run in bf16 when the model is loaded for bf16, else in f32 (as the NCHW
+    /// `None` when the NHWC path does not apply: a convolution [`NhwcConv::prepare`] refuses
+    /// (grouped ResNeXt ones, weights not f32 on the CPU). The products run in bf16 when the model is loaded for bf16, else in f32 (as the NCHW
     /// path's convolutions, [`crate::conv_lowp`]).
     pub(super) fn prepare(m: &ResNet, precision: Precision) -> Result<Option<Self>> {
-        let Some(act) = fused_act(Some(m.act)) else {
-            return Ok(None);
-        };
+        let act = fused_act(Some(m.act));
         let precision = match precision {
             Precision::Bf16 => Precision::Bf16,
             _ => Precision::F32,
