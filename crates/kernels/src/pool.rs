@@ -1,5 +1,5 @@
-//! Pooling and per-channel gating on f32 maps: max pooling and global average pooling of NCHW
-//! planes, global average pooling of NHWC rows, and the squeeze-excitation gate
+//! Pooling and per-channel gating on f32 maps: max pooling of NCHW planes and of NHWC rows, global
+//! average pooling of NCHW planes, global average pooling of NHWC rows, and the squeeze-excitation gate
 //! `x * sigmoid(s)` with one `s` per plane.
 
 use rayon::prelude::*;
@@ -42,11 +42,7 @@ pub fn max_pool2d(x: &[f32], planes: usize, h: usize, w: usize, p: MaxPool, out:
     );
     assert_eq!(x.len(), planes * h * w, "max_pool2d: input length");
     assert_eq!(out.len(), planes * oh * ow, "max_pool2d: output length");
-    // The input columns [lo, hi) of output column/row o.
-    let span = |o: usize, size: usize| {
-        let lo = (o * p.stride).saturating_sub(p.pad);
-        (lo, (o * p.stride + p.k - p.pad).min(size))
-    };
+    let span = |o: usize, size: usize| span(p, o, size);
     out.par_chunks_mut(oh * ow)
         .zip(x.par_chunks(h * w))
         .for_each(|(o, plane)| {
@@ -66,6 +62,83 @@ pub fn max_pool2d(x: &[f32], planes: usize, h: usize, w: usize, p: MaxPool, out:
                 }
             }
         });
+}
+
+/// Max pooling of an NHWC map [batch, h, w, c] into `out` [batch, oh, ow, c] ([`MaxPool::out_hw`]):
+/// each output pixel is the element-wise maximum of the rows of C values its window covers
+/// (padding skipped), so the work runs along the channels.
+///
+/// # Panics
+/// When the lengths do not match, the output is empty, or `pad >= k` (a window of padding only).
+pub fn max_pool_nhwc(
+    x: &[f32],
+    batch: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    p: MaxPool,
+    out: &mut [f32],
+) {
+    let (oh, ow) = p.out_hw(h, w);
+    assert!(
+        c > 0 && oh > 0 && ow > 0 && p.pad < p.k,
+        "max_pool_nhwc: {h}x{w}x{c} with {p:?}"
+    );
+    assert_eq!(x.len(), batch * h * w * c, "max_pool_nhwc: input length");
+    assert_eq!(
+        out.len(),
+        batch * oh * ow * c,
+        "max_pool_nhwc: output length"
+    );
+    out.par_chunks_mut(ow * c)
+        .enumerate()
+        .for_each(|(i, orow)| {
+            let img = &x[i / oh * h * w * c..(i / oh + 1) * h * w * c];
+            max_row(img, i % oh, h, w, c, p, orow)
+        });
+}
+
+/// The input rows/columns [lo, hi) that output row/column `o` of `p` covers in `size`: never empty
+/// when `pad < k`.
+fn span(p: MaxPool, o: usize, size: usize) -> (usize, usize) {
+    let lo = (o * p.stride).saturating_sub(p.pad);
+    (lo, (o * p.stride + p.k - p.pad).min(size))
+}
+
+multiversion! {
+    /// Output row `oy` of one image `img` [h, w, c] of [`max_pool_nhwc`].
+    fn max_row<L>(img: &[f32], oy: usize, h: usize, w: usize, c: usize, p: MaxPool, orow: &mut [f32]) {
+        let (y0, y1) = span(p, oy, h);
+        for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
+            let (x0, x1) = span(p, ox, w);
+            let first = (y0 * w + x0) * c;
+            o.copy_from_slice(&img[first..first + c]);
+            for iy in y0..y1 {
+                for ix in x0..x1 {
+                    let at = (iy * w + ix) * c;
+                    max_into::<L>(o, &img[at..at + c]);
+                }
+            }
+        }
+    }
+}
+
+/// `o = max(o, v)` element-wise, `L::N` lanes at a time.
+#[inline(always)]
+fn max_into<L: crate::math::Lanes>(o: &mut [f32], v: &[f32]) {
+    let mut i = 0;
+    while i + L::N <= o.len() {
+        // SAFETY: i + N <= o.len() == v.len().
+        unsafe {
+            let m = L::load(o.as_ptr().add(i)).max(L::load(v.as_ptr().add(i)));
+            m.store(o.as_mut_ptr().add(i));
+        }
+        i += L::N;
+    }
+    o[i..]
+        .iter_mut()
+        .zip(&v[i..])
+        .for_each(|(o, &v)| *o = o.max(v));
 }
 
 multiversion! {
@@ -256,26 +329,50 @@ mod tests {
                 },
             ),
         ];
-        for (i, (planes, h, w, p)) in cases.into_iter().enumerate() {
-            let x = uniform(i as u64 + 5, planes * h * w, -3.0, 1.0);
+        // The definition: the maximum over the window's pixels inside the plane.
+        let naive = |x: &[f32], planes: usize, h: usize, w: usize, p: MaxPool| {
             let (oh, ow) = p.out_hw(h, w);
-            let mut out = vec![f32::NAN; planes * oh * ow];
-            max_pool2d(&x, planes, h, w, p, &mut out);
+            let mut out = vec![f32::NEG_INFINITY; planes * oh * ow];
             for c in 0..planes {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        let mut m = f32::NEG_INFINITY;
+                        let m = &mut out[(c * oh + oy) * ow + ox];
                         for ky in 0..p.k {
                             for kx in 0..p.k {
                                 let iy = (oy * p.stride + ky) as isize - p.pad as isize;
                                 let ix = (ox * p.stride + kx) as isize - p.pad as isize;
                                 if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
-                                    m = m.max(x[(c * h + iy as usize) * w + ix as usize]);
+                                    *m = m.max(x[(c * h + iy as usize) * w + ix as usize]);
                                 }
                             }
                         }
-                        assert_eq!(out[(c * oh + oy) * ow + ox], m, "case {i} ({c},{oy},{ox})");
                     }
+                }
+            }
+            out
+        };
+        for (i, (planes, h, w, p)) in cases.into_iter().enumerate() {
+            let x = uniform(i as u64 + 5, planes * h * w, -3.0, 1.0);
+            let (oh, ow) = p.out_hw(h, w);
+            let mut out = vec![f32::NAN; planes * oh * ow];
+            max_pool2d(&x, planes, h, w, p, &mut out);
+            assert_eq!(out, naive(&x, planes, h, w, p), "case {i}");
+            // NHWC: 2 images of 19 channels (a vector of 16 and a tail), and of 1 channel.
+            for c in [19, 1] {
+                let batch = 2;
+                let x = uniform(i as u64 + 50, batch * c * h * w, -3.0, 1.0);
+                let want = naive(&x, batch * c, h, w, p);
+                let mut xn = vec![0f32; x.len()];
+                for (j, &v) in x.iter().enumerate() {
+                    let (bc, px) = (j / (h * w), j % (h * w));
+                    xn[((bc / c) * h * w + px) * c + bc % c] = v;
+                }
+                let mut out = vec![f32::NAN; batch * oh * ow * c];
+                max_pool_nhwc(&xn, batch, h, w, c, p, &mut out);
+                for (j, &v) in want.iter().enumerate() {
+                    let (bc, px) = (j / (oh * ow), j % (oh * ow));
+                    let got = out[((bc / c) * oh * ow + px) * c + bc % c];
+                    assert_eq!(got, v, "NHWC case {i}, {c} channels, value {j}");
                 }
             }
         }

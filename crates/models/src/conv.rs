@@ -147,6 +147,10 @@ impl Conv {
         self.padding
     }
 
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
     /// Whether this is a depthwise convolution (one group per channel, one filter each).
     pub fn is_depthwise(&self) -> bool {
         self.groups > 1 && self.groups == self.out_channels() && self.weight.dim(1).ok() == Some(1)

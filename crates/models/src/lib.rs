@@ -16,6 +16,7 @@ pub mod interpolate;
 pub mod linear;
 pub mod llava;
 pub mod maxvit;
+mod nhwc;
 pub mod nn;
 pub mod ops;
 pub mod resampler;

@@ -1,9 +1,11 @@
 //! Channels-last (NHWC) building blocks, for trunks that keep one row of C values per pixel
-//! (ConvNeXt): the depthwise convolution vectorised across channels, and the patch gather that turns
-//! a `k x k` stride-`k` convolution (patchify stems, 2x2 downsampling) into one GEMM over all pixels
-//! ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers with the epilogue fused).
+//! (ConvNeXt, ResNet): the depthwise convolution vectorised across channels, and the im2col gather
+//! that turns any other dense convolution (patchify stems, 3x3 and 7x7 windows, strided 1x1) into
+//! one GEMM over all pixels ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers
+//! with the epilogue fused).
 
 use std::cell::RefCell;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -11,32 +13,56 @@ use super::{ConvShape, Epilogue, OutPtr};
 use crate::dispatch::multiversion;
 use crate::math::Lanes;
 
-/// Gathers the non-overlapping `k x k` patches of an NHWC map [batch, h, w, c] into rows
-/// [batch * (h / k) * (w / k), k * k * c], each ordered (ky, kx, c): a stride-`k` `k x k`
-/// convolution is then a GEMM ([`crate::gemm::gemm`]) with its weight permuted to [cout, ky, kx, cin]. Like the
-/// convolution, the last rows/columns that do not fill a patch are dropped (floor).
+/// Output rows of [`im2col`] per task.
+const IM2COL_ROWS: usize = 32;
+
+/// The im2col rows of an NHWC map [batch, h, w, c] for the output pixels `rows` (indices into the
+/// output's [batch, oh, ow] pixels), each row `kh * kw * c` values ordered (ky, kx, c), zero where
+/// the window reaches into the padding: a dense convolution over `s` (`cin` = c, any stride and
+/// padding) is then one GEMM ([`crate::gemm`]) over these rows with its weight permuted to [cout, ky, kx, cin].
+/// A `k x k` stride-`k` unpadded shape gathers non-overlapping patches (patchify stems), a 1x1
+/// stride-2 one the pixels a strided 1x1 convolution reads.
 ///
 /// # Panics
-/// When `x` is not `batch * h * w * c` values, the map is smaller than one patch, or `out` is not
-/// the patches' size.
-pub fn patches(x: &[f32], batch: usize, h: usize, w: usize, c: usize, k: usize, out: &mut [f32]) {
-    let (oh, ow) = (h / k.max(1), w / k.max(1));
+/// When `s` is depthwise or has an empty output, `rows` reaches past the output, `x` is not
+/// `batch * h * w * c` values or `out` is not `rows.len() * kh * kw * c`.
+pub fn im2col(x: &[f32], s: &ConvShape, rows: Range<usize>, out: &mut [f32]) {
+    let (oh, ow) = s.out_hw();
+    let c = s.cin;
+    assert!(!s.depthwise && oh > 0 && ow > 0, "im2col: {s:?}");
     assert!(
-        k > 0 && oh > 0 && ow > 0,
-        "patches: {h}x{w} map, {k}x{k} patches"
+        rows.start <= rows.end && rows.end <= s.batch * oh * ow,
+        "im2col: rows {rows:?} of {s:?}"
     );
-    assert_eq!(x.len(), batch * h * w * c, "patches: input length");
-    let row = k * k * c;
-    assert_eq!(out.len(), batch * oh * ow * row, "patches: output length");
-    out.par_chunks_mut(ow * row)
+    assert_eq!(x.len(), s.batch * s.h * s.w * c, "im2col: input length");
+    let row = s.kh * s.kw * c;
+    assert_eq!(out.len(), rows.len() * row, "im2col: output length");
+    // The taps [lo, hi) of a window starting at padded position `at` that land inside `size`.
+    let taps = |at: usize, pad: usize, k: usize, size: usize| {
+        (
+            pad.saturating_sub(at),
+            (size + pad).saturating_sub(at).min(k),
+        )
+    };
+    out.par_chunks_mut(IM2COL_ROWS * row)
         .enumerate()
-        .for_each(|(i, orow)| {
-            let (b, oy) = (i / oh, i % oh);
-            for ox in 0..ow {
-                for ky in 0..k {
-                    let src = ((b * h + oy * k + ky) * w + ox * k) * c;
-                    let dst = ox * row + ky * k * c;
-                    orow[dst..dst + k * c].copy_from_slice(&x[src..src + k * c]);
+        .for_each(|(t, chunk)| {
+            for (i, orow) in chunk.chunks_exact_mut(row).enumerate() {
+                let p = rows.start + t * IM2COL_ROWS + i;
+                let (b, oy, ox) = (p / (oh * ow), p / ow % oh, p % ow);
+                let (y0, x0) = (oy * s.stride, ox * s.stride);
+                let (ky_lo, ky_hi) = taps(y0, s.pad.top, s.kh, s.h);
+                let (kx_lo, kx_hi) = taps(x0, s.pad.left, s.kw, s.w);
+                for (ky, seg) in orow.chunks_exact_mut(s.kw * c).enumerate() {
+                    if ky < ky_lo || ky >= ky_hi || kx_lo >= kx_hi {
+                        seg.fill(0.0);
+                        continue;
+                    }
+                    let iy = y0 + ky - s.pad.top;
+                    let src = ((b * s.h + iy) * s.w + x0 + kx_lo - s.pad.left) * c;
+                    seg[..kx_lo * c].fill(0.0);
+                    seg[kx_lo * c..kx_hi * c].copy_from_slice(&x[src..src + (kx_hi - kx_lo) * c]);
+                    seg[kx_hi * c..].fill(0.0);
                 }
             }
         });
@@ -327,17 +353,39 @@ mod tests {
     }
 
     #[test]
-    fn patches_and_gemm_match_naive_conv() {
-        // A 2x2 stride-2 convolution (ConvNeXt downsampling) and a 1x1 one, NHWC through
-        // patches + the packed GEMM, against the NCHW reference; m from 1 row to several tasks.
-        // (batch, cin, h, w, cout, k): odd sizes drop their last row/column like the convolution.
+    fn im2col_and_gemm_match_naive_conv() {
+        // Dense convolutions NHWC through im2col + the packed GEMM against the NCHW reference: patchify
+        // (2x2 and 4x4 stride = kernel, odd sizes floor like the convolution), 1x1 at stride 1
+        // and 2, ResNet's padded 3x3 (stride 1 and 2) and 7x7 stride-2 stem on odd sizes, a
+        // window wider than the map, asymmetric padding; m from 1 row to several tasks.
+        // (batch, cin, h, w, cout, k, stride, padding).
         let cases = [
-            (2, 12, 9, 11, 9, 2),
-            (1, 3, 12, 16, 24, 4),
-            (3, 37, 30, 28, 19, 1),
-            (1, 5, 1, 1, 7, 1),
+            (2, 12, 9, 11, 9, 2, 2, Pad::default()),
+            (1, 3, 12, 16, 24, 4, 4, Pad::default()),
+            (3, 37, 30, 28, 19, 1, 1, Pad::default()),
+            (1, 5, 1, 1, 7, 1, 1, Pad::default()),
+            (2, 6, 13, 9, 5, 1, 2, Pad::default()),
+            (2, 7, 11, 14, 10, 3, 1, Pad::same(1)),
+            (1, 9, 15, 10, 4, 3, 2, Pad::same(1)),
+            (2, 3, 97, 75, 8, 7, 2, Pad::same(3)),
+            (1, 4, 2, 3, 6, 5, 1, Pad::same(2)),
+            (
+                1,
+                5,
+                8,
+                7,
+                3,
+                3,
+                2,
+                Pad {
+                    top: 0,
+                    bottom: 1,
+                    left: 1,
+                    right: 0,
+                },
+            ),
         ];
-        for (i, (b, cin, h, w, cout, k)) in cases.into_iter().enumerate() {
+        for (i, (b, cin, h, w, cout, k, stride, pad)) in cases.into_iter().enumerate() {
             let s = ConvShape {
                 batch: b,
                 cin,
@@ -346,8 +394,8 @@ mod tests {
                 cout,
                 kh: k,
                 kw: k,
-                stride: k,
-                pad: Pad::default(),
+                stride,
+                pad,
                 depthwise: false,
             };
             let (oh, ow) = s.out_hw();
@@ -356,9 +404,9 @@ mod tests {
             let bias = rand_vec(cout, 92 + i as u64);
             let residual = rand_vec(b * cout * oh * ow, 93 + i as u64);
             let e = Epilogue {
-                bias: (i != 1).then_some(&bias[..]),
+                bias: (i % 4 != 1).then_some(&bias[..]),
                 residual: (i % 2 == 0).then_some(&residual[..]),
-                act: [Act::Gelu, Act::None, Act::Silu, Act::Relu6][i],
+                act: [Act::Gelu, Act::None, Act::Silu, Act::Relu6, Act::Relu][i % 5],
             };
             let reference = to_nhwc(&naive_conv(&x, &wt, &s, e), b, cout, oh * ow);
             // Weight [cout, cin, k, k] -> [cout, ky, kx, cin].
@@ -370,16 +418,23 @@ mod tests {
                     }
                 }
             }
-            let mut cols = vec![0f32; b * oh * ow * k * k * cin];
-            patches(&to_nhwc(&x, b, cin, h * w), b, h, w, cin, k, &mut cols);
+            let packed = PackedWeight::pack(&wp, cout, cin * k * k, crate::Precision::F32);
+            let (m, row) = (b * oh * ow, k * k * cin);
+            let xn = to_nhwc(&x, b, cin, h * w);
             let res = to_nhwc(&residual, b, cout, oh * ow);
-            let e_nhwc = Epilogue {
-                residual: e.residual.map(|_| &res[..]),
-                ..e
-            };
-            let mut out = vec![f32::NAN; b * oh * ow * cout];
-            let wp = PackedWeight::pack(&wp, cout, cin * k * k, crate::Precision::F32);
-            gemm(&cols, b * oh * ow, &wp, e_nhwc, &mut out);
+            // In two row ranges (split at an odd pixel), as callers gather in blocks.
+            let mut out = vec![f32::NAN; m * cout];
+            let split = m / 3;
+            for rows in [0..split, split..m] {
+                let mut cols = vec![f32::NAN; rows.len() * row];
+                im2col(&xn, &s, rows.clone(), &mut cols);
+                let e_nhwc = Epilogue {
+                    residual: e.residual.map(|_| &res[rows.start * cout..rows.end * cout]),
+                    ..e
+                };
+                let o = &mut out[rows.start * cout..rows.end * cout];
+                gemm(&cols, rows.len(), &packed, e_nhwc, o);
+            }
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
         }
     }

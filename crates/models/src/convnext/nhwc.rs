@@ -5,10 +5,8 @@
 //! (the second, with the layer scale folded in at load) the residual, and global pooling reads the
 //! rows directly. The same network as the candle path in `mod.rs`, only in another memory layout.
 
-use std::ops::Deref;
-
-use candle_core::{Layout, Storage, Tensor};
-use visenc_kernels::conv::nhwc::{depthwise, patches};
+use candle_core::Tensor;
+use visenc_kernels::conv::nhwc::{depthwise, im2col};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::norm::layer_norm;
@@ -17,12 +15,13 @@ use visenc_kernels::Precision;
 
 use super::{Block, ConvNeXt, Norm2d};
 use crate::api::FeatureMap;
-use crate::conv::{cpu_f32, is_cpu_f32, Conv};
+use crate::conv::{is_cpu_f32, Conv};
 use crate::error::{ModelError, Result};
+use crate::nhwc::{view, Map};
 use crate::nn::Activation;
 
 /// The weights the NHWC path needs beyond the model's own: the patch convolutions' weights
-/// permuted to [cout, ky, kx, cin] (the order [`patches`] gathers in) and packed for [`gemm`].
+/// permuted to [cout, ky, kx, cin] (the order [`im2col`] gathers in) and packed for [`gemm`].
 #[derive(Debug)]
 pub(super) struct NhwcWeights {
     stem: PackedWeight,
@@ -70,49 +69,10 @@ impl NhwcWeights {
     }
 }
 
-/// A read lock on a CPU tensor's storage, to borrow its f32 data.
-struct View<'a, G>(G, &'a Layout);
-
-fn view(t: &Tensor) -> View<'_, impl Deref<Target = Storage> + '_> {
-    let (s, l) = t.storage_and_layout();
-    View(s, l)
-}
-
-impl<G: Deref<Target = Storage>> View<'_, G> {
-    fn data(&self) -> Result<&[f32]> {
-        cpu_f32(&self.0, self.1)
-    }
-}
-
 /// A Linear layer's packed weight and bias.
 fn packed(l: &crate::linear::Linear) -> Result<(&PackedWeight, Option<&[f32]>)> {
     l.packed()
         .ok_or_else(|| ModelError::Input("the NHWC path needs packed Linear layers".into()))
-}
-
-/// An NHWC map: `data` holds [batch, h, w, c].
-struct Map {
-    data: Vec<f32>,
-    batch: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-}
-
-impl Map {
-    fn rows(&self) -> usize {
-        self.batch * self.h * self.w
-    }
-
-    /// The map as an NCHW tensor (a strided view, copied only if a caller needs it contiguous).
-    fn to_nchw(&self) -> Result<Tensor> {
-        let t = Tensor::from_slice(
-            &self.data,
-            (self.batch, self.h, self.w, self.c),
-            &candle_core::Device::Cpu,
-        )?;
-        Ok(t.permute((0, 3, 1, 2))?)
-    }
 }
 
 /// LayerNorm over each row of C values.
@@ -134,15 +94,28 @@ fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -
         )));
     }
     let cout = weight.n();
-    let mut cols = vec![0f32; x.batch * oh * ow * k * k * x.c];
-    patches(&x.data, x.batch, x.h, x.w, x.c, k, &mut cols);
+    let shape = ConvShape {
+        batch: x.batch,
+        cin: x.c,
+        h: x.h,
+        w: x.w,
+        cout,
+        kh: k,
+        kw: k,
+        stride: k,
+        pad: Pad::default(),
+        depthwise: false,
+    };
+    let m = x.batch * oh * ow;
+    let mut cols = vec![0f32; m * k * k * x.c];
+    im2col(&x.data, &shape, 0..m, &mut cols);
     let bv = bias.map(view);
     let e = Epilogue {
         bias: bv.as_ref().map(|v| v.data()).transpose()?,
         ..Default::default()
     };
-    let mut out = vec![0f32; x.batch * oh * ow * cout];
-    gemm(&cols, x.batch * oh * ow, weight, e, &mut out);
+    let mut out = vec![0f32; m * cout];
+    gemm(&cols, m, weight, e, &mut out);
     Ok(Map {
         data: out,
         batch: x.batch,
@@ -228,15 +201,7 @@ impl ConvNeXt {
         pixels: &Tensor,
         features: bool,
     ) -> Result<Trunk> {
-        let (batch, cin, h, wd) = pixels.dims4()?;
-        let nhwc = pixels.permute((0, 2, 3, 1))?.contiguous()?;
-        let input = Map {
-            data: view(&nhwc).data()?.to_vec(),
-            batch,
-            h,
-            w: wd,
-            c: cin,
-        };
+        let input = Map::from_nchw(pixels)?;
         let mut x = patch_conv(&input, self.patch, &w.stem, self.stem.bias_tensor())?;
         let mut buf = Vec::new();
         let mut normed = |x: &mut Map, n: &Norm2d| -> Result<()> {

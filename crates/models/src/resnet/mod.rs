@@ -1,14 +1,18 @@
 //! ResNet in the transformers layout (`ResNetModel`, `ResNetForImageClassification`) and the
 //! timm / torchvision layout (`conv1`, `layer1.0.conv1`, `downsample.0`, `fc`), which are the same
-//! keys. BatchNorms are folded into their convolutions at load time.
+//! keys. BatchNorms are folded into their convolutions at load time. On the CPU in f32 the trunk
+//! runs channels last ([`nhwc`]).
+
+mod nhwc;
 
 use candle_core::Tensor;
 use serde::Deserialize;
 use serde_json::Value;
+use visenc_kernels::Precision;
 use visenc_weights::{Scope, Weights};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
-use crate::conv::{global_avg_pool, max_pool_3x3_s2_p1, Conv, ConvSpec};
+use crate::conv::{global_avg_pool, is_cpu_f32, max_pool_3x3_s2_p1, Conv, ConvSpec};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{linear, optional_classifier, Activation};
 use crate::vit::{hf_labels, timm_labels};
@@ -57,11 +61,22 @@ pub struct ResNet {
     act: Activation,
     head: Option<crate::linear::Linear>,
     features: Features,
+    /// The channels-last CPU path's prepared convolutions, when it applies ([`nhwc`]).
+    nhwc: Option<nhwc::NhwcWeights>,
 }
 
 impl ImageEncoder for ResNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("ResNet")?;
+        if let (Some(w), true) = (&self.nhwc, is_cpu_f32(pixels)) {
+            let t = w.trunk(pixels, opts.features.then_some(self.features))?;
+            let logits = self
+                .head
+                .as_ref()
+                .map(|h| h.forward(&t.pooled))
+                .transpose()?;
+            return ImageFeatures::from_map(t.pooled, logits, &t.last, t.maps, opts);
+        }
         let mut maps = Vec::new();
         let stem = self.stem.forward_with(pixels, None, Some(self.act))?;
         if opts.features && self.features == Features::Timm {
@@ -216,7 +231,14 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         act,
         head,
         features: Features::Hf,
+        nhwc: None,
     };
+    finish(model, info, root.precision())
+}
+
+/// Prepares the channels-last convolutions (where the model qualifies) and wraps the loaded model.
+fn finish(mut model: ResNet, info: ModelInfo, precision: Precision) -> Result<LoadedModel> {
+    model.nhwc = nhwc::NhwcWeights::prepare(&model, precision)?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,
@@ -264,6 +286,12 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
 
 /// Loads a timm ResNet (hub layout) or a torchvision ResNet state dict (same keys).
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
+    let (model, info) = build_timm(arch, cfg, w)?;
+    finish(model, info, w.precision())
+}
+
+/// The timm / torchvision ResNet before its channels-last convolutions are prepared.
+fn build_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<(ResNet, ModelInfo)> {
     let args = crate::timm_args(timm_preset(arch)?, cfg);
     let a: TimmArgs = serde_json::from_value(Value::Object(args))
         .map_err(|e| config_err("model_args", e.to_string()))?;
@@ -352,10 +380,74 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         act: Activation::Relu,
         head,
         features: Features::Timm,
+        nhwc: None,
     };
-    Ok(LoadedModel {
-        image: Box::new(model),
-        text: None,
-        info,
-    })
+    Ok((model, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    /// Max |a - b| over max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims(), "shape");
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        max((a - b).unwrap()) / max(b.clone()).max(1e-12)
+    }
+
+    /// The channels-last trunk and the candle NCHW path (other devices) agree on the timm fixture
+    /// (pooled, logits, the stem and stage maps) at odd input sizes where padding and stride
+    /// rounding matter. The fixture tests check the NHWC path against the reference; this keeps
+    /// the NCHW one checked too, and shows the NHWC path is the one taken on the CPU.
+    #[test]
+    fn nhwc_and_nchw_paths_agree() {
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../fixtures/families/resnet_timm"
+        );
+        let tensors =
+            candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/config.json")).unwrap())
+                .unwrap();
+        let w = Weights::new(tensors, dir, DType::F32, &Device::Cpu);
+        let (mut model, _) = build_timm("resnet50", &cfg, &w).unwrap();
+        model.nhwc = nhwc::NhwcWeights::prepare(&model, Precision::F32).unwrap();
+        assert!(
+            model.nhwc.is_some(),
+            "an f32 CPU ResNet takes the NHWC path"
+        );
+        let opts = EncodeOptions {
+            features: true,
+            ..Default::default()
+        };
+        for (b, h, wd) in [(2, 97, 75), (1, 33, 18)] {
+            let px = Tensor::randn(0f32, 1.0, (b, 3, h, wd), &Device::Cpu).unwrap();
+            let fast = model.encode(&px, &opts).unwrap();
+            let nhwc = model.nhwc.take();
+            let slow = model.encode(&px, &opts).unwrap();
+            model.nhwc = nhwc;
+            let at = format!("{b}x3x{h}x{wd}");
+            assert!(rel(&fast.pooled, &slow.pooled) < 1e-4, "{at}: pooled");
+            let (lf, ls) = (fast.logits.unwrap(), slow.logits.unwrap());
+            assert!(rel(&lf, &ls) < 1e-4, "{at}: logits");
+            assert_eq!(fast.feature_maps.len(), 5, "{at}: the stem and 4 stages");
+            assert_eq!(fast.feature_maps.len(), slow.feature_maps.len());
+            for (i, (f, s)) in fast.feature_maps.iter().zip(&slow.feature_maps).enumerate() {
+                assert_eq!(f.reduction, s.reduction, "{at}: map {i} reduction");
+                assert!(rel(&f.map, &s.map) < 1e-4, "{at}: map {i}");
+            }
+        }
+    }
 }

@@ -1,0 +1,254 @@
+//! What the channels-last (NHWC) CPU trunks share (ConvNeXt, ResNet): a map as rows of C values
+//! per pixel, borrowing the f32 data of the model's CPU tensors, and convolutions prepared at load
+//! (dense ones as an NHWC im2col in blocks of rows + one GEMM on packed weights, depthwise ones
+//! vectorised across channels) with the bias, a residual and the activation fused.
+
+use std::ops::Deref;
+
+use candle_core::{Device, Layout, Storage, Tensor};
+use visenc_kernels::conv::nhwc::{depthwise, im2col};
+use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
+use visenc_kernels::gemm::{gemm, PackedWeight};
+use visenc_kernels::Precision;
+
+use crate::conv::{cpu_f32, is_cpu_f32, Conv, Padding};
+use crate::error::{ModelError, Result};
+
+/// A read lock on a CPU tensor's storage, to borrow its f32 data.
+pub(crate) struct View<'a, G>(G, &'a Layout);
+
+pub(crate) fn view(t: &Tensor) -> View<'_, impl Deref<Target = Storage> + '_> {
+    let (s, l) = t.storage_and_layout();
+    View(s, l)
+}
+
+impl<G: Deref<Target = Storage>> View<'_, G> {
+    pub(crate) fn data(&self) -> Result<&[f32]> {
+        cpu_f32(&self.0, self.1)
+    }
+}
+
+/// An NHWC map: `data` holds [batch, h, w, c].
+pub(crate) struct Map {
+    pub data: Vec<f32>,
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+impl Map {
+    /// An NCHW f32 CPU tensor's values, transposed to NHWC.
+    pub(crate) fn from_nchw(pixels: &Tensor) -> Result<Self> {
+        let (batch, c, h, w) = pixels.dims4()?;
+        let nhwc = pixels.permute((0, 2, 3, 1))?.contiguous()?;
+        let data = view(&nhwc).data()?.to_vec();
+        Ok(Self {
+            data,
+            batch,
+            h,
+            w,
+            c,
+        })
+    }
+
+    /// The number of pixels (rows) over all images.
+    pub(crate) fn rows(&self) -> usize {
+        self.batch * self.h * self.w
+    }
+
+    /// The map as an NCHW tensor (a strided view, copied only if a caller needs it contiguous).
+    pub(crate) fn to_nchw(&self) -> Result<Tensor> {
+        let t = Tensor::from_slice(
+            &self.data,
+            (self.batch, self.h, self.w, self.c),
+            &Device::Cpu,
+        )?;
+        Ok(t.permute((0, 3, 1, 2))?)
+    }
+}
+
+/// im2col values gathered per GEMM call (2 MiB of f32, near L2): a 3x3 convolution over 64
+/// channels then runs ~900 output pixels per call.
+const COLS_BUDGET: usize = 512 << 10;
+
+/// How an [`NhwcConv`] pads its input.
+#[derive(Debug, Clone, Copy)]
+enum ConvPad {
+    Fixed(Pad),
+    /// TensorFlow "SAME", from each input's size.
+    TfSame,
+}
+
+/// A prepared weight: dense ones packed from [cout, kh, kw, cin] (the order [`im2col`] gathers
+/// in) for [`gemm`], depthwise ones as PyTorch's [c, 1, kh, kw] for [`depthwise`].
+#[derive(Debug)]
+enum Kernel {
+    Dense(PackedWeight),
+    Depthwise(Vec<f32>),
+}
+
+/// One convolution prepared for an NHWC trunk, its weight and bias (the folded BatchNorm's) in
+/// the one place they are read from.
+#[derive(Debug)]
+pub(crate) struct NhwcConv {
+    kernel: Kernel,
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: ConvPad,
+}
+
+impl NhwcConv {
+    /// Prepares `c` (after zero padding `extra` on top of its own, transformers' `ZeroPad2d`), its
+    /// dense products in `precision`. `None` for what the path does not run: groups other than
+    /// depthwise, non-square kernels, TF "SAME" padding with extra padding, weights not f32 on the
+    /// CPU.
+    pub(crate) fn prepare(c: &Conv, extra: Pad, precision: Precision) -> Result<Option<Self>> {
+        let (stride, padding, groups) = (c.stride(), c.padding(), c.groups());
+        let (cout, per_group, kh, kw) = c.weight().dims4()?;
+        let depthwise = groups > 1 && per_group == 1 && cout == groups;
+        if (groups != 1 && !depthwise) || kh != kw || !is_cpu_f32(c.weight()) {
+            return Ok(None);
+        }
+        let pad = match padding {
+            Padding::Symmetric(p) => ConvPad::Fixed(Pad {
+                top: p + extra.top,
+                bottom: p + extra.bottom,
+                left: p + extra.left,
+                right: p + extra.right,
+            }),
+            Padding::TfSame if extra == Pad::default() => ConvPad::TfSame,
+            Padding::TfSame => return Ok(None),
+        };
+        let kernel = if depthwise {
+            Kernel::Depthwise(c.weight().flatten_all()?.to_vec1()?)
+        } else {
+            let w: Vec<f32> = c.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
+            Kernel::Dense(PackedWeight::pack(&w, cout, kh * kw * per_group, precision))
+        };
+        let bias = match c.bias_tensor() {
+            Some(b) => b.to_vec1()?,
+            None => vec![0.0; cout],
+        };
+        Ok(Some(Self {
+            kernel,
+            bias,
+            cin: per_group * groups,
+            cout,
+            k: kh,
+            stride,
+            pad,
+        }))
+    }
+
+    /// `act(conv(x) + bias + residual)` (the residual NHWC of the output's shape), into a buffer
+    /// from `s`.
+    pub(crate) fn forward(
+        &self,
+        x: &Map,
+        residual: Option<&[f32]>,
+        act: Act,
+        s: &mut Scratch,
+    ) -> Result<Map> {
+        if x.c != self.cin {
+            return Err(ModelError::Input(format!(
+                "a convolution over {} input channels got a map with {}",
+                self.cin, x.c
+            )));
+        }
+        let k = self.k;
+        let shape = ConvShape {
+            batch: x.batch,
+            cin: x.c,
+            h: x.h,
+            w: x.w,
+            cout: self.cout,
+            kh: k,
+            kw: k,
+            stride: self.stride,
+            pad: match self.pad {
+                ConvPad::Fixed(p) => p,
+                ConvPad::TfSame => Pad::tf_same(x.h, x.w, k, k, self.stride),
+            },
+            depthwise: matches!(self.kernel, Kernel::Depthwise(_)),
+        };
+        let (oh, ow) = shape.out_hw();
+        if oh == 0 || ow == 0 {
+            return Err(ModelError::Input(format!(
+                "a {}x{} map is smaller than the {k}x{k} convolution over it",
+                x.h, x.w
+            )));
+        }
+        let (m, n) = (x.batch * oh * ow, self.cout);
+        let mut out = s.take(m * n);
+        let e = Epilogue {
+            bias: Some(&self.bias),
+            residual,
+            act,
+        };
+        match &self.kernel {
+            Kernel::Depthwise(w) => depthwise(&x.data, w, &shape, e, &mut out),
+            Kernel::Dense(w) if k == 1 && self.stride == 1 && shape.pad == Pad::default() => {
+                gemm(&x.data, m, w, e, &mut out)
+            }
+            Kernel::Dense(w) => {
+                let row = k * k * x.c;
+                let block = (COLS_BUDGET / row).max(1);
+                for r0 in (0..m).step_by(block) {
+                    let rows = r0..(r0 + block).min(m);
+                    s.cols.resize(rows.len() * row, 0.0);
+                    im2col(&x.data, &shape, rows.clone(), &mut s.cols);
+                    let e = Epilogue {
+                        residual: residual.map(|r| &r[rows.start * n..rows.end * n]),
+                        ..e
+                    };
+                    gemm(
+                        &s.cols,
+                        rows.len(),
+                        w,
+                        e,
+                        &mut out[rows.start * n..rows.end * n],
+                    );
+                }
+            }
+        }
+        Ok(Map {
+            data: out,
+            batch: x.batch,
+            h: oh,
+            w: ow,
+            c: n,
+        })
+    }
+}
+
+/// Buffers reused across a forward pass: maps no longer needed and the im2col block.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    free: Vec<Vec<f32>>,
+    cols: Vec<f32>,
+}
+
+impl Scratch {
+    /// A buffer of `len` values (contents unspecified): the free one that already holds the
+    /// fewest values at or above `len`, else the longest, so no value is re-zeroed once the
+    /// buffers have grown.
+    pub(crate) fn take(&mut self, len: usize) -> Vec<f32> {
+        let fit = (0..self.free.len())
+            .filter(|&i| self.free[i].len() >= len)
+            .min_by_key(|&i| self.free[i].len())
+            .or_else(|| (0..self.free.len()).max_by_key(|&i| self.free[i].len()));
+        let mut v = fit.map(|i| self.free.swap_remove(i)).unwrap_or_default();
+        v.truncate(len);
+        v.resize(len, 0.0);
+        v
+    }
+
+    /// Returns a buffer for later [`Scratch::take`]s.
+    pub(crate) fn give(&mut self, v: Vec<f32>) {
+        self.free.push(v);
+    }
+}

@@ -1,0 +1,167 @@
+//! ResNet's trunk on the CPU, channels last: every map is rows of C values per pixel, so a 1x1
+//! stride-1 convolution is one GEMM straight over the rows, and every other convolution (the 7x7
+//! stem, the 3x3 ones, the strided 1x1 shortcut) an NHWC im2col gather in blocks of rows, then the
+//! same GEMM on weights packed once at load (f32 or bf16 products, [`NhwcConv`]), with the folded
+//! BatchNorm's bias, the shortcut and the activation fused into its output. Max pooling runs along
+//! the channels and global pooling reads the rows directly. The same network as the candle path in
+//! `mod.rs`, only in another memory layout; chosen at load when every convolution qualifies.
+
+use candle_core::Tensor;
+use visenc_kernels::conv::{Act, Pad};
+use visenc_kernels::pool::{max_pool_nhwc, mean_pixels, MaxPool};
+use visenc_kernels::Precision;
+
+use super::{Features, ResNet};
+use crate::api::FeatureMap;
+use crate::conv::{fused_act, Conv};
+use crate::error::{ModelError, Result};
+use crate::nhwc::{Map, NhwcConv, Scratch};
+
+/// A residual block prepared for the NHWC path.
+#[derive(Debug)]
+struct NhwcBlock {
+    convs: Vec<NhwcConv>,
+    shortcut: Option<NhwcConv>,
+}
+
+/// The whole trunk's prepared convolutions.
+#[derive(Debug)]
+pub(super) struct NhwcWeights {
+    stem: NhwcConv,
+    stages: Vec<Vec<NhwcBlock>>,
+    act: Act,
+}
+
+impl NhwcWeights {
+    /// `None` when the NHWC path does not apply: a convolution [`NhwcConv::prepare`] refuses
+    /// (grouped ResNeXt ones, weights not f32 on the CPU). The products run in bf16 when the model is loaded for bf16, else in f32 (as the NCHW
+    /// path's convolutions, [`crate::conv_lowp`]).
+    pub(super) fn prepare(m: &ResNet, precision: Precision) -> Result<Option<Self>> {
+        let act = fused_act(Some(m.act));
+        let precision = match precision {
+            Precision::Bf16 => Precision::Bf16,
+            _ => Precision::F32,
+        };
+        let prep = |c: &Conv| NhwcConv::prepare(c, Pad::default(), precision);
+        let Some(stem) = prep(&m.stem)? else {
+            return Ok(None);
+        };
+        let mut stages = Vec::new();
+        for stage in &m.stages {
+            let mut blocks = Vec::new();
+            for b in stage {
+                let Some(convs) = b.convs.iter().map(prep).collect::<Result<Option<_>>>()? else {
+                    return Ok(None);
+                };
+                let shortcut = match b.shortcut.as_ref().map(prep).transpose()? {
+                    Some(None) => return Ok(None),
+                    s => s.flatten(),
+                };
+                blocks.push(NhwcBlock { convs, shortcut });
+            }
+            stages.push(blocks);
+        }
+        Ok(Some(Self { stem, stages, act }))
+    }
+}
+
+impl NhwcBlock {
+    /// `act(convs(x) + shortcut(x))`, the activation after every convolution but the last fused
+    /// into it, the sum and the last activation fused into the last one.
+    fn forward(&self, x: Map, act: Act, s: &mut Scratch) -> Result<Map> {
+        let shortcut = self
+            .shortcut
+            .as_ref()
+            .map(|c| c.forward(&x, None, Act::None, s))
+            .transpose()?;
+        let mut y: Option<Map> = None;
+        for (i, c) in self.convs.iter().enumerate() {
+            let input = y.as_ref().unwrap_or(&x);
+            let next = if i + 1 == self.convs.len() {
+                let r = shortcut.as_ref().unwrap_or(&x);
+                c.forward(input, Some(&r.data), act, s)?
+            } else {
+                c.forward(input, None, act, s)?
+            };
+            if let Some(done) = y.replace(next) {
+                s.give(done.data);
+            }
+        }
+        s.give(x.data);
+        if let Some(sc) = shortcut {
+            s.give(sc.data);
+        }
+        y.ok_or_else(|| ModelError::Input("a ResNet block without convolutions".into()))
+    }
+}
+
+/// The trunk's outputs: the final map (NCHW view), the pooled vector, the requested feature maps.
+pub(super) struct Trunk {
+    pub last: Tensor,
+    pub pooled: Tensor,
+    pub maps: Vec<FeatureMap>,
+}
+
+impl NhwcWeights {
+    /// Stem, max-pool, stages and global pooling on NHWC rows (`pixels` NCHW, f32 on the CPU);
+    /// the feature maps where `features` asks for them (NCHW, as the candle path returns them).
+    pub(super) fn trunk(&self, pixels: &Tensor, features: Option<Features>) -> Result<Trunk> {
+        let mut s = Scratch::default();
+        let stem = self
+            .stem
+            .forward(&Map::from_nchw(pixels)?, None, self.act, &mut s)?;
+        let mut maps = Vec::new();
+        if features == Some(Features::Timm) {
+            maps.push(FeatureMap {
+                reduction: 2,
+                map: stem.to_nchw()?.contiguous()?,
+            });
+        }
+        let p = MaxPool {
+            k: 3,
+            stride: 2,
+            pad: 1,
+        };
+        let (oh, ow) = p.out_hw(stem.h, stem.w);
+        let mut pooled = s.take(stem.batch * oh * ow * stem.c);
+        max_pool_nhwc(
+            &stem.data,
+            stem.batch,
+            stem.h,
+            stem.w,
+            stem.c,
+            p,
+            &mut pooled,
+        );
+        let mut x = Map {
+            data: pooled,
+            batch: stem.batch,
+            h: oh,
+            w: ow,
+            c: stem.c,
+        };
+        s.give(stem.data);
+        let mut reduction = 4;
+        for (i, stage) in self.stages.iter().enumerate() {
+            for b in stage {
+                x = b.forward(x, self.act, &mut s)?;
+            }
+            if i > 0 {
+                reduction *= 2;
+            }
+            if features.is_some() {
+                maps.push(FeatureMap {
+                    reduction,
+                    map: x.to_nchw()?.contiguous()?,
+                });
+            }
+        }
+        let mut pooled = vec![0f32; x.batch * x.c];
+        mean_pixels(&x.data, x.h * x.w, x.c, &mut pooled);
+        Ok(Trunk {
+            last: x.to_nchw()?,
+            pooled: Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?,
+            maps,
+        })
+    }
+}
