@@ -80,7 +80,10 @@ pub(crate) fn for_each_tile(
     let panels = n.div_ceil(NR);
     // Blocks of equal size (a multiple of MR), so no block is a sliver that streams a whole panel
     // for a few rows (197 tokens: 102 + 95 rather than 96 + 96 + 5).
-    let mc = m.div_ceil(m.div_ceil(MC).max(1)).next_multiple_of(MR).max(MR);
+    let mc = m
+        .div_ceil(m.div_ceil(MC).max(1))
+        .next_multiple_of(MR)
+        .max(MR);
     let blocks = m.div_ceil(mc);
     let run = |t: usize| {
         let out = out;

@@ -144,6 +144,11 @@ impl NhwcConv {
         }))
     }
 
+    /// Output channels.
+    pub(crate) fn out_channels(&self) -> usize {
+        self.cout
+    }
+
     /// `act(conv(x) + bias + residual)` (the residual NHWC of the output's shape), into a buffer
     /// from `s`.
     pub(crate) fn forward(

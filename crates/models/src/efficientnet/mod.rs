@@ -142,8 +142,7 @@ pub struct EfficientNet {
     pool: Pool,
     classifier: Option<crate::linear::Linear>,
     taps: Vec<Tap>,
-    /// The channels-last path's packed weights, where it applies (f32 on the CPU, 1x1 and
-    /// depthwise convolutions only).
+    /// The channels-last path's prepared convolutions, where it applies (f32 weights on the CPU).
     nhwc: Option<nhwc::NhwcWeights>,
 }
 
@@ -189,8 +188,8 @@ impl ImageEncoder for EfficientNet {
         let x = match (&self.nhwc, is_cpu_f32(&stem)) {
             (Some(w), true) => {
                 let trunk = self.trunk_nhwc(w, &stem, opts.features && !self.taps.is_empty())?;
-                for (i, map) in &trunk.stage_maps {
-                    tap(Some(*i), map);
+                for (i, map) in trunk.stage_maps.iter().enumerate() {
+                    tap(Some(i), map);
                 }
                 trunk.last
             }
@@ -233,7 +232,71 @@ impl ImageEncoder for EfficientNet {
 
 #[cfg(test)]
 mod tests {
-    use super::make_divisible;
+    use candle_core::{DType, Device};
+    use visenc_weights::Weights;
+
+    use super::*;
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        max((a - b).unwrap()) / max(b.clone()).max(1e-12)
+    }
+
+    /// The channels-last trunk and the candle NCHW path agree on the timm fixtures (expansion /
+    /// depthwise / SE blocks and the dense 3x3 convolutions of `cn` and `er` blocks; symmetric and TF
+    /// "SAME" padding) at odd sizes, feature maps included. The fixture tests check the NHWC path
+    /// against the reference; this keeps the NCHW one checked and shows the NHWC one is taken.
+    #[test]
+    fn nhwc_and_nchw_paths_agree() {
+        for name in ["efficientnet_timm", "efficientnet_timm_tf"] {
+            let dir = format!(
+                "{}/../../fixtures/families/{name}",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let tensors =
+                candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
+                    .unwrap();
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(format!("{dir}/config.json")).unwrap(),
+            )
+            .unwrap();
+            let arch = cfg["architecture"].as_str().unwrap().to_string();
+            let w = Weights::new(tensors, &dir, DType::F32, &Device::Cpu);
+            let (mut model, _) = timm::build_timm(&arch, &cfg, &w).unwrap();
+            assert!(
+                model.nhwc.is_some(),
+                "{name}: f32 on the CPU runs channels last"
+            );
+            let opts = EncodeOptions {
+                features: true,
+                ..Default::default()
+            };
+            for (b, h, wd) in [(2, 47, 33), (1, 32, 32)] {
+                let px = Tensor::randn(0f32, 1.0, (b, 3, h, wd), &Device::Cpu).unwrap();
+                let fast = model.encode(&px, &opts).unwrap();
+                let nhwc = model.nhwc.take();
+                let slow = model.encode(&px, &opts).unwrap();
+                model.nhwc = nhwc;
+                let at = format!("{name} {b}x3x{h}x{wd}");
+                assert!(rel(&fast.pooled, &slow.pooled) < 1e-4, "{at}: pooled");
+                let (lf, ls) = (fast.logits.unwrap(), slow.logits.unwrap());
+                assert!(rel(&lf, &ls) < 1e-4, "{at}: logits");
+                assert!(!fast.feature_maps.is_empty(), "{at}: feature maps");
+                assert_eq!(fast.feature_maps.len(), slow.feature_maps.len());
+                for (i, (f, s)) in fast.feature_maps.iter().zip(&slow.feature_maps).enumerate() {
+                    assert_eq!(f.reduction, s.reduction, "{at}: map {i} reduction");
+                    assert!(rel(&f.map, &s.map) < 1e-4, "{at}: map {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn make_divisible_matches_timm() {

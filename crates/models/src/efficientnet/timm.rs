@@ -348,6 +348,20 @@ fn block(
 /// `efficientnet_lite0`, `tf_efficientnet_lite4`, ..., and timm's `test_efficientnet`).
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/efficientnet.py#L73
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
+    let (model, info) = build_timm(arch, cfg, w)?;
+    Ok(LoadedModel {
+        image: Box::new(model),
+        text: None,
+        info,
+    })
+}
+
+/// The model [`load_timm`] wraps, and its info.
+pub(super) fn build_timm(
+    arch: &str,
+    cfg: &Value,
+    w: &Weights,
+) -> Result<(EfficientNet, ModelInfo)> {
     let base = arch.split('.').next().unwrap_or_default();
     let (generator, ch, depth, tf) = preset(base).ok_or_else(|| ModelError::Unsupported {
         what: "timm EfficientNet architecture",
@@ -521,11 +535,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         ..Default::default()
     };
     let model = EfficientNet::new(stem, stages, head, Pool::Mean, classifier, taps)?;
-    Ok(LoadedModel {
-        image: Box::new(model),
-        text: None,
-        info,
-    })
+    Ok((model, info))
 }
 
 #[cfg(test)]
