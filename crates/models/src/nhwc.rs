@@ -257,3 +257,44 @@ impl Scratch {
         self.free.push(v);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use candle_core::Tensor;
+
+    use crate::api::ImageFeatures;
+
+    /// Max |a - b| over max |b|.
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims(), "shape");
+        let max = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        max((a - b).unwrap()) / max(b.clone()).max(1e-12)
+    }
+
+    /// A trunk's channels-last and NCHW runs of one input agree (`at` names it): pooled, logits and
+    /// every feature map, within f32 summation-order differences.
+    pub(crate) fn assert_paths_agree(fast: &ImageFeatures, slow: &ImageFeatures, at: &str) {
+        assert!(rel(&fast.pooled, &slow.pooled) < 1e-4, "{at}: pooled");
+        match (&fast.logits, &slow.logits) {
+            (Some(f), Some(s)) => assert!(rel(f, s) < 1e-4, "{at}: logits"),
+            (None, None) => {}
+            _ => panic!("{at}: logits on one path only"),
+        }
+        assert_eq!(
+            fast.feature_maps.len(),
+            slow.feature_maps.len(),
+            "{at}: maps"
+        );
+        for (i, (f, s)) in fast.feature_maps.iter().zip(&slow.feature_maps).enumerate() {
+            assert_eq!(f.reduction, s.reduction, "{at}: map {i} reduction");
+            assert!(rel(&f.map, &s.map) < 1e-4, "{at}: map {i}");
+        }
+    }
+}

@@ -236,18 +236,7 @@ mod tests {
     use visenc_weights::Weights;
 
     use super::*;
-
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        max((a - b).unwrap()) / max(b.clone()).max(1e-12)
-    }
+    use crate::nhwc::tests::assert_paths_agree;
 
     /// The channels-last trunk and the candle NCHW path agree on the timm fixtures (expansion /
     /// depthwise / SE blocks and the dense 3x3 convolutions of `cn` and `er` blocks; symmetric and TF
@@ -284,16 +273,8 @@ mod tests {
                 let nhwc = model.nhwc.take();
                 let slow = model.encode(&px, &opts).unwrap();
                 model.nhwc = nhwc;
-                let at = format!("{name} {b}x3x{h}x{wd}");
-                assert!(rel(&fast.pooled, &slow.pooled) < 1e-4, "{at}: pooled");
-                let (lf, ls) = (fast.logits.unwrap(), slow.logits.unwrap());
-                assert!(rel(&lf, &ls) < 1e-4, "{at}: logits");
-                assert!(!fast.feature_maps.is_empty(), "{at}: feature maps");
-                assert_eq!(fast.feature_maps.len(), slow.feature_maps.len());
-                for (i, (f, s)) in fast.feature_maps.iter().zip(&slow.feature_maps).enumerate() {
-                    assert_eq!(f.reduction, s.reduction, "{at}: map {i} reduction");
-                    assert!(rel(&f.map, &s.map) < 1e-4, "{at}: map {i}");
-                }
+                assert!(!fast.feature_maps.is_empty(), "{name}: feature maps");
+                assert_paths_agree(&fast, &slow, &format!("{name} {b}x3x{h}x{wd}"));
             }
         }
     }

@@ -390,20 +390,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
-
-    /// Max |a - b| over max |b|.
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims(), "shape");
-        let max = |t: Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        max((a - b).unwrap()) / max(b.clone()).max(1e-12)
-    }
+    use crate::nhwc::tests::assert_paths_agree;
 
     /// The channels-last trunk and the candle NCHW path (other devices) agree on the timm fixture
     /// (pooled, logits, the stem and stage maps) at odd input sizes where padding and stride
@@ -438,16 +425,8 @@ mod tests {
             let nhwc = model.nhwc.take();
             let slow = model.encode(&px, &opts).unwrap();
             model.nhwc = nhwc;
-            let at = format!("{b}x3x{h}x{wd}");
-            assert!(rel(&fast.pooled, &slow.pooled) < 1e-4, "{at}: pooled");
-            let (lf, ls) = (fast.logits.unwrap(), slow.logits.unwrap());
-            assert!(rel(&lf, &ls) < 1e-4, "{at}: logits");
-            assert_eq!(fast.feature_maps.len(), 5, "{at}: the stem and 4 stages");
-            assert_eq!(fast.feature_maps.len(), slow.feature_maps.len());
-            for (i, (f, s)) in fast.feature_maps.iter().zip(&slow.feature_maps).enumerate() {
-                assert_eq!(f.reduction, s.reduction, "{at}: map {i} reduction");
-                assert!(rel(&f.map, &s.map) < 1e-4, "{at}: map {i}");
-            }
+            assert_eq!(fast.feature_maps.len(), 5, "the stem and 4 stages");
+            assert_paths_agree(&fast, &slow, &format!("{b}x3x{h}x{wd}"));
         }
     }
 }
