@@ -91,6 +91,7 @@ fn vector_text(v: &[f32], out: &mut String) {
     out.push(']');
 }
 
+/// The HNSW index over cosine distance, with pgvector's default m (16) and `ef_construction` (64).
 const CREATE_HNSW: &str =
     "CREATE INDEX visenc_images_hnsw ON visenc_images USING hnsw (embedding vector_cosine_ops)";
 
