@@ -12,7 +12,10 @@
 //! Arguments: the dimension, then one or more index sizes. Vectors are i.i.d. Gaussian directions
 //! (the hardest case for a graph), or with `--latent R` a random linear image of R-dimensional
 //! Gaussian vectors plus noise (intrinsic dimension about R, like real embeddings). Queries come
-//! from the same distribution and run one at a time on one thread.
+//! from the same distribution and run one at a time on one thread. Options:
+//! - `--ef A,B,...`: time the graph at each of these `ef_search` values (default: the index's own);
+//! - `--no-graph`: leave out the graph (e.g. to time only pgvector);
+//! - `--pg-max N`: fill pgvector only for sizes up to N.
 
 use std::time::Instant;
 
@@ -25,8 +28,9 @@ mod scratch_pg;
 
 const QUERIES: usize = 500;
 const K: usize = 10;
-/// Rows per committed batch when filling PostgreSQL.
-const PG_BATCH: usize = 5000;
+/// Rows per committed batch when filling PostgreSQL (each of these commits takes the bulk path,
+/// which rebuilds pgvector's HNSW index, while the table holds under ten batches).
+const PG_BATCH: usize = 50_000;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -110,22 +114,34 @@ fn latent_unit_vectors(n: usize, dim: usize, r: usize, seed: u64) -> Vec<f32> {
     out
 }
 
+const USAGE: &str =
+    "arguments: DIM N [N ...] [--latent R] [--ef A,B,...] [--no-graph] [--pg-max N]";
+
+/// Removes `--name VALUE` from `args`, returning the value.
+fn take_option(args: &mut Vec<String>, name: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == name)?;
+    let value = args.get(i + 1).cloned().expect(USAGE);
+    args.drain(i..i + 2);
+    Some(value)
+}
+
 fn main() {
     let pg = std::env::var_os("VISENC_TEST_POSTGRES").is_some();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let latent = args.iter().position(|a| a == "--latent").map(|i| {
-        let r = args
-            .get(i + 1)
-            .and_then(|r| r.parse().ok())
-            .expect("--latent R");
-        args.drain(i..i + 2);
-        r
-    });
-    let nums: Vec<usize> = args
-        .iter()
-        .map(|a| a.parse().expect("arguments: DIM N [N ...] [--latent R]"))
-        .collect();
-    let (&dim, sizes) = nums.split_first().expect("arguments: DIM N [N ...]");
+    let latent: Option<usize> = take_option(&mut args, "--latent").map(|r| r.parse().expect(USAGE));
+    let efs: Option<Vec<usize>> = take_option(&mut args, "--ef")
+        .map(|l| l.split(',').map(|e| e.parse().expect(USAGE)).collect());
+    let pg_max: usize =
+        take_option(&mut args, "--pg-max").map_or(usize::MAX, |n| n.parse().expect(USAGE));
+    let graph = match args.iter().position(|a| a == "--no-graph") {
+        Some(i) => {
+            args.remove(i);
+            false
+        }
+        None => true,
+    };
+    let nums: Vec<usize> = args.iter().map(|a| a.parse().expect(USAGE)).collect();
+    let (&dim, sizes) = nums.split_first().expect(USAGE);
     println!("| search | vectors | dim | build s | p50 ms | p99 ms | recall@{K} |");
     println!("|---|---|---|---|---|---|---|");
     for &n in sizes {
@@ -140,21 +156,40 @@ fn main() {
             ),
         };
         let paths = (0..n).map(|i| i.to_string()).collect();
-        let pg_vectors = pg.then(|| vectors.clone());
+        let pg_vectors = (pg && n <= pg_max).then(|| vectors.clone());
         let t = Instant::now();
-        let ann = Ann::build_graph(paths, vectors, dim);
+        let ann = if graph {
+            Ann::build_graph(paths, vectors, dim)
+        } else {
+            Ann::exhaustive(paths, vectors, dim)
+        };
         let build = t.elapsed().as_secs_f64();
         let (p50, p99, exact) = time_queries(&queries, dim, |q| ann.exact(q, K));
         row("exhaustive scan (f32)", n, dim, 0.0, (p50, p99), 1.0);
-        let (p50, p99, got) = time_queries(&queries, dim, |q| ann.search(q, K));
-        row(
-            "usearch HNSW (int8) + re-rank",
-            n,
-            dim,
-            build,
-            (p50, p99),
-            recall(&got, &exact),
-        );
+        if graph {
+            match &efs {
+                None => {
+                    let (p50, p99, got) = time_queries(&queries, dim, |q| ann.search(q, K));
+                    let r = recall(&got, &exact);
+                    row(
+                        "usearch HNSW (int8) + re-rank",
+                        n,
+                        dim,
+                        build,
+                        (p50, p99),
+                        r,
+                    );
+                }
+                Some(efs) => {
+                    for &ef in efs {
+                        let (p50, p99, got) =
+                            time_queries(&queries, dim, |q| ann.search_ef(q, K, ef));
+                        let path = format!("usearch HNSW (int8) + re-rank, ef {ef}");
+                        row(&path, n, dim, build, (p50, p99), recall(&got, &exact));
+                    }
+                }
+            }
+        }
         drop(ann);
         if let Some(v) = pg_vectors {
             let db = scratch_pg::ScratchDb::create(&format!("visenc_bench_{dim}_{n}")).unwrap();

@@ -126,15 +126,21 @@ fn new_graph(n: usize, dim: usize) -> Option<usearch::Index> {
 }
 
 impl Ann {
-    /// Builds the graph (when there are at least [`ANN_MIN_ROWS`] vectors) over unit-length
-    /// `vectors`, row-major, `dim` wide, one row per path. Inserts run in parallel.
-    pub fn build(paths: Vec<String>, vectors: Vec<f32>, dim: usize) -> Self {
-        let mut ann = Self {
+    /// Unit-length `vectors`, row-major, `dim` wide, one row per path, searched exhaustively (no
+    /// graph, whatever their number: the exact reference for benchmarks and tests).
+    pub fn exhaustive(paths: Vec<String>, vectors: Vec<f32>, dim: usize) -> Self {
+        Self {
             paths,
             vectors,
             dim,
             graph: None,
-        };
+        }
+    }
+
+    /// Like [`Ann::exhaustive`], with the graph when there are at least [`ANN_MIN_ROWS`] vectors.
+    /// Inserts run in parallel.
+    pub fn build(paths: Vec<String>, vectors: Vec<f32>, dim: usize) -> Self {
+        let mut ann = Self::exhaustive(paths, vectors, dim);
         if ann.paths.len() >= ANN_MIN_ROWS && dim > 0 {
             ann.graph = ann.new_graph();
         }
@@ -144,12 +150,7 @@ impl Ann {
     /// Like [`Ann::build`], with the graph whatever the number of vectors (for benchmarks that
     /// compare the graph with the exhaustive scan).
     pub fn build_graph(paths: Vec<String>, vectors: Vec<f32>, dim: usize) -> Self {
-        let mut ann = Self {
-            paths,
-            vectors,
-            dim,
-            graph: None,
-        };
+        let mut ann = Self::exhaustive(paths, vectors, dim);
         if dim > 0 {
             ann.graph = ann.new_graph();
         }
@@ -267,14 +268,14 @@ impl Ann {
 
     /// The graph's candidates for `query` (at least `k`), `None` when there is no graph or it
     /// failed (then the caller scans).
-    fn candidates(&self, query: &[f32], k: usize) -> Option<Vec<usize>> {
+    fn candidates(&self, query: &[f32], count: usize) -> Option<Vec<usize>> {
         let g = self.graph.as_ref()?;
-        let m = g.search(&quantise(query), EF_SEARCH.max(k)).ok()?;
+        let m = g.search(&quantise(query), count).ok()?;
         Some(m.keys.iter().map(|&key| key as usize).collect())
     }
 
-    fn ranked(&self, query: &[f32], k: usize) -> Vec<(f32, usize)> {
-        match self.candidates(query, k) {
+    fn ranked(&self, query: &[f32], k: usize, ef: usize) -> Vec<(f32, usize)> {
+        match self.candidates(query, ef.max(k)) {
             Some(c) => Self::top(
                 c.into_iter()
                     .map(|i| (dot(query, self.row(i)), i))
@@ -293,7 +294,13 @@ impl Ann {
     /// The `k` nearest rows to the unit-length `query`: graph candidates (at least `k`) re-ranked
     /// exactly, or an exhaustive scan without a graph.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<Hit> {
-        self.hits(self.ranked(query, k))
+        self.search_ef(query, k, EF_SEARCH)
+    }
+
+    /// Like [`Ann::search`], keeping `ef` graph candidates (HNSW's `ef_search`) instead of the
+    /// default; more candidates, higher recall, slower queries (`bench/index.md`).
+    pub fn search_ef(&self, query: &[f32], k: usize, ef: usize) -> Vec<Hit> {
+        self.hits(self.ranked(query, k, ef))
     }
 
     /// See [`crate::Index::near_duplicates`].
@@ -302,7 +309,7 @@ impl Ann {
         let pairs: Vec<(usize, usize)> = (0..self.len())
             .into_par_iter()
             .flat_map_iter(|i| {
-                self.ranked(self.row(i), k)
+                self.ranked(self.row(i), k, EF_SEARCH)
                     .into_iter()
                     .filter(|&(score, j)| score >= threshold && j != i)
                     .map(|(_, j)| (i, j))
