@@ -133,7 +133,10 @@ impl Linear {
                     Some(r) => (y + r)?,
                     None => y,
                 };
-                return act.map_or(Ok(y.clone()), |a| a.forward(&y));
+                return match act {
+                    Some(a) => a.forward_owned(y),
+                    None => Ok(y),
+                };
             }
         };
         let (k, n) = (packed.k(), packed.n());
