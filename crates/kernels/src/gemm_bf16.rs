@@ -10,7 +10,7 @@
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
-use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, MR, NR};
+use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, Store, MR, NR};
 
 /// Rounds to bf16 like `vcvtneps2bf16`: round to nearest even, subnormals to signed zero, NaN stays a
 /// (quiet) NaN.
@@ -103,23 +103,31 @@ pub fn gemm_bf16(
             .for_each(|(dst, src)| to_pairs(src, dst, native));
         let a16: &[u32] = a16;
         for_each_tile(c, m, n, k, &e, |t| {
-            let bias = e.bias.map(|b| &b[t.panel * NR..t.panel * NR + t.cols]);
+            let out = Store {
+                c: t.c,
+                ldc: n,
+                bias: e
+                    .bias
+                    .map_or(std::ptr::null(), |b| b[t.panel * NR..].as_ptr()),
+                residual: t.residual,
+                act: e.act,
+            };
             let b = w.panel(t.panel);
             let a = &a16[t.row * pairs..(t.row + t.rows) * pairs];
-            // SAFETY: the tile's rows x columns of `c` are this task's alone.
-            unsafe { register_tile(native, a, pairs, b, t.rows, t.cols, bias, t.c, n) };
+            // SAFETY: the tile's rows x columns of `c` (and of the residual) are this task's alone.
+            unsafe { register_tile(native, a, pairs, b, t.rows, t.cols, out) };
+            true
         });
     });
 }
 
-/// `c[r][j] = Σ_p a[r][p] · b[p][j] (+ bias[j])` for `mr` (<= 6) rows of bf16 pairs `a` ([mr, pairs],
-/// one u32 per pair) and the first `cols` (<= 64) columns of one packed panel `b` ([pairs, 64, 2]),
-/// written to `c` with rows `ldc` apart; on `vdpbf16ps` when `native` (AVX512-BF16 detected).
+/// `out = act(Σ_p a[r][p] · b[p][j] + bias[j] + residual)` for `mr` (<= 6) rows of bf16 pairs `a`
+/// ([mr, pairs], one u32 per pair) and the first `cols` (<= 64) columns of one packed panel `b`
+/// ([pairs, 64, 2]); on `vdpbf16ps` when `native` (AVX512-BF16 detected).
 ///
 /// # Safety
-/// `c` points to `mr` rows of at least `cols` writable values, `ldc` apart, that nothing else accesses
-/// meanwhile; `native` only when the CPU has AVX512-BF16.
-#[allow(clippy::too_many_arguments)]
+/// `out` covers `mr` rows x `cols` columns (see [`Store`]) that nothing else accesses meanwhile;
+/// `native` only when the CPU has AVX512-BF16.
 pub(crate) unsafe fn register_tile(
     native: bool,
     a: &[u32],
@@ -127,19 +135,18 @@ pub(crate) unsafe fn register_tile(
     b: &[u16],
     mr: usize,
     cols: usize,
-    bias: Option<&[f32]>,
-    c: *mut f32,
-    ldc: usize,
+    out: Store,
 ) {
     assert!(a.len() >= mr * pairs && b.len() >= pairs * NR * 2 && mr <= MR && cols <= NR);
     #[cfg(target_arch = "x86_64")]
     if native {
         // SAFETY: AVX512-BF16 (and so AVX-512F) is present; the slices cover the tile.
-        unsafe { x86::tile(a, pairs, b, mr, cols, bias, c, ldc) };
+        unsafe { x86::tile(a, pairs, b, mr, cols, out) };
         return;
     }
     let _ = native;
-    portable_tile(a, pairs, b, mr, cols, bias, c, ldc);
+    // SAFETY: forwarded from the caller.
+    unsafe { portable_tile(a, pairs, b, mr, cols, out) };
 }
 
 /// Rounds one activation row to bf16 pairs (zero-padded to `dst.len()` pairs).
@@ -164,17 +171,10 @@ fn pair(src: &[f32], p: usize) -> u32 {
 }
 
 /// The register tile without SIMD intrinsics: `mr` rows x `cols` columns of one panel.
-#[allow(clippy::too_many_arguments)]
-fn portable_tile(
-    a: &[u32],
-    pairs: usize,
-    b: &[u16],
-    mr: usize,
-    cols: usize,
-    bias: Option<&[f32]>,
-    c: *mut f32,
-    ldc: usize,
-) {
+///
+/// # Safety
+/// As [`register_tile`].
+unsafe fn portable_tile(a: &[u32], pairs: usize, b: &[u16], mr: usize, cols: usize, out: Store) {
     for r in 0..mr {
         let mut acc = [0f32; NR];
         for (p, wp) in b.chunks_exact(NR * 2).enumerate() {
@@ -185,8 +185,18 @@ fn portable_tile(
             }
         }
         for (j, &v) in acc.iter().enumerate().take(cols) {
-            // SAFETY: the caller's tile covers rows 0..mr and columns 0..cols from `c`.
-            unsafe { *c.add(r * ldc + j) = v + bias.map_or(0.0, |b| b[j]) };
+            // SAFETY: the caller's tile covers rows 0..mr and columns 0..cols of `out`.
+            unsafe {
+                let at = r * out.ldc + j;
+                let mut v = v;
+                if !out.bias.is_null() {
+                    v += *out.bias.add(j);
+                }
+                if !out.residual.is_null() {
+                    v += *out.residual.add(at);
+                }
+                *out.c.add(at) = out.act.lanes::<f32>(v);
+            }
         }
     }
 }
@@ -216,7 +226,6 @@ mod x86 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) unsafe fn tile(
         a: &[u32],
@@ -224,31 +233,14 @@ mod x86 {
         b: &[u16],
         mr: usize,
         cols: usize,
-        bias: Option<&[f32]>,
-        c: *mut f32,
-        ldc: usize,
+        out: Store,
     ) {
         let nv = cols.div_ceil(16);
-        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
         // SAFETY: forwarded from the caller.
-        unsafe {
-            dispatch_tile!(
-                kernel,
-                mr,
-                nv,
-                a.as_ptr(),
-                pairs,
-                b.as_ptr(),
-                cols,
-                bias,
-                c,
-                ldc
-            )
-        }
+        unsafe { dispatch_tile!(kernel, mr, nv, a.as_ptr(), pairs, b.as_ptr(), cols, out) }
     }
 
     /// `MR` rows x `16 NV` columns: per `k` pair, NV panel loads, MR broadcasts, MR x NV `vdpbf16ps`.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn kernel<const MR: usize, const NV: usize>(
@@ -256,9 +248,7 @@ mod x86 {
         pairs: usize,
         b: *const u16,
         cols: usize,
-        bias: *const f32,
-        c: *mut f32,
-        ldc: usize,
+        out: Store,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         // SAFETY: `a` holds MR rows of `pairs` pairs; `b` holds `pairs` x NR x 2 values.
@@ -281,7 +271,7 @@ mod x86 {
                     }
                 }
             }
-            store_tile(&acc, cols, bias, c, ldc);
+            store_tile(&acc, cols, out);
         }
     }
 }
@@ -340,13 +330,19 @@ mod tests {
     }
 
     /// Both paths round the operands identically; their sums differ only in f32 addition order.
+    /// With the whole epilogue (bias, residual, activation), which each path applies in its tile.
     #[test]
     fn paths_agree() {
         let (m, n, k) = (31, 75, 301);
         let a = test_values(m * k, 5);
         let w = PackedBf16::pack(&test_values(n * k, 6), n, k);
         let (mut x, mut y) = (vec![0f32; m * n], vec![0f32; m * n]);
-        let e = Epilogue::default();
+        let (bias, residual) = (test_values(n, 7), test_values(m * n, 8));
+        let e = Epilogue {
+            bias: Some(&bias),
+            residual: Some(&residual),
+            act: crate::conv::Act::Gelu,
+        };
         gemm_bf16(&a, m, &w, e, &mut x, crate::cpu::features());
         gemm_bf16(&a, m, &w, e, &mut y, Features::PORTABLE);
         for (x, y) in x.iter().zip(&y) {

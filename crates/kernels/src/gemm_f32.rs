@@ -13,7 +13,7 @@ use gemm::Parallelism;
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
-use crate::panel::{check_shapes, dispatch_tile, for_each_tile, NR};
+use crate::panel::{check_shapes, dispatch_tile, for_each_tile, Store, NR};
 
 /// A weight matrix [n, k] packed for [`gemm_f32`].
 #[derive(Debug, Clone)]
@@ -83,10 +83,20 @@ pub fn gemm_f32(
     #[cfg(target_arch = "x86_64")]
     if features.avx512f {
         for_each_tile(c, m, n, k, &e, |t| {
-            let bias = e.bias.map(|b| &b[t.panel * NR..t.panel * NR + t.cols]);
+            let out = Store {
+                c: t.c,
+                ldc: n,
+                bias: e
+                    .bias
+                    .map_or(std::ptr::null(), |b| b[t.panel * NR..].as_ptr()),
+                residual: t.residual,
+                act: e.act,
+            };
             let a = &a[t.row * k..(t.row + t.rows) * k];
-            // SAFETY: AVX-512F is present; the tile's rows x columns of `c` are this task's alone.
-            unsafe { x86::tile(a, k, w.panel(t.panel), t.rows, t.cols, bias, t.c, n) };
+            // SAFETY: AVX-512F is present; the tile's rows x columns of `c` (and of the residual)
+            // are this task's alone.
+            unsafe { x86::tile(a, k, w.panel(t.panel), t.rows, t.cols, out) };
+            true
         });
         return;
     }
@@ -157,46 +167,21 @@ mod x86 {
     use super::*;
     use crate::panel::store_tile;
 
-    /// `c[r][j] = Σ_p a[r][p] · b[p][j] (+ bias[j])` for `mr` (<= 6) rows of `a` ([mr, k]) and the
-    /// first `cols` (<= 64) columns of one packed panel `b` ([k, 64]), rows of `c` `ldc` apart.
+    /// `out = act(Σ_p a[r][p] · b[p][j] + bias[j] + residual)` for `mr` (<= 6) rows of `a` ([mr, k])
+    /// and the first `cols` (<= 64) columns of one packed panel `b` ([k, 64]).
     ///
     /// # Safety
-    /// AVX-512F is present; `c` points to `mr` rows of at least `cols` writable values, `ldc` apart,
-    /// that nothing else accesses meanwhile.
-    #[allow(clippy::too_many_arguments)]
+    /// AVX-512F is present; `out` covers `mr` rows x `cols` columns (see [`store_tile`]) that nothing
+    /// else accesses meanwhile.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile(
-        a: &[f32],
-        k: usize,
-        b: &[f32],
-        mr: usize,
-        cols: usize,
-        bias: Option<&[f32]>,
-        c: *mut f32,
-        ldc: usize,
-    ) {
+    pub(super) unsafe fn tile(a: &[f32], k: usize, b: &[f32], mr: usize, cols: usize, out: Store) {
         assert!(a.len() >= mr * k && b.len() >= k * NR && mr <= crate::panel::MR && cols <= NR);
         let nv = cols.div_ceil(16);
-        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
         // SAFETY: forwarded from the caller; the slices cover the tile.
-        unsafe {
-            dispatch_tile!(
-                kernel,
-                mr,
-                nv,
-                a.as_ptr(),
-                k,
-                b.as_ptr(),
-                cols,
-                bias,
-                c,
-                ldc
-            )
-        }
+        unsafe { dispatch_tile!(kernel, mr, nv, a.as_ptr(), k, b.as_ptr(), cols, out) }
     }
 
     /// `MR` rows x `16 NV` columns: per `k`, NV panel loads, MR broadcasts, MR x NV FMAs.
-    #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel<const MR: usize, const NV: usize>(
@@ -204,9 +189,7 @@ mod x86 {
         k: usize,
         b: *const f32,
         cols: usize,
-        bias: *const f32,
-        c: *mut f32,
-        ldc: usize,
+        out: Store,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         // SAFETY: `a` holds MR rows of `k` values; `b` holds `k` x NR values.
@@ -224,7 +207,7 @@ mod x86 {
                     }
                 }
             }
-            store_tile(&acc, cols, bias, c, ldc);
+            store_tile(&acc, cols, out);
         }
     }
 }

@@ -139,9 +139,10 @@ pub fn gemm_int8(
                 if native {
                     // SAFETY: AVX512-VNNI (and so AVX-512F/BW) is present; slices cover the tile.
                     unsafe { x86::tile(a, quads, b, t.rows, rq, &epi, t.c, n) };
-                    return;
+                    return false;
                 }
                 portable_tile(a, quads, b, t.rows, rq, &epi, t.c, n);
+                false
             });
         });
     });

@@ -188,6 +188,20 @@ mod avx512 {
     #[derive(Clone, Copy)]
     pub struct F32x16(__m512);
 
+    impl F32x16 {
+        /// The register as lanes.
+        #[inline(always)]
+        pub(crate) fn wrap(x: __m512) -> Self {
+            Self(x)
+        }
+
+        /// The lanes as a register.
+        #[inline(always)]
+        pub(crate) fn raw(self) -> __m512 {
+            self.0
+        }
+    }
+
     // SAFETY (all methods): the type is only instantiated in AVX-512F code paths (see above).
     impl Lanes for F32x16 {
         const N: usize = 16;

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use crate::conv::Epilogue;
+use crate::conv::{Act, Epilogue};
 
 /// Output columns per packed panel: four 16-lane registers.
 pub(crate) const NR: usize = 64;
@@ -39,6 +39,8 @@ pub(crate) struct Tile {
     pub cols: usize,
     /// The tile's first output element; rows are `n` apart. Only this tile's task writes there.
     pub c: *mut f32,
+    /// The residual's element at the same place (rows `n` apart), null without a residual.
+    pub residual: *const f32,
 }
 
 /// Checks the operands of `c[m, n] = act(a[m, k] · wᵀ + bias + residual)` (`name` opens the panic
@@ -64,16 +66,17 @@ pub(crate) fn check_shapes(
     );
 }
 
-/// Calls `tile` for every register tile of the `m` x `n` output `c` (which writes `a · wᵀ + bias`
-/// there), then adds `e`'s residual and applies its activation to the tile while it is in cache:
-/// tasks of up to [`MC`] rows x one panel, in parallel when the product (`k` deep) is large enough.
+/// Calls `tile` for every register tile of the `m` x `n` output `c`, which writes `a · wᵀ + bias`
+/// there and returns whether it also added `e`'s residual and applied its activation (in registers);
+/// where not, they are applied to the tile here while it is in cache. Tasks of up to [`MC`] rows x
+/// one panel, in parallel when the product (`k` deep) is large enough.
 pub(crate) fn for_each_tile(
     c: &mut [f32],
     m: usize,
     n: usize,
     k: usize,
     e: &Epilogue,
-    tile: impl Fn(Tile) + Sync,
+    tile: impl Fn(Tile) -> bool + Sync,
 ) {
     assert!(c.len() >= m * n, "for_each_tile: output is not {m} x {n}");
     let out = OutPtr(c.as_mut_ptr());
@@ -99,9 +102,11 @@ pub(crate) fn for_each_tile(
                 cols,
                 // SAFETY: row < m and panel * NR < n, so the offset is inside `c`.
                 c: unsafe { out.0.add(row * n + panel * NR) },
+                residual: e
+                    .residual
+                    .map_or(std::ptr::null(), |r| r[row * n + panel * NR..].as_ptr()),
             };
-            tile(t);
-            if e.residual.is_none() && e.act == crate::conv::Act::None {
+            if tile(t) || (e.residual.is_none() && e.act == crate::conv::Act::None) {
                 continue;
             }
             for r in 0..t.rows {
@@ -153,34 +158,50 @@ pub(crate) fn lane_mask(cols: usize) -> u16 {
     }
 }
 
-/// Writes an `MR` x `16 NV` register tile of accumulators to `c` (rows `ldc` apart), the first `cols`
-/// columns only, adding `bias[j]` where `bias` is not null: the store of the f32 and bf16 kernels.
+/// Where a register tile goes and what its epilogue adds: `c` (rows `ldc` apart) =
+/// `act(acc + bias + residual)`, the bias the tile's first column (null: none), the residual rows
+/// `ldc` apart like `c` (null: none).
+#[derive(Clone, Copy)]
+pub(crate) struct Store {
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub bias: *const f32,
+    pub residual: *const f32,
+    pub act: Act,
+}
+
+/// Writes an `MR` x `16 NV` register tile of accumulators to `out`, the first `cols` columns only,
+/// with the whole epilogue applied in registers: the store of the f32 and bf16 kernels.
 ///
 /// # Safety
-/// AVX-512F is present; `c` points to `MR` rows of at least `cols` writable values, `ldc` apart; a
-/// non-null `bias` holds `cols` values.
+/// AVX-512F is present; `out.c` points to `MR` rows of at least `cols` writable values,
+/// `out.ldc` apart; a non-null bias holds `cols` values, a non-null residual `MR` rows like `c`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn store_tile<const MR: usize, const NV: usize>(
     acc: &[[std::arch::x86_64::__m512; NV]; MR],
     cols: usize,
-    bias: *const f32,
-    c: *mut f32,
-    ldc: usize,
+    out: Store,
 ) {
+    use crate::math::F32x16;
     use std::arch::x86_64::*;
     for (r, row) in acc.iter().enumerate() {
         for (v, &x) in row.iter().enumerate() {
             let mask = lane_mask(cols - 16 * v);
-            // SAFETY: the masked lanes are inside the tile's columns and the bias (caller).
+            // SAFETY: the masked lanes are inside the tile's columns, the bias and the residual
+            // (caller).
             unsafe {
-                let x = if bias.is_null() {
-                    x
-                } else {
-                    _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(16 * v)))
-                };
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
+                let mut x = x;
+                if !out.bias.is_null() {
+                    x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, out.bias.add(16 * v)));
+                }
+                if !out.residual.is_null() {
+                    let at = out.residual.add(r * out.ldc + 16 * v);
+                    x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, at));
+                }
+                let x = out.act.lanes::<F32x16>(F32x16::wrap(x)).raw();
+                _mm512_mask_storeu_ps(out.c.add(r * out.ldc + 16 * v), mask, x);
             }
         }
     }

@@ -6,7 +6,7 @@
 use std::ops::Deref;
 
 use candle_core::{Device, Layout, Storage, Tensor};
-use visenc_kernels::conv::nhwc::{depthwise, im2col};
+use visenc_kernels::conv::nhwc::{depthwise, im2col, nchw_to_nhwc};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::Precision;
@@ -30,7 +30,7 @@ impl<G: Deref<Target = Storage>> View<'_, G> {
 
 /// An NHWC map: `data` holds [batch, h, w, c].
 pub(crate) struct Map {
-    pub data: Vec<f32>,
+    pub data: Buffer,
     pub batch: usize,
     pub h: usize,
     pub w: usize,
@@ -38,11 +38,13 @@ pub(crate) struct Map {
 }
 
 impl Map {
-    /// An NCHW f32 CPU tensor's values, transposed to NHWC.
-    pub(crate) fn from_nchw(pixels: &Tensor) -> Result<Self> {
+    /// An NCHW f32 CPU tensor's values, transposed to NHWC in one pass into a buffer from `s`.
+    pub(crate) fn from_nchw(pixels: &Tensor, s: &mut Scratch) -> Result<Self> {
         let (batch, c, h, w) = pixels.dims4()?;
-        let nhwc = pixels.permute((0, 2, 3, 1))?.contiguous()?;
-        let data = view(&nhwc).data()?.to_vec();
+        let pixels = pixels.contiguous()?;
+        let v = view(&pixels);
+        let mut data = s.take(batch * c * h * w);
+        nchw_to_nhwc(v.data()?, batch, c, h * w, &mut data);
         Ok(Self {
             data,
             batch,
@@ -204,7 +206,7 @@ impl NhwcConv {
                 let block = (COLS_BUDGET / row).max(1);
                 for r0 in (0..m).step_by(block) {
                     let rows = r0..(r0 + block).min(m);
-                    s.cols.resize(rows.len() * row, 0.0);
+                    s.cols.resize(rows.len() * row);
                     im2col(&x.data, &shape, rows.clone(), &mut s.cols);
                     let e = Epilogue {
                         residual: residual.map(|r| &r[rows.start * n..rows.end * n]),
@@ -230,31 +232,112 @@ impl NhwcConv {
     }
 }
 
-/// Buffers reused across a forward pass: maps no longer needed and the im2col block.
+/// An f32 buffer whose allocation stays initialised past its length: shortening it keeps the values
+/// and growing it again within what was ever initialised needs no zeroing, so buffers move between
+/// maps of different sizes without touching memory.
 #[derive(Default)]
+pub(crate) struct Buffer {
+    /// Every value ever initialised; the buffer is the first `len`.
+    all: Vec<f32>,
+    len: usize,
+}
+
+impl Buffer {
+    /// `len` values, zero where the allocation never held any (contents otherwise unspecified).
+    pub(crate) fn resize(&mut self, len: usize) {
+        if self.all.capacity() < len {
+            // A new allocation rather than a reallocation that would copy values nobody needs.
+            self.all = vec![0.0; len];
+        } else if self.all.len() < len {
+            self.all.resize(len, 0.0);
+        }
+        self.len = len;
+    }
+
+    /// Values this buffer holds without growing.
+    fn room(&self) -> usize {
+        self.all.len()
+    }
+}
+
+impl From<Vec<f32>> for Buffer {
+    fn from(all: Vec<f32>) -> Self {
+        let len = all.len();
+        Self { all, len }
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.all[..self.len]
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.all[..self.len]
+    }
+}
+
+/// Smaller buffers (256 KiB) are allocated fresh: cheap, and they would hold a pooled buffer
+/// hostage where a caller does not give them back.
+const POOLED: usize = 1 << 16;
+
+/// Buffers a thread keeps between forward passes (so a steady stream of batches allocates,
+/// page-faults and zeroes nothing): at most this many.
+const KEEP: usize = 12;
+
+thread_local! {
+    static FREE: std::cell::RefCell<Vec<Buffer>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers reused across a forward pass (maps no longer needed, the im2col block), and by the next
+/// forward pass on the same thread.
 pub(crate) struct Scratch {
-    free: Vec<Vec<f32>>,
-    cols: Vec<f32>,
+    free: Vec<Buffer>,
+    cols: Buffer,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        let mut free = FREE.take();
+        let cols = free.pop().unwrap_or_default();
+        Self { free, cols }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut free = std::mem::take(&mut self.free);
+        free.push(std::mem::take(&mut self.cols));
+        free.sort_by_key(|b| std::cmp::Reverse(b.room()));
+        free.truncate(KEEP);
+        FREE.set(free);
+    }
 }
 
 impl Scratch {
-    /// A buffer of `len` values (contents unspecified): the free one that already holds the
-    /// fewest values at or above `len`, else the longest, so no value is re-zeroed once the
-    /// buffers have grown.
-    pub(crate) fn take(&mut self, len: usize) -> Vec<f32> {
+    /// A buffer of `len` values (contents unspecified): the free one with the least room that holds
+    /// `len`, else the roomiest grown to `len` (a small one is new).
+    pub(crate) fn take(&mut self, len: usize) -> Buffer {
+        if len < POOLED {
+            return vec![0.0; len].into();
+        }
         let fit = (0..self.free.len())
-            .filter(|&i| self.free[i].len() >= len)
-            .min_by_key(|&i| self.free[i].len())
-            .or_else(|| (0..self.free.len()).max_by_key(|&i| self.free[i].len()));
-        let mut v = fit.map(|i| self.free.swap_remove(i)).unwrap_or_default();
-        v.truncate(len);
-        v.resize(len, 0.0);
-        v
+            .filter(|&i| self.free[i].room() >= len)
+            .min_by_key(|&i| self.free[i].room())
+            .or_else(|| (0..self.free.len()).max_by_key(|&i| self.free[i].room()));
+        let mut b = fit.map(|i| self.free.swap_remove(i)).unwrap_or_default();
+        b.resize(len);
+        b
     }
 
     /// Returns a buffer for later [`Scratch::take`]s.
-    pub(crate) fn give(&mut self, v: Vec<f32>) {
-        self.free.push(v);
+    pub(crate) fn give(&mut self, b: Buffer) {
+        if b.room() >= POOLED {
+            self.free.push(b);
+        }
     }
 }
 

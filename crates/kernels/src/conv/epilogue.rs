@@ -49,7 +49,7 @@ impl Act {
 
     /// The activation of one vector of lanes (for kernels that keep their outputs in registers).
     #[inline(always)]
-    pub(super) fn lanes<L: Lanes>(self, v: L) -> L {
+    pub(crate) fn lanes<L: Lanes>(self, v: L) -> L {
         match self {
             Act::None => v,
             Act::Relu => relu::<L>(v),

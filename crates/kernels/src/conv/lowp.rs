@@ -17,7 +17,7 @@ use super::{im2col, Act, ConvShape, Epilogue, OutPtr, Pad};
 use crate::cpu::Features;
 use crate::dispatch::multiversion;
 use crate::gemm_bf16::{f32_to_bf16, register_tile, to_pairs};
-use crate::panel::{with_scratch, MR, NR};
+use crate::panel::{with_scratch, Store, MR, NR};
 
 /// A dense convolution's weight [cout, cin, kh, kw] as bf16 pairs along `k = cin * kh * kw`.
 #[derive(Debug, Clone)]
@@ -157,9 +157,13 @@ pub fn conv2d_bf16(
                             b,
                             mr,
                             cols,
-                            None,
-                            o.add(r * n + q * NR),
-                            n,
+                            Store {
+                                c: o.add(r * n + q * NR),
+                                ldc: n,
+                                bias: std::ptr::null(),
+                                residual: std::ptr::null(),
+                                act: Act::None,
+                            },
                         )
                     };
                 }

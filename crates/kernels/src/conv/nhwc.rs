@@ -4,7 +4,6 @@
 //! one GEMM over all pixels ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers
 //! with the epilogue fused).
 
-use std::cell::RefCell;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -68,27 +67,48 @@ pub fn im2col(x: &[f32], s: &ConvShape, rows: Range<usize>, out: &mut [f32]) {
         });
 }
 
-/// Channels per depthwise task: one vector of 16 lanes (AVX-512), the tail zero-padded.
+/// Pixels per task of [`nchw_to_nhwc`].
+const TRANSPOSE_PIXELS: usize = 256;
+
+/// `dst` [batch, hw, c] = `src` [batch, c, hw] transposed, in parallel blocks of pixels (each
+/// block reads one contiguous run per channel).
+///
+/// # Panics
+/// When `src` or `dst` is not `batch * c * hw` values.
+pub fn nchw_to_nhwc(src: &[f32], batch: usize, c: usize, hw: usize, dst: &mut [f32]) {
+    assert_eq!(src.len(), batch * c * hw, "nchw_to_nhwc: input length");
+    assert_eq!(dst.len(), src.len(), "nchw_to_nhwc: output length");
+    if c == 0 || hw == 0 {
+        return;
+    }
+    dst.par_chunks_mut(TRANSPOSE_PIXELS * c)
+        .enumerate()
+        .for_each(|(i, block)| {
+            for (j, px) in block.chunks_exact_mut(c).enumerate() {
+                let p = i * TRANSPOSE_PIXELS + j;
+                let image = &src[p / hw * c * hw..];
+                for (ch, o) in px.iter_mut().enumerate() {
+                    *o = image[ch * hw + p % hw];
+                }
+            }
+        });
+}
+
+/// Channels of one depthwise vector block: 16 lanes (one AVX-512 register, or 16 values the portable
+/// paths auto-vectorise); the channels past the last full block run one at a time.
 const CB: usize = 16;
-
-/// Per-thread scratch of [`depthwise`]: one zero-padded channel block of an image, (hp, wp, 16).
-#[derive(Default)]
-struct Scratch {
-    block: Vec<f32>,
-    weight: Vec<f32>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-}
+/// Output pixels accumulated together along a row (their filter taps share each weight load).
+const PX: usize = 8;
+/// Parallel tasks per thread (bands of output rows), for load balance.
+const TASKS_PER_THREAD: usize = 8;
 
 /// A depthwise convolution on NHWC maps: `x` [batch, h, w, c], `weight` [c, 1, kh, kw] (PyTorch's
 /// layout), `out` [batch, oh, ow, c]; `out = act(conv + bias + residual)` with the residual NHWC
 /// too. `s` describes the shape as for [`super::conv2d`] (`depthwise: true`, `cin == cout == c`).
 ///
-/// Each task takes one image and 16 channels: it copies them zero-padded into a small
-/// (hp, wp, 16) block (so no tap needs a bounds check), then accumulates 8 output pixels at a
-/// time in registers, one 16-channel vector each.
+/// Tasks are bands of output rows. Along a row, 16 channels x 8 output pixels accumulate in
+/// registers (one weight load feeds 8 pixels) straight from the input (a tap in the padding reads
+/// zeros instead), and the bias, residual and activation are applied before the single store.
 ///
 /// # Panics
 /// On a shape that is not depthwise or slices whose lengths do not match it.
@@ -104,11 +124,8 @@ pub fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mu
         s.batch * s.h * s.w * c,
         "depthwise NHWC: input length"
     );
-    assert_eq!(
-        weight.len(),
-        c * s.kh * s.kw,
-        "depthwise NHWC: weight length"
-    );
+    let taps = s.kh * s.kw;
+    assert_eq!(weight.len(), c * taps, "depthwise NHWC: weight length");
     assert_eq!(
         out.len(),
         s.batch * oh * ow * c,
@@ -122,153 +139,129 @@ pub fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mu
         e.residual.is_none_or(|r| r.len() == out.len()),
         "depthwise NHWC: residual length"
     );
-    let blocks = c.div_ceil(CB);
-    let dst = OutPtr(out.as_mut_ptr());
-    (0..s.batch * blocks).into_par_iter().for_each(|t| {
-        let (b, c0) = (t / blocks, (t % blocks) * CB);
-        SCRATCH.with_borrow_mut(|sc| channel_block(x, weight, s, e, b, c0, sc, dst));
+    // The weights tap-major, [kh * kw, c], so one load reads a tap of consecutive channels.
+    let mut wt = vec![0f32; taps * c];
+    for (ch, w) in weight.chunks_exact(taps).enumerate() {
+        for (t, &v) in w.iter().enumerate() {
+            wt[t * c + ch] = v;
+        }
+    }
+    let bias = e.bias.map_or_else(|| vec![0f32; c], <[f32]>::to_vec);
+    let d = Depthwise {
+        x,
+        wt: &wt,
+        bias: &bias,
+        s,
+        e,
+        dst: OutPtr(out.as_mut_ptr()),
+    };
+    let rows = s.batch * oh;
+    let band = rows
+        .div_ceil(crate::cpu::threads() * TASKS_PER_THREAD)
+        .max(1);
+    (0..rows.div_ceil(band)).into_par_iter().for_each(|t| {
+        for r in t * band..rows.min((t + 1) * band) {
+            depthwise_row(&d, r / oh, r % oh);
+        }
     });
 }
 
+/// The operands of one [`depthwise`] call.
+struct Depthwise<'a> {
+    x: &'a [f32],
+    /// Tap-major weights [kh * kw, c].
+    wt: &'a [f32],
+    /// One per channel (zeros without a bias).
+    bias: &'a [f32],
+    s: &'a ConvShape,
+    e: Epilogue<'a>,
+    dst: OutPtr,
+}
+
 multiversion! {
-/// Channels c0..c0 + 16 of image b (see [`depthwise`]).
-#[allow(clippy::too_many_arguments)]
-fn channel_block<L>(
-    x: &[f32],
-    weight: &[f32],
-    s: &ConvShape,
-    e: Epilogue,
-    b: usize,
-    c0: usize,
-    sc: &mut Scratch,
-    dst: OutPtr,
-) {
-    let (oh, ow) = s.out_hw();
-    let (c, h, w) = (s.cin, s.h, s.w);
-    let nc = CB.min(c - c0);
-    let (hp, wp) = (h + s.pad.top + s.pad.bottom, w + s.pad.left + s.pad.right);
-    let taps = s.kh * s.kw;
-    sc.block.clear();
-    sc.block.resize(hp * wp * CB, 0.0);
-    for iy in 0..h {
-        for ix in 0..w {
-            let src = ((b * h + iy) * w + ix) * c + c0;
-            let d = ((iy + s.pad.top) * wp + ix + s.pad.left) * CB;
-            // SAFETY: nc values at src in x and at d in the block (checked by the slicing).
-            unsafe {
-                copy_channels(
-                    x[src..src + nc].as_ptr(),
-                    sc.block[d..d + nc].as_mut_ptr(),
-                    nc,
-                )
-            };
-        }
-    }
-    // The weights as [tap][16 channels], the tail zero.
-    sc.weight.clear();
-    sc.weight.resize(taps * CB, 0.0);
-    for j in 0..nc {
-        for t in 0..taps {
-            sc.weight[t * CB + j] = weight[(c0 + j) * taps + t];
-        }
-    }
-    let mut bias = [0f32; CB];
-    if let Some(bv) = e.bias {
-        bias[..nc].copy_from_slice(&bv[c0..c0 + nc]);
-    }
-    // Lane groups per 16-channel vector: 1 with AVX-512, 16 on the portable path.
+/// Output row `oy` of image `b`, every channel.
+fn depthwise_row<L>(d: &Depthwise, b: usize, oy: usize) {
+    let c = d.s.cin;
+    let full = c / CB * CB;
+    // Lane groups per 16-channel block: 1 with AVX-512, 16 single lanes on the portable paths.
     if L::N == CB {
-        rows::<L, 1>(sc, s, e, b, c0, nc, &bias, dst, oh, ow, wp);
+        row_channels::<L, 1>(d, b, oy, 0..full);
     } else {
-        rows::<L, CB>(sc, s, e, b, c0, nc, &bias, dst, oh, ow, wp);
+        row_channels::<L, CB>(d, b, oy, 0..full);
     }
+    row_channels::<f32, 1>(d, b, oy, full..c);
 }
 }
 
-/// Copies `n` (<= 16) channel values: a full block of 16 as one fixed-size copy (a vector move;
-/// a length only known at run time would make it a `memcpy` call per pixel).
-///
-/// # Safety
-/// `src` and `dst` are valid for `n` values and do not overlap.
+/// Row `oy` of image `b` for `channels`, in blocks of [`PX`] output pixels x `G` vectors of `L::N`
+/// lanes: a block's input window (a few pixels x every channel) stays in L1 while its channels
+/// run, and its outputs are one contiguous run.
 #[inline(always)]
-unsafe fn copy_channels(src: *const f32, dst: *mut f32, n: usize) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        if n == CB {
-            std::ptr::copy_nonoverlapping(src, dst, CB);
-        } else {
-            std::ptr::copy_nonoverlapping(src, dst, n);
-        }
-    }
-}
-
-/// Pixels accumulated together along an output row.
-const PX: usize = 8;
-
-/// The output rows of one channel block: `G` vectors of `L::N` lanes make the 16 channels.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn rows<L: Lanes, const G: usize>(
-    sc: &Scratch,
-    s: &ConvShape,
-    e: Epilogue,
+fn row_channels<L: Lanes, const G: usize>(
+    d: &Depthwise,
     b: usize,
-    c0: usize,
-    nc: usize,
-    bias: &[f32; CB],
-    dst: OutPtr,
-    oh: usize,
-    ow: usize,
-    wp: usize,
+    oy: usize,
+    channels: Range<usize>,
 ) {
-    let (c, st, kh, kw) = (s.cin, s.stride, s.kh, s.kw);
-    let blk = sc.block.as_ptr();
-    let wt = sc.weight.as_ptr();
-    let mut tmp = [0f32; CB];
-    for oy in 0..oh {
-        let mut ox0 = 0;
-        while ox0 < ow {
-            let npx = PX.min(ow - ox0);
-            // SAFETY: bias holds 16 values.
+    let s = d.s;
+    let (oh, ow) = s.out_hw();
+    let (c, st, pad) = (s.cin, s.stride, s.pad);
+    // Filter rows inside the map for this output row.
+    let y0 = oy * st;
+    let ky = pad.top.saturating_sub(y0)..(s.h + pad.top).saturating_sub(y0).min(s.kh);
+    // Read in place of taps in the padding (and by the pixels past the row's end in its last block).
+    let zeros = [0f32; CB];
+    let (x, wt) = (d.x.as_ptr(), d.wt.as_ptr());
+    for ox in (0..ow).step_by(PX) {
+        let npx = PX.min(ow - ox);
+        for c0 in channels.clone().step_by(G * L::N) {
             let mut acc = [[L::splat(0.0); G]; PX];
             for a in acc.iter_mut() {
                 for (g, v) in a.iter_mut().enumerate() {
-                    *v = unsafe { L::load(bias.as_ptr().add(g * L::N)) };
+                    // SAFETY: c0 + (g + 1) L::N <= c values of the bias.
+                    *v = unsafe { L::load(d.bias.as_ptr().add(c0 + g * L::N)) };
                 }
             }
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    // SAFETY: the padded block holds (hp, wp, 16) values and every output pixel's
-                    // window lies inside it; the weight holds taps x 16.
-                    unsafe {
-                        let row = blk.add(((oy * st + ky) * wp + kx) * CB);
-                        let wv = wt.add((ky * kw + kx) * CB);
-                        for g in 0..G {
-                            let w = L::load(wv.add(g * L::N));
-                            for (p, a) in acc.iter_mut().enumerate().take(npx) {
-                                let v = L::load(row.add((ox0 + p) * st * CB + g * L::N));
-                                a[g] = w.mul_add(v, a[g]);
-                            }
+            for ky in ky.clone() {
+                let iy = y0 + ky - pad.top;
+                // SAFETY: iy < h, so the row's pixels are inside `x`.
+                let row = unsafe { x.add((b * s.h + iy) * s.w * c + c0) };
+                for kx in 0..s.kw {
+                    // SAFETY: the weight holds kh * kw taps x c channels.
+                    let wv = unsafe { wt.add((ky * s.kw + kx) * c + c0) };
+                    for g in 0..G {
+                        // SAFETY: channels c0 + g L::N.. of the tap.
+                        let w = unsafe { L::load(wv.add(g * L::N)) };
+                        for (p, a) in acc.iter_mut().enumerate() {
+                            // The input column in padded coordinates; inside the map iff in
+                            // [pad.left, pad.left + w).
+                            let ix = (ox + p) * st + kx;
+                            let src = if p < npx && ix >= pad.left && ix - pad.left < s.w {
+                                // SAFETY: ix - pad.left < w: a pixel of row iy.
+                                unsafe { row.add((ix - pad.left) * c + g * L::N) }
+                            } else {
+                                zeros.as_ptr()
+                            };
+                            // SAFETY: `src` holds L::N values (a pixel's channels or the zeros).
+                            a[g] = w.mul_add(unsafe { L::load(src) }, a[g]);
                         }
                     }
                 }
             }
+            let at = ((b * oh + oy) * ow + ox) * c + c0;
             for (p, a) in acc.iter().enumerate().take(npx) {
-                let at = ((b * oh + oy) * ow + ox0 + p) * c + c0;
                 for (g, &v) in a.iter().enumerate() {
-                    // SAFETY: tmp holds 16 values.
-                    unsafe { v.store(tmp.as_mut_ptr().add(g * L::N)) };
+                    let i = at + p * c + g * L::N;
+                    let v = match d.e.residual {
+                        // SAFETY: pixel ox + p < ow; its channels lie inside the residual (checked
+                        // length).
+                        Some(r) => v.add(unsafe { L::load(r.as_ptr().add(i)) }),
+                        None => v,
+                    };
+                    // SAFETY: the pixel's channels belong to this task's row alone.
+                    unsafe { d.e.act.lanes::<L>(v).store(d.dst.at(i)) };
                 }
-                if let Some(r) = e.residual {
-                    tmp.iter_mut()
-                        .zip(&r[at..at + nc])
-                        .for_each(|(t, &r)| *t += r);
-                }
-                e.act.apply::<L>(&mut tmp[..nc]);
-                // SAFETY: pixel (b, oy, ox0 + p), channels c0..c0 + nc belong to this task alone.
-                unsafe { copy_channels(tmp.as_ptr(), dst.at(at), nc) };
             }
-            ox0 += npx;
         }
     }
 }
@@ -294,6 +287,17 @@ mod tests {
     }
 
     #[test]
+    fn transpose_matches_naive() {
+        // Blocks ending inside an image and images ending inside a block.
+        for (b, c, hw) in [(3, 5, 200), (2, 32, 300), (1, 1, 7)] {
+            let x = rand_vec(b * c * hw, 7);
+            let mut got = vec![f32::NAN; x.len()];
+            nchw_to_nhwc(&x, b, c, hw, &mut got);
+            assert_eq!(got, to_nhwc(&x, b, c, hw), "{b}x{c}x{hw}");
+        }
+    }
+
+    #[test]
     fn depthwise_nhwc_matches_naive_reference() {
         // (batch, channels, h, w, kernel, stride, padding): channels below, at and above 16 with
         // tails; rows narrower and wider than the 8-pixel block; stride 2 and asymmetric padding.
@@ -316,6 +320,23 @@ mod tests {
                 },
             ),
             (1, 17, 3, 4, 5, 1, Pad::same(2)),
+            // Rows long enough for blocks of 8 pixels between the borders: EfficientNet's 5x5
+            // stride 2 with TF-SAME's asymmetric padding, and a 3x3 over 48 channels.
+            (
+                2,
+                35,
+                10,
+                37,
+                5,
+                2,
+                Pad {
+                    top: 1,
+                    bottom: 2,
+                    left: 1,
+                    right: 2,
+                },
+            ),
+            (1, 48, 6, 30, 3, 1, Pad::same(1)),
         ];
         for (i, (b, c, h, w, k, stride, pad)) in cases.into_iter().enumerate() {
             let s = ConvShape {
@@ -338,7 +359,7 @@ mod tests {
             let e = Epilogue {
                 bias: (i % 3 != 2).then_some(&bias[..]),
                 residual: (i % 2 == 0).then_some(&residual[..]),
-                act: [Act::None, Act::Gelu, Act::Relu][i % 3],
+                act: [Act::None, Act::Gelu, Act::Relu, Act::Silu][i % 4],
             };
             let reference = to_nhwc(&naive_conv(&x, &wt, &s, e), b, c, oh * ow);
             let res = to_nhwc(&residual, b, c, oh * ow);

@@ -17,7 +17,7 @@ use super::{Block, ConvNeXt, Norm2d};
 use crate::api::FeatureMap;
 use crate::conv::{is_cpu_f32, Conv};
 use crate::error::{ModelError, Result};
-use crate::nhwc::{view, Map};
+use crate::nhwc::{view, Buffer, Map, Scratch as Buffers};
 use crate::nn::Activation;
 
 /// The weights the NHWC path needs beyond the model's own: the patch convolutions' weights
@@ -76,9 +76,9 @@ fn packed(l: &crate::linear::Linear) -> Result<(&PackedWeight, Option<&[f32]>)> 
 }
 
 /// LayerNorm over each row of C values.
-fn norm_rows(x: &Map, weight: &Tensor, bias: &Tensor, eps: f64, out: &mut Vec<f32>) -> Result<()> {
+fn norm_rows(x: &Map, weight: &Tensor, bias: &Tensor, eps: f64, out: &mut Buffer) -> Result<()> {
     let (g, b) = (view(weight), view(bias));
-    out.resize(x.data.len(), 0.0);
+    out.resize(x.data.len());
     layer_norm(&x.data, g.data()?, b.data()?, eps as f32, out);
     Ok(())
 }
@@ -117,7 +117,7 @@ fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -
     let mut out = vec![0f32; m * cout];
     gemm(&cols, m, weight, e, &mut out);
     Ok(Map {
-        data: out,
+        data: out.into(),
         batch: x.batch,
         h: oh,
         w: ow,
@@ -131,7 +131,7 @@ struct Scratch {
     dw: Vec<f32>,
     normed: Vec<f32>,
     hidden: Vec<f32>,
-    out: Vec<f32>,
+    out: Buffer,
 }
 
 impl Block {
@@ -173,7 +173,7 @@ impl Block {
             act: Act::Gelu,
         };
         gemm(&s.normed, m, w1, e1, &mut s.hidden);
-        s.out.resize(m * c, 0.0);
+        s.out.resize(m * c);
         let e2 = Epilogue {
             bias: b2,
             residual: Some(&x.data),
@@ -201,9 +201,9 @@ impl ConvNeXt {
         pixels: &Tensor,
         features: bool,
     ) -> Result<Trunk> {
-        let input = Map::from_nchw(pixels)?;
+        let input = Map::from_nchw(pixels, &mut Buffers::default())?;
         let mut x = patch_conv(&input, self.patch, &w.stem, self.stem.bias_tensor())?;
-        let mut buf = Vec::new();
+        let mut buf = Buffer::default();
         let mut normed = |x: &mut Map, n: &Norm2d| -> Result<()> {
             norm_rows(x, &n.weight, &n.bias, n.eps, &mut buf)?;
             std::mem::swap(&mut x.data, &mut buf);

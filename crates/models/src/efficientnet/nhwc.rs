@@ -136,7 +136,7 @@ impl NhwcBlock {
         };
         if let Some((reduce, expand)) = &self.se {
             let mut pooled = Map {
-                data: vec![0f32; y.batch * y.c],
+                data: vec![0f32; y.batch * y.c].into(),
                 batch: y.batch,
                 h: 1,
                 w: 1,
@@ -156,7 +156,10 @@ impl NhwcBlock {
             }
             None => {
                 if self.residual && shape(&y) == shape(&x) {
-                    y.data.iter_mut().zip(&x.data).for_each(|(y, x)| *y += x);
+                    y.data
+                        .iter_mut()
+                        .zip(x.data.iter())
+                        .for_each(|(y, x)| *y += x);
                 }
                 y
             }
@@ -187,8 +190,8 @@ impl EfficientNet {
         stem: &Tensor,
         features: bool,
     ) -> Result<Trunk> {
-        let mut x = Map::from_nchw(stem)?;
         let mut s = Scratch::default();
+        let mut x = Map::from_nchw(stem, &mut s)?;
         let mut stage_maps = Vec::new();
         for stage in &w.stages {
             for b in stage {

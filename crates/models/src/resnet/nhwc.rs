@@ -109,7 +109,7 @@ impl NhwcWeights {
         let mut s = Scratch::default();
         let stem = self
             .stem
-            .forward(&Map::from_nchw(pixels)?, None, self.act, &mut s)?;
+            .forward(&Map::from_nchw(pixels, &mut s)?, None, self.act, &mut s)?;
         let mut maps = Vec::new();
         if features == Some(Features::Timm) {
             maps.push(FeatureMap {
