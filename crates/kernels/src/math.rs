@@ -49,6 +49,11 @@ pub trait Lanes: Copy {
     fn reduce_sum(self) -> f32;
     /// Largest lane.
     fn reduce_max(self) -> f32;
+    /// `1 / self` (to within an ulp or two where the hardware has a fast reciprocal).
+    #[inline(always)]
+    fn recip(self) -> Self {
+        Self::splat(1.0).div(self)
+    }
 
     /// `e^x`. Cephes `expf`: `x = n ln2 + r`, `|r| <= ln2/2`, degree-5 polynomial for `e^r`.
     // Reference: https://github.com/jeremybarnes/cephes/blob/60f27df395b8322c2da22c83751a2366b82d50d1/single/expf.c
@@ -89,21 +94,21 @@ pub trait Lanes: Copy {
             .mul_add(x2, Self::splat(-1.682_827e-3))
             .mul_add(x2, Self::splat(-7.373_329_2e-3))
             .mul_add(x2, Self::splat(-1.426_474e-2));
-        p.div(q)
+        p.mul(q.recip())
     }
 
     /// `tanh(x) = 1 - 2 / (e^{2x} + 1)` (absolute error ~1 ulp of 1, which is what GELU needs).
     #[inline(always)]
     fn tanh(self) -> Self {
         let e = self.add(self).exp();
-        Self::splat(1.0).sub(Self::splat(2.0).div(e.add(Self::splat(1.0))))
+        Self::splat(1.0).sub(Self::splat(2.0).mul(e.add(Self::splat(1.0)).recip()))
     }
 
     /// `1 / (1 + e^{-x})`.
     #[inline(always)]
     fn sigmoid(self) -> Self {
         let e = Self::splat(0.0).sub(self).exp();
-        Self::splat(1.0).div(e.add(Self::splat(1.0)))
+        e.add(Self::splat(1.0)).recip()
     }
 }
 
@@ -236,6 +241,16 @@ mod avx512 {
         #[inline(always)]
         fn mul_add(self, a: Self, b: Self) -> Self {
             unsafe { Self(_mm512_fmadd_ps(self.0, a.0, b.0)) }
+        }
+        /// `vrcp14ps` (relative error < 2^-14) and one Newton step `r (2 - x r)` (error ~2^-28 before
+        /// rounding): a few times the throughput of `vdivps`.
+        #[inline(always)]
+        fn recip(self) -> Self {
+            unsafe {
+                let r = _mm512_rcp14_ps(self.0);
+                let e = _mm512_fnmadd_ps(self.0, r, _mm512_set1_ps(2.0));
+                Self(_mm512_mul_ps(r, e))
+            }
         }
         #[inline(always)]
         fn max(self, o: Self) -> Self {

@@ -107,8 +107,9 @@ const TASKS_PER_THREAD: usize = 8;
 /// too. `s` describes the shape as for [`super::conv2d`] (`depthwise: true`, `cin == cout == c`).
 ///
 /// Tasks are bands of output rows. Along a row, 16 channels x 8 output pixels accumulate in
-/// registers (one weight load feeds 8 pixels) straight from the input (a tap in the padding reads
-/// zeros instead), and the bias, residual and activation are applied before the single store.
+/// registers (one weight load feeds 8 pixels) straight from the input (blocks at the borders skip
+/// the taps in the padding), and the bias, residual and activation are applied before the single
+/// store.
 ///
 /// # Panics
 /// On a shape that is not depthwise or slices whose lengths do not match it.
@@ -209,11 +210,25 @@ fn row_channels<L: Lanes, const G: usize>(
     // Filter rows inside the map for this output row.
     let y0 = oy * st;
     let ky = pad.top.saturating_sub(y0)..(s.h + pad.top).saturating_sub(y0).min(s.kh);
-    // Read in place of taps in the padding (and by the pixels past the row's end in its last block).
-    let zeros = [0f32; CB];
     let (x, wt) = (d.x.as_ptr(), d.wt.as_ptr());
     for ox in (0..ow).step_by(PX) {
         let npx = PX.min(ow - ox);
+        let mut win = Window {
+            start: [0; PX],
+            taps: [(0, 0); PX],
+            kw: s.kw,
+            c,
+        };
+        for p in 0..npx {
+            // The window's first column (in padded coordinates) and its taps inside the map.
+            let x0 = (ox + p) * st;
+            win.start[p] = (x0 as isize - pad.left as isize) * c as isize;
+            win.taps[p] = (
+                pad.left.saturating_sub(x0),
+                (s.w + pad.left).saturating_sub(x0).min(s.kw),
+            );
+        }
+        let inside = npx == PX && win.taps.iter().all(|&t| t == (0, s.kw));
         for c0 in channels.clone().step_by(G * L::N) {
             let mut acc = [[L::splat(0.0); G]; PX];
             for a in acc.iter_mut() {
@@ -226,25 +241,14 @@ fn row_channels<L: Lanes, const G: usize>(
                 let iy = y0 + ky - pad.top;
                 // SAFETY: iy < h, so the row's pixels are inside `x`.
                 let row = unsafe { x.add((b * s.h + iy) * s.w * c + c0) };
-                for kx in 0..s.kw {
-                    // SAFETY: the weight holds kh * kw taps x c channels.
-                    let wv = unsafe { wt.add((ky * s.kw + kx) * c + c0) };
-                    for g in 0..G {
-                        // SAFETY: channels c0 + g L::N.. of the tap.
-                        let w = unsafe { L::load(wv.add(g * L::N)) };
-                        for (p, a) in acc.iter_mut().enumerate() {
-                            // The input column in padded coordinates; inside the map iff in
-                            // [pad.left, pad.left + w).
-                            let ix = (ox + p) * st + kx;
-                            let src = if p < npx && ix >= pad.left && ix - pad.left < s.w {
-                                // SAFETY: ix - pad.left < w: a pixel of row iy.
-                                unsafe { row.add((ix - pad.left) * c + g * L::N) }
-                            } else {
-                                zeros.as_ptr()
-                            };
-                            // SAFETY: `src` holds L::N values (a pixel's channels or the zeros).
-                            a[g] = w.mul_add(unsafe { L::load(src) }, a[g]);
-                        }
+                // SAFETY: the weight holds kh * kw taps x c channels.
+                let wv = unsafe { wt.add(ky * s.kw * c + c0) };
+                // SAFETY: as `accumulate` requires (the window bounds come from the block).
+                unsafe {
+                    if inside {
+                        accumulate::<L, G, false>(&mut acc, row, wv, &win);
+                    } else {
+                        accumulate::<L, G, true>(&mut acc, row, wv, &win);
                     }
                 }
             }
@@ -260,6 +264,49 @@ fn row_channels<L: Lanes, const G: usize>(
                     };
                     // SAFETY: the pixel's channels belong to this task's row alone.
                     unsafe { d.e.act.lanes::<L>(v).store(d.dst.at(i)) };
+                }
+            }
+        }
+    }
+}
+
+/// The input windows of a block of [`PX`] output pixels along one row.
+struct Window {
+    /// Per pixel, the element offset of its window's first column from the row's start (negative
+    /// where the window starts in the padding).
+    start: [isize; PX],
+    /// Per pixel, the filter columns inside the map (empty for pixels past the row's end).
+    taps: [(usize, usize); PX],
+    kw: usize,
+    /// Values per pixel.
+    c: usize,
+}
+
+/// `acc[p] += Σ_kx w[kx] · x[p's column kx]` over one filter row, for `G` vectors of `L::N`
+/// channels; `CLIP`: skip the taps outside each pixel's window range (else all `kw` are inside).
+///
+/// # Safety
+/// `row` points at the block's channels in an input row and every tap in `win.taps` lies inside
+/// that row; `wv` holds `kw` taps `win.c` apart of `G * L::N` channels.
+#[inline(always)]
+unsafe fn accumulate<L: Lanes, const G: usize, const CLIP: bool>(
+    acc: &mut [[L; G]; PX],
+    row: *const f32,
+    wv: *const f32,
+    win: &Window,
+) {
+    let c = win.c;
+    for kx in 0..win.kw {
+        for g in 0..G {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                let w = L::load(wv.add(kx * c + g * L::N));
+                for (p, a) in acc.iter_mut().enumerate() {
+                    if CLIP && !(win.taps[p].0..win.taps[p].1).contains(&kx) {
+                        continue;
+                    }
+                    let src = row.offset(win.start[p] + (kx * c + g * L::N) as isize);
+                    a[g] = w.mul_add(L::load(src), a[g]);
                 }
             }
         }
