@@ -98,26 +98,26 @@ fn efficientnet_lite0_classifies_real_photos_from_its_pth() {
     assert_eq!(top1(&logits) as u64, cup);
 }
 
-#[test]
-fn efficientnet_lite0_embeddings_equal_the_reference_pipeline() {
+/// Pooled embeddings (2 x 1280) of chelsea.png and coffee.png by `visenc embed` with `extra` options.
+fn embed_chelsea_and_coffee(extra: &[&str]) -> Vec<f32> {
     let model = asset("efficientnet-lite0-57934424.pth");
     let dir = tempfile::tempdir().unwrap();
     let out: PathBuf = dir.path().join("lite0.npy");
-    let run = visenc(&[
-        "embed",
-        "-q",
-        "-m",
-        &model,
-        "-o",
-        out.to_str().unwrap(),
-        &photo("chelsea.png"),
-        &photo("coffee.png"),
-    ]);
-    run.expect_code(0);
+    let (chelsea, coffee) = (photo("chelsea.png"), photo("coffee.png"));
+    let mut args = vec!["embed", "-q", "-m", &model, "-o", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.extend([chelsea.as_str(), coffee.as_str()]);
+    visenc(&args).expect_code(0);
     let npy = read_npy(&out);
     assert_eq!(npy.shape, vec![2, 1280]);
+    npy.data
+}
+
+#[test]
+fn efficientnet_lite0_embeddings_equal_the_reference_pipeline() {
+    let npy = embed_chelsea_and_coffee(&[]);
     for (i, key) in ["chelsea_pooled", "coffee_pooled"].iter().enumerate() {
-        let ours = &npy.data[i * 1280..(i + 1) * 1280];
+        let ours = &npy[i * 1280..(i + 1) * 1280];
         let e = rel_err(ours, &reference(key));
         assert!(
             e <= 1e-4,
@@ -126,11 +126,29 @@ fn efficientnet_lite0_embeddings_equal_the_reference_pipeline() {
     }
 }
 
-/// `--precision bf16|int8` changes only the classifier (the convolutions stay f32): the same top-1
+/// Under `--precision bf16|int8` the dense convolutions run in that precision (the embeddings
+/// differ from f32) and the embeddings of the real photos stay at cosine >= 0.995 (int8, the issue's
+/// criterion) and 0.999 (bf16) to the reference's (bounds of crates/models/tests/precision.rs).
+#[test]
+fn efficientnet_lite0_low_precision_embeddings() {
+    for (precision, min_cos) in [("bf16", 0.999), ("int8", 0.995)] {
+        let npy = embed_chelsea_and_coffee(&["--precision", precision]);
+        for (i, key) in ["chelsea_pooled", "coffee_pooled"].iter().enumerate() {
+            let (ours, want) = (&npy[i * 1280..(i + 1) * 1280], reference(key));
+            let dot = |x: &[f32], y: &[f32]| -> f64 {
+                x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum()
+            };
+            let cos = dot(ours, &want) / (dot(ours, ours) * dot(&want, &want)).sqrt();
+            assert!(cos >= min_cos, "{precision} {key}: cosine {cos:.6}");
+            assert!(rel_err(ours, &want) > 1e-6, "{precision} {key}: equals f32");
+        }
+    }
+}
+
+/// `--precision bf16|int8` (dense convolutions and the classifier in that precision): the same top-1
 /// classes, and espresso's probability within `LOW_PRECISION_PROB_TOL` of the reference's. Bound: the
-/// 1280-wide classifier's logits carry ~1 % relative error in int8 (~0.3 % in bf16; see
-/// crates/models/tests/precision.rs), i.e. ~0.1 on logits spread over ~10; a probability p moves by at
-/// most ~2 p (1 - p) 0.1 ≈ 0.01 at p = 0.95.
+/// logits carry ~1-4 % relative error in int8 (~0.3-1 % in bf16; see crates/models/tests/precision.rs),
+/// i.e. ~0.1-0.4 on logits spread over ~10; at p = 0.95 a probability moves by ~2 p (1 - p) 0.1 ≈ 0.01.
 #[test]
 fn efficientnet_lite0_low_precision_classifier() {
     const LOW_PRECISION_PROB_TOL: f64 = 0.02;

@@ -116,7 +116,6 @@ pub fn gemm_bf16(
             let a = &a16[t.row * pairs..(t.row + t.rows) * pairs];
             // SAFETY: the tile's rows x columns of `c` (and of the residual) are this task's alone.
             unsafe { register_tile(native, a, pairs, b, t.rows, t.cols, out) };
-            true
         });
     });
 }

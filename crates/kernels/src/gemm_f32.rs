@@ -96,7 +96,6 @@ pub fn gemm_f32(
             // SAFETY: AVX-512F is present; the tile's rows x columns of `c` (and of the residual)
             // are this task's alone.
             unsafe { x86::tile(a, k, w.panel(t.panel), t.rows, t.cols, out) };
-            true
         });
         return;
     }
@@ -156,7 +155,7 @@ fn by_gemm_crate(a: &[f32], m: usize, w: &PackedF32, e: Epilogue, c: &mut [f32])
     if e.act != crate::conv::Act::None {
         use rayon::prelude::*;
         c.par_chunks_mut(n.max(16 * 1024))
-            .for_each(|v| e.finish(v, None));
+            .for_each(|v| e.act.apply_to(v));
     }
 }
 

@@ -16,7 +16,7 @@
 //! AVX512-VNNI path (`vpdpbusd`: u8 x i8 quadruples summed into an i32 lane) and the portable one give
 //! bit-identical results: the packed layout keeps 4 consecutive `k` of one output column together.
 
-use crate::conv::Epilogue;
+use crate::conv::{Act, Epilogue};
 use crate::cpu::Features;
 use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, NR};
 
@@ -131,6 +131,8 @@ pub fn gemm_int8(
                     scales: &w.scales[cs.clone()],
                     col_sums: &w.col_sums[cs.clone()],
                     bias: e.bias.map(|b| &b[cs]),
+                    residual: t.residual,
+                    act: e.act,
                 };
                 let b = w.panel(t.panel);
                 let a = &aq[t.row * width..(t.row + t.rows) * width];
@@ -139,20 +141,24 @@ pub fn gemm_int8(
                 if native {
                     // SAFETY: AVX512-VNNI (and so AVX-512F/BW) is present; slices cover the tile.
                     unsafe { x86::tile(a, quads, b, t.rows, rq, &epi, t.c, n) };
-                    return false;
+                    return;
                 }
-                portable_tile(a, quads, b, t.rows, rq, &epi, t.c, n);
-                false
+                // SAFETY: the tile's rows x columns of `c` (and of the residual) are this task's.
+                unsafe { portable_tile(a, quads, b, t.rows, rq, &epi, t.c, n) };
             });
         });
     });
 }
 
-/// The per-column factors of one panel's epilogue.
+/// The per-column factors of one panel's epilogue, and what follows the dequantisation: the
+/// residual (the tile's first element, rows `ldc` apart like the output; null: none) and the
+/// activation.
 struct Dequant<'a> {
     scales: &'a [f32],
     col_sums: &'a [i32],
     bias: Option<&'a [f32]>,
+    residual: *const f32,
+    act: Act,
 }
 
 impl Dequant<'_> {
@@ -208,7 +214,12 @@ fn quantize(x: f32, inv: f32, zero: i32) -> u8 {
 
 /// The register tile without SIMD intrinsics: `mr` rows x the panel's columns.
 #[allow(clippy::too_many_arguments)]
-fn portable_tile(
+///
+/// # Safety
+/// `c` (and a non-null residual) cover `mr` rows x the panel's columns, `ldc` apart; nothing else
+/// writes there meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable_tile(
     a: &[u8],
     quads: usize,
     b: &[i8],
@@ -227,8 +238,16 @@ fn portable_tile(
             }
         }
         for (j, &dot) in acc.iter().enumerate().take(epi.scales.len()) {
-            // SAFETY: the caller's tile covers rows 0..mr and the panel's columns from `c`.
-            unsafe { *c.add(r * ldc + j) = epi.apply(j, dot, rq[r]) };
+            // SAFETY: the caller's tile covers rows 0..mr and the panel's columns from `c` and the
+            // residual.
+            unsafe {
+                let at = r * ldc + j;
+                let mut v = epi.apply(j, dot, rq[r]);
+                if !epi.residual.is_null() {
+                    v += *epi.residual.add(at);
+                }
+                *c.add(at) = epi.act.lanes::<f32>(v);
+            }
         }
     }
 }
@@ -238,6 +257,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
+    use crate::math::F32x16;
     use crate::panel::lane_mask;
 
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -355,7 +375,12 @@ mod x86 {
                         _mm512_mullo_epi32(_mm512_set1_epi32(rq[r].zero), cs),
                     );
                     let s = _mm512_mul_ps(_mm512_set1_ps(rq[r].scale), sw);
-                    let x = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), s), bias);
+                    let mut x = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), s), bias);
+                    if !epi.residual.is_null() {
+                        let at = epi.residual.add(r * ldc + 16 * v);
+                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, at));
+                    }
+                    let x = epi.act.lanes::<F32x16>(F32x16::wrap(x)).raw();
                     _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), mask, x);
                 }
             }
@@ -435,6 +460,33 @@ mod tests {
             let (x, _) = run(m, n, k, 31, crate::cpu::features());
             let (y, _) = run(m, n, k, 31, Features::PORTABLE);
             assert_eq!(x, y, "{m}x{n}x{k}");
+        }
+    }
+
+    /// The residual and the activation applied in the tile equal the same operations after it.
+    #[test]
+    fn epilogue_in_the_tile() {
+        let (m, n, k) = (13, 70, 40);
+        let a = test_values(m * k, 41);
+        let w = PackedInt8::pack(&test_values(n * k, 42), n, k);
+        let (bias, residual) = (test_values(n, 43), test_values(m * n, 44));
+        for features in [crate::cpu::features(), Features::PORTABLE] {
+            let mut plain = vec![0f32; m * n];
+            let e = Epilogue {
+                bias: Some(&bias),
+                ..Default::default()
+            };
+            gemm_int8(&a, m, &w, e, &mut plain, features);
+            let mut fused = vec![0f32; m * n];
+            let e = Epilogue {
+                residual: Some(&residual),
+                act: Act::Relu,
+                ..e
+            };
+            gemm_int8(&a, m, &w, e, &mut fused, features);
+            for ((f, p), r) in fused.iter().zip(&plain).zip(&residual) {
+                assert_eq!(*f, (p + r).max(0.0), "{features:?}");
+            }
         }
     }
 

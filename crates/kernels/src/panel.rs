@@ -66,17 +66,16 @@ pub(crate) fn check_shapes(
     );
 }
 
-/// Calls `tile` for every register tile of the `m` x `n` output `c`, which writes `a · wᵀ + bias`
-/// there and returns whether it also added `e`'s residual and applied its activation (in registers);
-/// where not, they are applied to the tile here while it is in cache. Tasks of up to [`MC`] rows x
-/// one panel, in parallel when the product (`k` deep) is large enough.
+/// Calls `tile` for every register tile of the `m` x `n` output `c`, which writes
+/// `act(a · wᵀ + bias + residual)` there (`e`; the whole epilogue in registers): tasks of up to
+/// [`MC`] rows x one panel, in parallel when the product (`k` deep) is large enough.
 pub(crate) fn for_each_tile(
     c: &mut [f32],
     m: usize,
     n: usize,
     k: usize,
     e: &Epilogue,
-    tile: impl Fn(Tile) -> bool + Sync,
+    tile: impl Fn(Tile) + Sync,
 ) {
     assert!(c.len() >= m * n, "for_each_tile: output is not {m} x {n}");
     let out = OutPtr(c.as_mut_ptr());
@@ -106,15 +105,7 @@ pub(crate) fn for_each_tile(
                     .residual
                     .map_or(std::ptr::null(), |r| r[row * n + panel * NR..].as_ptr()),
             };
-            if tile(t) || (e.residual.is_none() && e.act == crate::conv::Act::None) {
-                continue;
-            }
-            for r in 0..t.rows {
-                // SAFETY: the tile's rows x columns of `c` are this task's alone.
-                let dst = unsafe { std::slice::from_raw_parts_mut(t.c.add(r * n), cols) };
-                let at = (row + r) * n + panel * NR;
-                e.finish(dst, e.residual.map(|res| &res[at..at + cols]));
-            }
+            tile(t);
         }
     };
     if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 {

@@ -1,7 +1,8 @@
 //! The low-precision form of a [`crate::conv::Conv`]: under [`Precision::Bf16`] a dense CPU
 //! convolution runs on `visenc_kernels::conv::lowp` with its weight rounded to bf16 once, on first use
-//! (after any BatchNorm has been folded in at load). int8 convolutions do not exist yet: under
-//! [`Precision::Int8`] (and f32) convolutions stay f32.
+//! (after any BatchNorm has been folded in at load). Under [`Precision::Int8`] (and f32) this
+//! channels-first path stays f32; int8 convolutions run on the channels-last path
+//! (`crate::nhwc::NhwcConv`, which every CNN trunk with f32 CPU weights takes).
 
 use std::sync::{Arc, OnceLock};
 

@@ -128,9 +128,9 @@ fn dinov2_transformers() {
     check_fixture("dinov2_reg_hf");
 }
 
-/// CNNs: under bf16 the dense convolutions run in bf16 as well (depthwise ones and every convolution
-/// under int8 stay f32), within the same bounds. The pooled feature comes before any linear layer, so
-/// it differing from the f32 run shows the convolutions did run in bf16.
+/// CNNs: under bf16 and int8 the dense convolutions run in that precision as well (depthwise ones stay
+/// f32; ConvNeXt's are its Linear layers), within the same bounds. The pooled feature comes before
+/// any classifier, so it differing from the f32 run shows the convolutions did run in low precision.
 #[test]
 fn cnn_families() {
     for name in [
@@ -149,7 +149,9 @@ fn cnn_families() {
                 .unwrap()
                 .pooled
         };
-        let diff = common::rel_err(&run(Precision::Bf16), &run(Precision::F32));
-        assert!(diff > 1e-6, "{name}: bf16 pooled equals f32 (rel {diff})");
+        for p in [Precision::Bf16, Precision::Int8] {
+            let diff = common::rel_err(&run(p), &run(Precision::F32));
+            assert!(diff > 1e-6, "{name}: {p} pooled equals f32 (rel {diff})");
+        }
     }
 }

@@ -66,38 +66,6 @@ multiversion! {
     fn apply_best<L>(act: Act, v: &mut [f32]) { act.apply::<L>(v) }
 }
 
-impl super::Epilogue<'_> {
-    /// The rest of the epilogue for outputs that already hold the product plus the bias: adds
-    /// `residual` (the matching slice of [`super::Epilogue::residual`]) and applies the activation,
-    /// in place.
-    pub(crate) fn finish(&self, v: &mut [f32], residual: Option<&[f32]>) {
-        if residual.is_some() || self.act != Act::None {
-            finish_best(self.act, v, residual);
-        }
-    }
-}
-
-multiversion! {
-    fn finish_best<L>(act: Act, v: &mut [f32], residual: Option<&[f32]>) {
-        if let Some(r) = residual {
-            assert_eq!(r.len(), v.len(), "residual length");
-            let full = v.len() / L::N * L::N;
-            for i in (0..full).step_by(L::N) {
-                // SAFETY: i + L::N <= len of both slices.
-                unsafe {
-                    let x = L::load(v.as_ptr().add(i)).add(L::load(r.as_ptr().add(i)));
-                    act.lanes::<L>(x).store(v.as_mut_ptr().add(i));
-                }
-            }
-            for i in full..v.len() {
-                v[i] = act.lanes::<f32>(v[i] + r[i]);
-            }
-        } else {
-            act.apply::<L>(v);
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -8,7 +8,6 @@
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
 use visenc_kernels::pool::{mean_pixels, sigmoid_gate_rows};
-use visenc_kernels::Precision;
 
 use super::{Block, ConvBnAct, EfficientNet};
 use crate::conv::{fused_act, Conv};
@@ -35,16 +34,14 @@ impl Step {
         Self::of(&c.conv, extra, c.act)
     }
 
-    /// Dense convolutions run in bf16 under bf16 and stay f32 otherwise (as `crate::conv_lowp`).
+    /// Dense convolutions run in the precision the model was loaded for (depthwise ones in f32).
     fn of(conv: &Conv, extra: Pad, act: Option<Activation>) -> Result<Option<Self>> {
-        let precision = match conv.precision() {
-            Precision::Bf16 => Precision::Bf16,
-            _ => Precision::F32,
-        };
-        Ok(NhwcConv::prepare(conv, extra, precision)?.map(|conv| Self {
-            conv,
-            act: fused_act(act),
-        }))
+        Ok(
+            NhwcConv::prepare(conv, extra, conv.precision())?.map(|conv| Self {
+                conv,
+                act: fused_act(act),
+            }),
+        )
     }
 
     fn forward(&self, x: &Map, residual: Option<&[f32]>, s: &mut Scratch) -> Result<Map> {

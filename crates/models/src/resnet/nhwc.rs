@@ -34,14 +34,10 @@ pub(super) struct NhwcWeights {
 
 impl NhwcWeights {
     /// `None` when the NHWC path does not apply: a convolution [`NhwcConv::prepare`] refuses
-    /// (grouped ResNeXt ones, weights not f32 on the CPU). The products run in bf16 when the model is loaded for bf16, else in f32 (as the NCHW
-    /// path's convolutions, [`crate::conv_lowp`]).
+    /// (grouped ResNeXt ones, weights not f32 on the CPU). The products run in the precision the
+    /// model was loaded for (f32, bf16 or int8: per-channel weights, activations per pixel).
     pub(super) fn prepare(m: &ResNet, precision: Precision) -> Result<Option<Self>> {
         let act = fused_act(Some(m.act));
-        let precision = match precision {
-            Precision::Bf16 => Precision::Bf16,
-            _ => Precision::F32,
-        };
         let prep = |c: &Conv| NhwcConv::prepare(c, Pad::default(), precision);
         let Some(stem) = prep(&m.stem)? else {
             return Ok(None);
