@@ -10,7 +10,11 @@
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
-use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, Store, MR, NR};
+use rayon::prelude::*;
+
+use crate::panel::{
+    check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, Store, MR, NR,
+};
 
 /// Rounds to bf16 like `vcvtneps2bf16`: round to nearest even, subnormals to signed zero, NaN stays a
 /// (quiet) NaN.
@@ -98,9 +102,14 @@ pub fn gemm_bf16(
     let native = features.avx512bf16;
     with_scratch(&A_BF16, m * pairs, |a16| {
         // Activations as bf16 pairs, one u32 per pair (the broadcast unit), the odd tail zero.
-        a16.chunks_mut(pairs.max(1))
-            .zip(a.chunks(k.max(1)))
-            .for_each(|(dst, src)| to_pairs(src, dst, native));
+        let rows = convert_rows(k);
+        a16.par_chunks_mut(pairs.max(1) * rows)
+            .zip(a.par_chunks(k.max(1) * rows))
+            .for_each(|(dst, src)| {
+                dst.chunks_mut(pairs.max(1))
+                    .zip(src.chunks(k.max(1)))
+                    .for_each(|(dst, src)| to_pairs(src, dst, native))
+            });
         let a16: &[u32] = a16;
         for_each_tile(c, m, n, k, &e, |t| {
             let out = Store {

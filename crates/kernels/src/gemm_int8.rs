@@ -18,7 +18,9 @@
 
 use crate::conv::{Act, Epilogue};
 use crate::cpu::Features;
-use crate::panel::{check_shapes, dispatch_tile, for_each_tile, with_scratch, NR};
+use rayon::prelude::*;
+
+use crate::panel::{check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, NR};
 
 /// Largest magnitude of a quantised weight (symmetric, so -128 is unused).
 const QMAX_W: f32 = 127.0;
@@ -117,13 +119,19 @@ pub fn gemm_int8(
     let width = quads * 4;
     with_scratch(&A_U8, m * width, |aq| {
         with_scratch(&A_QUANT, m, |rq| {
-            for ((dst, src), rq) in aq
-                .chunks_mut(width.max(1))
-                .zip(a.chunks(k.max(1)))
-                .zip(rq.iter_mut())
-            {
-                *rq = quantize_row(src, dst, native);
-            }
+            let rows = convert_rows(k);
+            aq.par_chunks_mut(width.max(1) * rows)
+                .zip(a.par_chunks(k.max(1) * rows))
+                .zip(rq.par_chunks_mut(rows))
+                .for_each(|((aq, a), rq)| {
+                    for ((dst, src), rq) in aq
+                        .chunks_mut(width.max(1))
+                        .zip(a.chunks(k.max(1)))
+                        .zip(rq.iter_mut())
+                    {
+                        *rq = quantize_row(src, dst, native);
+                    }
+                });
             let (aq, rq): (&[u8], &[RowQuant]) = (aq, rq);
             for_each_tile(c, m, n, k, &e, |t| {
                 let cs = t.panel * NR..t.panel * NR + t.cols;

@@ -115,6 +115,12 @@ pub(crate) fn for_each_tile(
     }
 }
 
+/// Rows of `k` activations per parallel task when the bf16 and int8 GEMMs convert their input
+/// (about 32 Ki values, so small products stay on one thread).
+pub(crate) fn convert_rows(k: usize) -> usize {
+    ((1 << 15) / k.max(1)).max(1)
+}
+
 /// Runs `f` with a scratch vector of at least `len` elements kept per thread between calls, so the hot
 /// path does not allocate (and page-fault) a fresh buffer per layer. A nested call on the same thread
 /// (rayon may run another task while this one waits) gets a fresh vector instead.
