@@ -55,12 +55,15 @@ impl PackedBf16 {
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut data = vec![0u16; panels * pairs * NR * 2];
-        for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
-            let panel = &mut data[(j / NR) * pairs * NR * 2..][..pairs * NR * 2];
-            for (p, &v) in row.iter().enumerate() {
-                panel[(p / 2) * NR * 2 + (j % NR) * 2 + p % 2] = f32_to_bf16(v);
-            }
-        }
+        data.par_chunks_mut((pairs * NR * 2).max(1))
+            .zip(w.par_chunks((k * NR).max(1)))
+            .for_each(|(panel, rows)| {
+                for (j, row) in rows.chunks_exact(k.max(1)).enumerate() {
+                    for (p, &v) in row.iter().enumerate() {
+                        panel[(p / 2) * NR * 2 + j * 2 + p % 2] = f32_to_bf16(v);
+                    }
+                }
+            });
         Self { n, k, pairs, data }
     }
 

@@ -10,6 +10,7 @@
 //! panel, read in place as a `k x 64` strided matrix, so no second copy of the weights is kept.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
@@ -29,12 +30,16 @@ impl PackedF32 {
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "f32 pack: weight is not {n} x {k}");
         let mut data = vec![0f32; n.div_ceil(NR) * k * NR];
-        for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
-            let panel = &mut data[(j / NR) * k * NR..][..k * NR];
-            for (p, &v) in row.iter().enumerate() {
-                panel[p * NR + j % NR] = v;
-            }
-        }
+        // Panels in parallel (loading a ViT-B packs 86 M weights).
+        data.par_chunks_mut((k * NR).max(1))
+            .zip(w.par_chunks((k * NR).max(1)))
+            .for_each(|(panel, rows)| {
+                for (j, row) in rows.chunks_exact(k.max(1)).enumerate() {
+                    for (p, &v) in row.iter().enumerate() {
+                        panel[p * NR + j] = v;
+                    }
+                }
+            });
         Self { n, k, data }
     }
 

@@ -49,18 +49,22 @@ impl PackedInt8 {
         let mut data = vec![0i8; n.div_ceil(NR) * quads * NR * 4];
         let mut scales = vec![0f32; n];
         let mut col_sums = vec![0i32; n];
-        for (j, row) in w.chunks_exact(k.max(1)).take(n).enumerate() {
-            let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-            // An all-zero channel keeps scale 0 and quantised zeros.
-            let inv = if amax > 0.0 { QMAX_W / amax } else { 0.0 };
-            scales[j] = amax / QMAX_W;
-            let panel = &mut data[(j / NR) * quads * NR * 4..][..quads * NR * 4];
-            for (p, &v) in row.iter().enumerate() {
-                let q = (v * inv).round_ties_even().clamp(-QMAX_W, QMAX_W) as i8;
-                panel[(p / 4) * NR * 4 + (j % NR) * 4 + p % 4] = q;
-                col_sums[j] += q as i32;
-            }
-        }
+        data.par_chunks_mut((quads * NR * 4).max(1))
+            .zip(w.par_chunks((k * NR).max(1)))
+            .zip(scales.par_chunks_mut(NR).zip(col_sums.par_chunks_mut(NR)))
+            .for_each(|((panel, rows), (scales, col_sums))| {
+                for (j, row) in rows.chunks_exact(k.max(1)).enumerate() {
+                    let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    // An all-zero channel keeps scale 0 and quantised zeros.
+                    let inv = if amax > 0.0 { QMAX_W / amax } else { 0.0 };
+                    scales[j] = amax / QMAX_W;
+                    for (p, &v) in row.iter().enumerate() {
+                        let q = (v * inv).round_ties_even().clamp(-QMAX_W, QMAX_W) as i8;
+                        panel[(p / 4) * NR * 4 + j * 4 + p % 4] = q;
+                        col_sums[j] += q as i32;
+                    }
+                }
+            });
         Self {
             n,
             k,
