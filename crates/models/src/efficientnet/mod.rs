@@ -173,7 +173,6 @@ impl ImageEncoder for EfficientNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("EfficientNet")?;
         let mut maps = Vec::new();
-        let stem = self.stem.forward(pixels, None)?;
         let mut tap = |stage: Option<usize>, x: &Tensor| {
             if opts.features {
                 for t in self.taps.iter().filter(|t| t.stage == stage) {
@@ -184,16 +183,17 @@ impl ImageEncoder for EfficientNet {
                 }
             }
         };
-        tap(None, &stem);
-        let x = match (&self.nhwc, is_cpu_f32(&stem)) {
+        let x = match (&self.nhwc, is_cpu_f32(pixels)) {
             (Some(w), true) => {
-                let trunk = self.trunk_nhwc(w, &stem, opts.features && !self.taps.is_empty())?;
-                for (i, map) in trunk.stage_maps.iter().enumerate() {
-                    tap(Some(i), map);
+                let trunk = self.trunk_nhwc(w, pixels, opts.features && !self.taps.is_empty())?;
+                for (i, map) in trunk.maps.iter().enumerate() {
+                    tap(i.checked_sub(1), map);
                 }
                 trunk.last
             }
             _ => {
+                let stem = self.stem.forward(pixels, None)?;
+                tap(None, &stem);
                 let mut x = stem;
                 for (i, stage) in self.stages.iter().enumerate() {
                     for b in stage {

@@ -61,6 +61,7 @@ struct NhwcBlock {
 /// The prepared convolutions of the channels-last path.
 #[derive(Debug)]
 pub(super) struct NhwcWeights {
+    stem: Step,
     stages: Vec<Vec<NhwcBlock>>,
     head: Step,
 }
@@ -80,7 +81,10 @@ impl NhwcWeights {
             }
             stages.push(blocks);
         }
-        Ok(Step::prepare(&m.head)?.map(|head| Self { stages, head }))
+        Ok(match (Step::prepare(&m.stem)?, Step::prepare(&m.head)?) {
+            (Some(stem), Some(head)) => Some(Self { stem, stages, head }),
+            _ => None,
+        })
     }
 }
 
@@ -173,35 +177,41 @@ impl NhwcBlock {
     }
 }
 
-/// The trunk's outputs: the head's map (NCHW view) and, when asked, each stage's map (NCHW).
+/// The trunk's outputs: the head's map (NCHW view) and, when asked, the stem's and each stage's
+/// map (NCHW).
 pub(super) struct Trunk {
     pub last: Tensor,
-    pub stage_maps: Vec<Tensor>,
+    pub maps: Vec<Tensor>,
 }
 
 impl EfficientNet {
-    /// The stages and the head on NHWC rows, from the stem's NCHW output (f32 on the CPU).
+    /// The stem, the stages and the head on NHWC rows, from NCHW pixels (f32 on the CPU).
     pub(super) fn trunk_nhwc(
         &self,
         w: &NhwcWeights,
-        stem: &Tensor,
+        pixels: &Tensor,
         features: bool,
     ) -> Result<Trunk> {
         let mut s = Scratch::default();
-        let mut x = Map::from_nchw(stem, &mut s)?;
-        let mut stage_maps = Vec::new();
+        let input = Map::from_nchw(pixels, &mut s)?;
+        let mut x = w.stem.forward(&input, None, &mut s)?;
+        s.give(input.data);
+        let mut maps = Vec::new();
+        if features {
+            maps.push(x.to_nchw()?.contiguous()?);
+        }
         for stage in &w.stages {
             for b in stage {
                 x = b.forward(x, &mut s)?;
             }
             if features {
-                stage_maps.push(x.to_nchw()?.contiguous()?);
+                maps.push(x.to_nchw()?.contiguous()?);
             }
         }
         let head = w.head.forward(&x, None, &mut s)?;
         Ok(Trunk {
             last: head.to_nchw()?,
-            stage_maps,
+            maps,
         })
     }
 }
