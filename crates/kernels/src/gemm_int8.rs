@@ -225,7 +225,6 @@ fn quantize(x: f32, inv: f32, zero: i32) -> u8 {
 }
 
 /// The register tile without SIMD intrinsics: `mr` rows x the panel's columns.
-#[allow(clippy::too_many_arguments)]
 ///
 /// # Safety
 /// `c` (and a non-null residual) cover `mr` rows x the panel's columns, `ldc` apart; nothing else
