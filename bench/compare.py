@@ -917,15 +917,18 @@ def report(res):
               f"Measured FMA peak: **{peak:.0f} GFLOP/s** f32 ({K['fma_peak']['isa']}, 12 independent FMA chains per "
               f"thread, {K['threads']} threads; one thread alone: {K['fma_peak'].get('gflops_1_thread', 0):.0f})"
               + (f"; `vdpbf16ps` peak {bf:.0f} GFLOP/s bf16." if bf else "."), "",
-              "| kernel | shape | visenc/candle GFLOP/s | of FMA peak | PyTorch GFLOP/s (same shape) | candle/PyTorch |",
-              "|---|---|---|---|---|---|"]
+              "| kernel | shape | ms (median) | visenc/candle GFLOP/s | of FMA peak | PyTorch GFLOP/s (same shape) | "
+              "visenc or candle/PyTorch |",
+              "|---|---|---|---|---|---|---|"]
         for k in K["kernels"]:
             # PyTorch ran the f32 batch-8 shapes only.
             same = re.sub(r" (f32 )?\((candle|visenc)\)$", "", k["name"])
             t = TK.get(same) if "(b1 x" not in k["shape"] and " bf16 " not in k["name"] + " " \
                 and " int8 " not in k["name"] + " " else None
             tg = f"{t['gflops']:.1f}" if t else "–"
-            L.append(f"| {k['name']} | {k['shape']} | {k['gflops']:.1f} | {100 * k['fraction_of_peak']:.1f} % | {tg} | "
+            # Element-wise kernels (no multiply-adds) have a time, not a rate.
+            rate = (f"{k['gflops']:.1f} | {100 * k['fraction_of_peak']:.1f} %" if k["gflop"] else "– | –")
+            L.append(f"| {k['name']} | {k['shape']} | {k['median_ms']:.2f} | {rate} | {tg} | "
                      f"{ratio(k['gflops'], t['gflops']) if t else '–'} |")
         L.append("")
         vb = K.get("vit_b16_block_b8")
