@@ -6,9 +6,9 @@
 use std::ops::Deref;
 
 use candle_core::{Device, Layout, Storage, Tensor};
-use visenc_kernels::conv::nhwc::{depthwise, im2col, nchw_to_nhwc};
+use visenc_kernels::conv::nhwc::{dense, depthwise, nchw_to_nhwc};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
-use visenc_kernels::gemm::{gemm, PackedWeight};
+use visenc_kernels::gemm::PackedWeight;
 use visenc_kernels::Precision;
 
 use crate::conv::{cpu_f32, is_cpu_f32, Conv, Padding};
@@ -70,10 +70,6 @@ impl Map {
     }
 }
 
-/// im2col values gathered per GEMM call (2 MiB of f32, near L2): a 3x3 convolution over 64
-/// channels then runs ~900 output pixels per call.
-const COLS_BUDGET: usize = 512 << 10;
-
 /// How an [`NhwcConv`] pads its input.
 #[derive(Debug, Clone, Copy)]
 enum ConvPad {
@@ -83,7 +79,7 @@ enum ConvPad {
 }
 
 /// A prepared weight: dense ones packed from [cout, kh, kw, cin] (the order [`im2col`] gathers
-/// in) for [`gemm`], depthwise ones as PyTorch's [c, 1, kh, kw] for [`depthwise`].
+/// in) for [`dense`], depthwise ones as PyTorch's [c, 1, kh, kw] for [`depthwise`].
 #[derive(Debug)]
 enum Kernel {
     Dense(PackedWeight),
@@ -198,29 +194,7 @@ impl NhwcConv {
         };
         match &self.kernel {
             Kernel::Depthwise(w) => depthwise(&x.data, w, &shape, e, &mut out),
-            Kernel::Dense(w) if k == 1 && self.stride == 1 && shape.pad == Pad::default() => {
-                gemm(&x.data, m, w, e, &mut out)
-            }
-            Kernel::Dense(w) => {
-                let row = k * k * x.c;
-                let block = (COLS_BUDGET / row).max(1);
-                for r0 in (0..m).step_by(block) {
-                    let rows = r0..(r0 + block).min(m);
-                    s.cols.resize(rows.len() * row);
-                    im2col(&x.data, &shape, rows.clone(), &mut s.cols);
-                    let e = Epilogue {
-                        residual: residual.map(|r| &r[rows.start * n..rows.end * n]),
-                        ..e
-                    };
-                    gemm(
-                        &s.cols,
-                        rows.len(),
-                        w,
-                        e,
-                        &mut out[rows.start * n..rows.end * n],
-                    );
-                }
-            }
+            Kernel::Dense(w) => dense(&x.data, &shape, w, e, &mut out),
         }
         Ok(Map {
             data: out,
@@ -292,25 +266,21 @@ thread_local! {
     static FREE: std::cell::RefCell<Vec<Buffer>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Buffers reused across a forward pass (maps no longer needed, the im2col block), and by the next
-/// forward pass on the same thread.
+/// Buffers reused across a forward pass (maps no longer needed), and by the next forward pass on
+/// the same thread.
 pub(crate) struct Scratch {
     free: Vec<Buffer>,
-    cols: Buffer,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        let mut free = FREE.take();
-        let cols = free.pop().unwrap_or_default();
-        Self { free, cols }
+        Self { free: FREE.take() }
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let mut free = std::mem::take(&mut self.free);
-        free.push(std::mem::take(&mut self.cols));
         free.sort_by_key(|b| std::cmp::Reverse(b.room()));
         free.truncate(KEEP);
         FREE.set(free);

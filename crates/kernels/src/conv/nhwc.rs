@@ -4,11 +4,14 @@
 //! one GEMM over all pixels ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers
 //! with the epilogue fused).
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{ConvShape, Epilogue, OutPtr};
+use super::{ConvShape, Epilogue, OutPtr, Pad};
+use crate::gemm::{gemm, PackedWeight};
+use crate::panel::with_scratch;
 use crate::dispatch::multiversion;
 use crate::math::Lanes;
 
@@ -65,6 +68,44 @@ pub fn im2col(x: &[f32], s: &ConvShape, rows: Range<usize>, out: &mut [f32]) {
                 }
             }
         });
+}
+
+/// im2col values gathered per GEMM call in [`dense`] (2 MiB of f32, near L2): a 3x3 convolution
+/// over 64 channels then runs ~900 output pixels per call.
+const COLS_BUDGET: usize = 512 << 10;
+
+thread_local! {
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A dense convolution on NHWC maps: `x` [batch, h, w, cin], `w` packed from the weight permuted to
+/// [cout, kh, kw, cin] ([`crate::gemm::PackedWeight`], any precision), `out` [batch, oh, ow, cout] =
+/// `act(conv + bias + residual)` (the residual NHWC too). A 1x1 stride-1 unpadded convolution is one
+/// GEMM over the pixels; any other gathers [`im2col`] rows in blocks of ~2 MiB, each one GEMM.
+///
+/// # Panics
+/// When `s` is depthwise or the slices do not match it (as [`im2col`] and [`crate::gemm::gemm`]).
+pub fn dense(x: &[f32], s: &ConvShape, w: &PackedWeight, e: Epilogue, out: &mut [f32]) {
+    let (oh, ow) = s.out_hw();
+    let (m, n) = (s.batch * oh * ow, s.cout);
+    assert_eq!(out.len(), m * n, "dense NHWC: output length");
+    if s.kh == 1 && s.kw == 1 && s.stride == 1 && s.pad == Pad::default() {
+        return gemm(x, m, w, e, out);
+    }
+    let row = s.kh * s.kw * s.cin;
+    let block = (COLS_BUDGET / row.max(1)).max(1);
+    with_scratch(&COLS, block.min(m) * row, |cols| {
+        for r0 in (0..m).step_by(block) {
+            let rows = r0..(r0 + block).min(m);
+            let cols = &mut cols[..rows.len() * row];
+            im2col(x, s, rows.clone(), cols);
+            let e = Epilogue {
+                residual: e.residual.map(|r| &r[rows.start * n..rows.end * n]),
+                ..e
+            };
+            gemm(cols, rows.len(), w, e, &mut out[rows.start * n..rows.end * n]);
+        }
+    });
 }
 
 /// Pixels per task of [`nchw_to_nhwc`].
@@ -421,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn im2col_and_gemm_match_naive_conv() {
+    fn im2col_gemm_and_dense_match_naive_conv() {
         // Dense convolutions NHWC through im2col + the packed GEMM against the NCHW reference: patchify
         // (2x2 and 4x4 stride = kernel, odd sizes floor like the convolution), 1x1 at stride 1
         // and 2, ResNet's padded 3x3 (stride 1 and 2) and 7x7 stride-2 stem on odd sizes, a
@@ -504,6 +545,14 @@ mod tests {
                 gemm(&cols, rows.len(), &packed, e_nhwc, o);
             }
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
+            // The whole convolution in one call (blocks of rows inside).
+            let mut out = vec![f32::NAN; m * cout];
+            let e_nhwc = Epilogue {
+                residual: e.residual.map(|_| &res[..]),
+                ..e
+            };
+            dense(&xn, &s, &packed, e_nhwc, &mut out);
+            assert_close(&out, &reference, CONV_REL_TOL, &format!("dense, case {i}: {s:?}"));
         }
     }
 }

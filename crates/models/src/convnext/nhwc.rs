@@ -6,7 +6,7 @@
 //! rows directly. The same network as the candle path in `mod.rs`, only in another memory layout.
 
 use candle_core::Tensor;
-use visenc_kernels::conv::nhwc::{depthwise, im2col};
+use visenc_kernels::conv::nhwc::{dense, depthwise};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::norm::layer_norm;
@@ -107,15 +107,13 @@ fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -
         depthwise: false,
     };
     let m = x.batch * oh * ow;
-    let mut cols = vec![0f32; m * k * k * x.c];
-    im2col(&x.data, &shape, 0..m, &mut cols);
     let bv = bias.map(view);
     let e = Epilogue {
         bias: bv.as_ref().map(|v| v.data()).transpose()?,
         ..Default::default()
     };
     let mut out = vec![0f32; m * cout];
-    gemm(&cols, m, weight, e, &mut out);
+    dense(&x.data, &shape, weight, e, &mut out);
     Ok(Map {
         data: out.into(),
         batch: x.batch,

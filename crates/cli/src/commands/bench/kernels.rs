@@ -36,22 +36,50 @@ fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::layer_norm(x, g, b, 1e-5)?)
 }
 
-/// visenc's f32 CPU convolution (`visenc_models::conv::conv2d_cpu`: dense or depthwise, bias fused).
-fn visenc_conv(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    stride: usize,
-    pad: usize,
-    groups: usize,
-) -> Result<Tensor> {
-    use visenc::models::conv::{conv2d_cpu, Fused, Padding};
-    let fused = Fused {
-        bias,
-        ..Fused::default()
+/// visenc's CPU convolution as the CNN trunks run it (`visenc_kernels::conv::nhwc`): an NHWC batch
+/// of `cin` x `hw` x `hw` maps, the weight packed once as at load (dense: im2col blocks + the packed
+/// f32 GEMM; depthwise when `groups == cin`: the NHWC depthwise kernel), the bias fused. Returns the
+/// call to time (it hands back the output's first value, so nothing is optimised away).
+fn nhwc_conv(
+    (cin, cout, k, stride, groups): (usize, usize, usize, usize, usize),
+    hw: usize,
+    seed: u64,
+) -> Result<impl FnMut() -> Result<Tensor>> {
+    use visenc::models::kernels::conv::nhwc::{dense, depthwise};
+    use visenc::models::kernels::conv::{ConvShape, Epilogue, Pad};
+    use visenc::models::kernels::gemm::PackedWeight;
+    let dw = groups > 1;
+    anyhow::ensure!(!dw || (groups == cin && cin == cout), "groups other than depthwise");
+    let s = ConvShape {
+        batch: 8,
+        cin,
+        h: hw,
+        w: hw,
+        cout,
+        kh: k,
+        kw: k,
+        stride,
+        pad: Pad::same(k / 2),
+        depthwise: dw,
     };
-    conv2d_cpu(x, weight, stride, Padding::Symmetric(pad), groups, fused)?
-        .ok_or_else(|| anyhow::anyhow!("visenc has no CPU kernel for {groups} groups"))
+    let (oh, ow) = s.out_hw();
+    let x = randn(seed, 8 * hw * hw * cin);
+    let w = randn(seed + 1, cout * (cin / groups) * k * k);
+    let bias = randn(seed + 2, cout);
+    // Dense weights packed from [cout, kh, kw, cin] (the order im2col gathers in), as at load.
+    let packed = (!dw).then(|| PackedWeight::pack(&w, cout, k * k * cin, visenc::Precision::F32));
+    let mut out = vec![0f32; 8 * oh * ow * cout];
+    Ok(move || {
+        let e = Epilogue {
+            bias: Some(&bias),
+            ..Epilogue::default()
+        };
+        match &packed {
+            Some(p) => dense(&x, &s, p, e, &mut out),
+            None => depthwise(&x, &w, &s, e, &mut out),
+        }
+        Ok(Tensor::from_slice(&out[..1], 1, &Device::Cpu)?)
+    })
 }
 
 fn randt(shape: &[usize], seed: u64) -> Result<Tensor> {
@@ -164,8 +192,9 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
         }
     }
 
-    // Convolutions, NCHW, through visenc's kernels (`conv::conv2d_cpu`), and once each through
-    // candle's im2col + GEMM and its grouped conv2d (one convolution per group) for comparison.
+    // Convolutions through visenc's channels-last kernels (what the CNN trunks run on the CPU), and
+    // once each through candle's im2col + GEMM and its grouped conv2d (one convolution per group)
+    // for comparison.
     let conv_cases: [(&str, usize, usize, usize, usize, usize, bool); 6] = [
         // name, channels in, out, kernel, groups, spatial, through candle's conv2d
         ("conv3x3 64->64", 64, 64, 3, 1, 56, false),
@@ -184,21 +213,17 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
         ),
     ];
     for (name, cin, cout, kk, groups, hw, candle) in conv_cases {
-        let x = randt(&[8, cin, hw, hw], 5)?;
-        let w = randt(&[cout, cin / groups, kk, kk], 6)?;
         let g = 2.0 * (8 * cout * hw * hw * (cin / groups) * kk * kk) as f64 / 1e9;
-        bench(
-            name,
-            format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}"),
-            g,
-            &mut || {
-                Ok(if candle {
-                    x.conv2d(&w, kk / 2, 1, 1, groups)?
-                } else {
-                    visenc_conv(&x, &w, None, 1, kk / 2, groups)?
-                })
-            },
-        )?;
+        let shape = format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}");
+        if candle {
+            let x = randt(&[8, cin, hw, hw], 5)?;
+            let w = randt(&[cout, cin / groups, kk, kk], 6)?;
+            bench(name, shape, g, &mut || {
+                Ok(x.conv2d(&w, kk / 2, 1, 1, groups)?)
+            })?;
+        } else {
+            bench(name, shape, g, &mut nhwc_conv((cin, cout, kk, 1, groups), hw, 5)?)?;
+        }
     }
 
     // Attention core: softmax(Q K^T / sqrt(64)) V, 12 heads, 197 tokens, batch 8 (nn::Attention).
@@ -397,11 +422,9 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
     let mut total = 0.0;
     let mut total_gflop = 0.0;
     for (cin, cout, k, s, hw, count) in convs {
-        let x = randt(&[8, cin, hw, hw], 21)?;
-        let w = randt(&[cout, cin, k, k], 22)?;
-        let bias = randt(&[cout], 23)?;
+        let mut conv = nhwc_conv((cin, cout, k, s, 1), hw, 21)?;
         let stats = plan.time(|| {
-            std::hint::black_box(visenc_conv(&x, &w, Some(&bias), s, k / 2, 1)?);
+            std::hint::black_box(conv()?);
             Ok(())
         })?;
         let ho = (hw + 2 * (k / 2) - k) / s + 1;
@@ -415,7 +438,7 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
         );
     }
     Ok(json!({
-        "note": "every convolution of timm resnet50 at 224x224, batch 8, through visenc's kernels with the folded-BN bias fused, timed alone",
+        "note": "every convolution of timm resnet50 at 224x224, batch 8, through visenc's channels-last kernels (as the model runs them) with the folded-BN bias fused, timed alone",
         "convs": rows,
         "total_ms": total * 1e3,
         "total_gflop": total_gflop,
