@@ -341,7 +341,7 @@ pub(crate) mod tests {
         "conv::depthwise::tests::depthwise_matches_naive_reference",
         "conv::epilogue::tests::activations_match_definitions",
         "conv::nhwc::tests::depthwise_nhwc_matches_naive_reference",
-        "conv::nhwc::tests::im2col_and_gemm_match_naive_conv",
+        "conv::nhwc::tests::im2col_gemm_and_dense_match_naive_conv",
         "pool::tests::max_pool_matches_definition",
         "pool::tests::means_and_gate_match_definitions",
     ];
