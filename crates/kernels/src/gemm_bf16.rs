@@ -115,19 +115,10 @@ pub fn gemm_bf16(
             });
         let a16: &[u32] = a16;
         for_each_tile(c, m, n, k, &e, |t| {
-            let out = Store {
-                c: t.c,
-                ldc: n,
-                bias: e
-                    .bias
-                    .map_or(std::ptr::null(), |b| b[t.panel * NR..].as_ptr()),
-                residual: t.residual,
-                act: e.act,
-            };
             let b = w.panel(t.panel);
             let a = &a16[t.row * pairs..(t.row + t.rows) * pairs];
             // SAFETY: the tile's rows x columns of `c` (and of the residual) are this task's alone.
-            unsafe { register_tile(native, a, pairs, b, t.rows, t.cols, out) };
+            unsafe { register_tile(native, a, pairs, b, t.rows, t.cols, t.out) };
         });
     });
 }

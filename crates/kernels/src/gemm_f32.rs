@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
-use crate::panel::{check_shapes, dispatch_tile, for_each_tile, Store, NR};
+use crate::panel::{check_shapes, dispatch_tile, for_each_tile, NR};
 
 /// A weight matrix [n, k] packed for [`gemm_f32`].
 #[derive(Debug, Clone)]
@@ -88,19 +88,10 @@ pub fn gemm_f32(
     #[cfg(target_arch = "x86_64")]
     if features.avx512f {
         for_each_tile(c, m, n, k, &e, |t| {
-            let out = Store {
-                c: t.c,
-                ldc: n,
-                bias: e
-                    .bias
-                    .map_or(std::ptr::null(), |b| b[t.panel * NR..].as_ptr()),
-                residual: t.residual,
-                act: e.act,
-            };
             let a = &a[t.row * k..(t.row + t.rows) * k];
             // SAFETY: AVX-512F is present; the tile's rows x columns of `c` (and of the residual)
             // are this task's alone.
-            unsafe { x86::tile(a, k, w.panel(t.panel), t.rows, t.cols, out) };
+            unsafe { x86::tile(a, k, w.panel(t.panel), t.rows, t.cols, t.out) };
         });
         return;
     }
@@ -169,7 +160,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::store_tile;
+    use crate::panel::{store_tile, Store};
 
     /// `out = act(Σ_p a[r][p] · b[p][j] + bias[j] + residual)` for `mr` (<= 6) rows of `a` ([mr, k])
     /// and the first `cols` (<= 64) columns of one packed panel `b` ([k, 64]).

@@ -143,7 +143,7 @@ pub fn gemm_int8(
                     scales: &w.scales[cs.clone()],
                     col_sums: &w.col_sums[cs.clone()],
                     bias: e.bias.map(|b| &b[cs]),
-                    residual: t.residual,
+                    residual: t.out.residual,
                     act: e.act,
                 };
                 let b = w.panel(t.panel);
@@ -152,11 +152,11 @@ pub fn gemm_int8(
                 #[cfg(target_arch = "x86_64")]
                 if native {
                     // SAFETY: AVX512-VNNI (and so AVX-512F/BW) is present; slices cover the tile.
-                    unsafe { x86::tile(a, quads, b, t.rows, rq, &epi, t.c, n) };
+                    unsafe { x86::tile(a, quads, b, t.rows, rq, &epi, t.out.c, n) };
                     return;
                 }
                 // SAFETY: the tile's rows x columns of `c` (and of the residual) are this task's.
-                unsafe { portable_tile(a, quads, b, t.rows, rq, &epi, t.c, n) };
+                unsafe { portable_tile(a, quads, b, t.rows, rq, &epi, t.out.c, n) };
             });
         });
     });

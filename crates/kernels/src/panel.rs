@@ -37,10 +37,9 @@ pub(crate) struct Tile {
     pub rows: usize,
     pub panel: usize,
     pub cols: usize,
-    /// The tile's first output element; rows are `n` apart. Only this tile's task writes there.
-    pub c: *mut f32,
-    /// The residual's element at the same place (rows `n` apart), null without a residual.
-    pub residual: *const f32,
+    /// Where the tile goes (rows `n` apart; only this tile's task writes there) with the epilogue's
+    /// bias, residual and activation at the tile's first element.
+    pub out: Store,
 }
 
 /// Checks the operands of `c[m, n] = act(a[m, k] · wᵀ + bias + residual)` (`name` opens the panic
@@ -99,11 +98,18 @@ pub(crate) fn for_each_tile(
                 rows: MR.min(end - row),
                 panel,
                 cols,
-                // SAFETY: row < m and panel * NR < n, so the offset is inside `c`.
-                c: unsafe { out.0.add(row * n + panel * NR) },
-                residual: e
-                    .residual
-                    .map_or(std::ptr::null(), |r| r[row * n + panel * NR..].as_ptr()),
+                out: Store {
+                    // SAFETY: row < m and panel * NR < n, so the offset is inside `c`.
+                    c: unsafe { out.0.add(row * n + panel * NR) },
+                    ldc: n,
+                    bias: e
+                        .bias
+                        .map_or(std::ptr::null(), |b| b[panel * NR..].as_ptr()),
+                    residual: e
+                        .residual
+                        .map_or(std::ptr::null(), |r| r[row * n + panel * NR..].as_ptr()),
+                    act: e.act,
+                },
             };
             tile(t);
         }

@@ -41,9 +41,9 @@ pub use api::{
 };
 pub use error::{ModelError, Result};
 pub use sentence::TextTower;
-pub use visenc_kernels::Precision;
 /// visenc's CPU kernels (for benchmarks and callers that run them on their own buffers).
 pub use visenc_kernels as kernels;
+pub use visenc_kernels::Precision;
 
 /// A model ready to run: its image encoder, its text tower if it has one, and what it is.
 pub struct LoadedModel {

@@ -10,10 +10,10 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{ConvShape, Epilogue, OutPtr, Pad};
-use crate::gemm::{gemm, PackedWeight};
-use crate::panel::with_scratch;
 use crate::dispatch::multiversion;
+use crate::gemm::{gemm, PackedWeight};
 use crate::math::Lanes;
+use crate::panel::with_scratch;
 
 /// Output rows of [`im2col`] per task.
 const IM2COL_ROWS: usize = 32;
@@ -103,7 +103,13 @@ pub fn dense(x: &[f32], s: &ConvShape, w: &PackedWeight, e: Epilogue, out: &mut 
                 residual: e.residual.map(|r| &r[rows.start * n..rows.end * n]),
                 ..e
             };
-            gemm(cols, rows.len(), w, e, &mut out[rows.start * n..rows.end * n]);
+            gemm(
+                cols,
+                rows.len(),
+                w,
+                e,
+                &mut out[rows.start * n..rows.end * n],
+            );
         }
     });
 }
@@ -552,7 +558,12 @@ mod tests {
                 ..e
             };
             dense(&xn, &s, &packed, e_nhwc, &mut out);
-            assert_close(&out, &reference, CONV_REL_TOL, &format!("dense, case {i}: {s:?}"));
+            assert_close(
+                &out,
+                &reference,
+                CONV_REL_TOL,
+                &format!("dense, case {i}: {s:?}"),
+            );
         }
     }
 }

@@ -49,7 +49,10 @@ fn nhwc_conv(
     use visenc::models::kernels::conv::{ConvShape, Epilogue, Pad};
     use visenc::models::kernels::gemm::PackedWeight;
     let dw = groups > 1;
-    anyhow::ensure!(!dw || (groups == cin && cin == cout), "groups other than depthwise");
+    anyhow::ensure!(
+        !dw || (groups == cin && cin == cout),
+        "groups other than depthwise"
+    );
     let s = ConvShape {
         batch: 8,
         cin,
@@ -222,7 +225,12 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
                 Ok(x.conv2d(&w, kk / 2, 1, 1, groups)?)
             })?;
         } else {
-            bench(name, shape, g, &mut nhwc_conv((cin, cout, kk, 1, groups), hw, 5)?)?;
+            bench(
+                name,
+                shape,
+                g,
+                &mut nhwc_conv((cin, cout, kk, 1, groups), hw, 5)?,
+            )?;
         }
     }
 
