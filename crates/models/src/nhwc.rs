@@ -6,7 +6,7 @@
 use std::ops::Deref;
 
 use candle_core::{Device, Layout, Storage, Tensor};
-use visenc_kernels::conv::nhwc::{dense, depthwise, nchw_to_nhwc};
+use visenc_kernels::conv::nhwc::{dense, depthwise, nchw_to_nhwc, DepthwiseWeight};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::PackedWeight;
 use visenc_kernels::Precision;
@@ -79,11 +79,11 @@ enum ConvPad {
 }
 
 /// A prepared weight: dense ones packed from [cout, kh, kw, cin] (the order [`im2col`] gathers
-/// in) for [`dense`], depthwise ones as PyTorch's [c, 1, kh, kw] for [`depthwise`].
+/// in) for [`dense`], depthwise ones tap-major for [`depthwise`].
 #[derive(Debug)]
 enum Kernel {
     Dense(PackedWeight),
-    Depthwise(Vec<f32>),
+    Depthwise(DepthwiseWeight),
 }
 
 /// One convolution prepared for an NHWC trunk, its weight and bias (the folded BatchNorm's) in
@@ -122,7 +122,11 @@ impl NhwcConv {
             Padding::TfSame => return Ok(None),
         };
         let kernel = if depthwise {
-            Kernel::Depthwise(c.weight().flatten_all()?.to_vec1()?)
+            Kernel::Depthwise(DepthwiseWeight::pack(
+                &c.weight().flatten_all()?.to_vec1()?,
+                cout,
+                kh * kw,
+            ))
         } else {
             let w: Vec<f32> = c.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
             Kernel::Dense(PackedWeight::pack(&w, cout, kh * kw * per_group, precision))

@@ -149,8 +149,31 @@ const PX: usize = 8;
 /// Parallel tasks per thread (bands of output rows), for load balance.
 const TASKS_PER_THREAD: usize = 8;
 
-/// A depthwise convolution on NHWC maps: `x` [batch, h, w, c], `weight` [c, 1, kh, kw] (PyTorch's
-/// layout), `out` [batch, oh, ow, c]; `out = act(conv + bias + residual)` with the residual NHWC
+/// A depthwise convolution's weight, tap-major ([kh * kw, c]: one load reads a tap of consecutive
+/// channels), rearranged once from PyTorch's [c, 1, kh, kw].
+#[derive(Debug, Clone)]
+pub struct DepthwiseWeight {
+    c: usize,
+    taps: usize,
+    data: Vec<f32>,
+}
+
+impl DepthwiseWeight {
+    /// `weight` [c, 1, kh, kw] for `c` channels of `taps = kh * kw` taps.
+    pub fn pack(weight: &[f32], c: usize, taps: usize) -> Self {
+        assert_eq!(weight.len(), c * taps, "depthwise weight: not {c} x {taps}");
+        let mut data = vec![0f32; taps * c];
+        for (ch, w) in weight.chunks_exact(taps.max(1)).enumerate() {
+            for (t, &v) in w.iter().enumerate() {
+                data[t * c + ch] = v;
+            }
+        }
+        Self { c, taps, data }
+    }
+}
+
+/// A depthwise convolution on NHWC maps: `x` [batch, h, w, c], `weight` packed at load
+/// ([`DepthwiseWeight`]), `out` [batch, oh, ow, c]; `out = act(conv + bias + residual)` with the residual NHWC
 /// too. `s` describes the shape as for [`super::conv2d`] (`depthwise: true`, `cin == cout == c`).
 ///
 /// Tasks are bands of output rows. Along a row, 16 channels x 8 output pixels accumulate in
@@ -160,7 +183,7 @@ const TASKS_PER_THREAD: usize = 8;
 ///
 /// # Panics
 /// On a shape that is not depthwise or slices whose lengths do not match it.
-pub fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32]) {
+pub fn depthwise(x: &[f32], weight: &DepthwiseWeight, s: &ConvShape, e: Epilogue, out: &mut [f32]) {
     let (oh, ow) = s.out_hw();
     let c = s.cin;
     assert!(
@@ -172,8 +195,12 @@ pub fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mu
         s.batch * s.h * s.w * c,
         "depthwise NHWC: input length"
     );
-    let taps = s.kh * s.kw;
-    assert_eq!(weight.len(), c * taps, "depthwise NHWC: weight length");
+    assert!(
+        weight.c == c && weight.taps == s.kh * s.kw,
+        "depthwise NHWC: weight of {} x {} taps",
+        weight.c,
+        weight.taps
+    );
     assert_eq!(
         out.len(),
         s.batch * oh * ow * c,
@@ -187,18 +214,9 @@ pub fn depthwise(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mu
         e.residual.is_none_or(|r| r.len() == out.len()),
         "depthwise NHWC: residual length"
     );
-    // The weights tap-major, [kh * kw, c], so one load reads a tap of consecutive channels.
-    let mut wt = vec![0f32; taps * c];
-    for (ch, w) in weight.chunks_exact(taps).enumerate() {
-        for (t, &v) in w.iter().enumerate() {
-            wt[t * c + ch] = v;
-        }
-    }
-    let bias = e.bias.map_or_else(|| vec![0f32; c], <[f32]>::to_vec);
     let d = Depthwise {
         x,
-        wt: &wt,
-        bias: &bias,
+        wt: &weight.data,
         s,
         e,
         dst: OutPtr(out.as_mut_ptr()),
@@ -219,8 +237,6 @@ struct Depthwise<'a> {
     x: &'a [f32],
     /// Tap-major weights [kh * kw, c].
     wt: &'a [f32],
-    /// One per channel (zeros without a bias).
-    bias: &'a [f32],
     s: &'a ConvShape,
     e: Epilogue<'a>,
     dst: OutPtr,
@@ -280,8 +296,11 @@ fn row_channels<L: Lanes, const G: usize>(
             let mut acc = [[L::splat(0.0); G]; PX];
             for a in acc.iter_mut() {
                 for (g, v) in a.iter_mut().enumerate() {
-                    // SAFETY: c0 + (g + 1) L::N <= c values of the bias.
-                    *v = unsafe { L::load(d.bias.as_ptr().add(c0 + g * L::N)) };
+                    *v = match d.e.bias {
+                        // SAFETY: c0 + (g + 1) L::N <= c values of the bias (checked length).
+                        Some(b) => unsafe { L::load(b.as_ptr().add(c0 + g * L::N)) },
+                        None => L::splat(0.0),
+                    };
                 }
             }
             for ky in ky.clone() {
@@ -462,7 +481,8 @@ mod tests {
                 ..e
             };
             let mut out = vec![f32::NAN; b * oh * ow * c];
-            depthwise(&to_nhwc(&x, b, c, h * w), &wt, &s, e_nhwc, &mut out);
+            let packed = DepthwiseWeight::pack(&wt, c, k * k);
+            depthwise(&to_nhwc(&x, b, c, h * w), &packed, &s, e_nhwc, &mut out);
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
         }
     }

@@ -6,7 +6,7 @@
 //! rows directly. The same network as the candle path in `mod.rs`, only in another memory layout.
 
 use candle_core::Tensor;
-use visenc_kernels::conv::nhwc::{dense, depthwise};
+use visenc_kernels::conv::nhwc::{dense, depthwise, DepthwiseWeight};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::norm::layer_norm;
@@ -21,12 +21,15 @@ use crate::nhwc::{view, Buffer, Map, Scratch as Buffers};
 use crate::nn::Activation;
 
 /// The weights the NHWC path needs beyond the model's own: the patch convolutions' weights
-/// permuted to [cout, ky, kx, cin] (the order [`im2col`] gathers in) and packed for [`gemm`].
+/// permuted to [cout, ky, kx, cin] (the order `im2col` gathers in) and packed for [`dense`], and the
+/// blocks' depthwise weights tap-major.
 #[derive(Debug)]
 pub(super) struct NhwcWeights {
     stem: PackedWeight,
     /// One per stage with downsampling.
     downsample: Vec<Option<PackedWeight>>,
+    /// Each block's depthwise weight, tap-major, per stage.
+    dwconv: Vec<Vec<DepthwiseWeight>>,
 }
 
 impl NhwcWeights {
@@ -58,8 +61,17 @@ impl NhwcWeights {
             let packed = PackedWeight::pack(view(&w).data()?, n, k, precision);
             Ok(packed)
         };
+        let dw = |c: &Conv| -> Result<DepthwiseWeight> {
+            let (ch, _, kh, kw) = c.weight().dims4()?;
+            Ok(DepthwiseWeight::pack(view(c.weight()).data()?, ch, kh * kw))
+        };
         Ok(Some(Self {
             stem: pack(&m.stem)?,
+            dwconv: m
+                .stages
+                .iter()
+                .map(|s| s.blocks.iter().map(|b| dw(&b.dwconv)).collect())
+                .collect::<Result<_>>()?,
             downsample: m
                 .stages
                 .iter()
@@ -133,8 +145,9 @@ struct Scratch {
 }
 
 impl Block {
-    /// `x + fc2(gelu(fc1(norm(dwconv(x)))))` on NHWC rows, into `x`.
-    fn forward_nhwc(&self, x: &mut Map, s: &mut Scratch) -> Result<()> {
+    /// `x + fc2(gelu(fc1(norm(dwconv(x)))))` on NHWC rows, into `x` (`dw`: the depthwise weight
+    /// prepared from `self.dwconv`).
+    fn forward_nhwc(&self, x: &mut Map, dw: &DepthwiseWeight, s: &mut Scratch) -> Result<()> {
         let (m, c) = (x.rows(), x.c);
         let k = self.dwconv.weight().dim(2)?;
         let shape = ConvShape {
@@ -149,16 +162,13 @@ impl Block {
             pad: Pad::same((k - 1) / 2),
             depthwise: true,
         };
-        let (dw_w, dw_b) = (
-            view(self.dwconv.weight()),
-            self.dwconv.bias_tensor().map(view),
-        );
+        let dw_b = self.dwconv.bias_tensor().map(view);
         s.dw.resize(m * c, 0.0);
         let e = Epilogue {
             bias: dw_b.as_ref().map(|v| v.data()).transpose()?,
             ..Default::default()
         };
-        depthwise(&x.data, dw_w.data()?, &shape, e, &mut s.dw);
+        depthwise(&x.data, dw, &shape, e, &mut s.dw);
         let (g, b, eps) = self.norm.parts();
         let (g, b) = (view(g), view(b));
         s.normed.resize(m * c, 0.0);
@@ -199,8 +209,10 @@ impl ConvNeXt {
         pixels: &Tensor,
         features: bool,
     ) -> Result<Trunk> {
-        let input = Map::from_nchw(pixels, &mut Buffers::default())?;
+        let mut pool = Buffers::default();
+        let input = Map::from_nchw(pixels, &mut pool)?;
         let mut x = patch_conv(&input, self.patch, &w.stem, self.stem.bias_tensor())?;
+        pool.give(input.data);
         let mut buf = Buffer::default();
         let mut normed = |x: &mut Map, n: &Norm2d| -> Result<()> {
             norm_rows(x, &n.weight, &n.bias, n.eps, &mut buf)?;
@@ -211,14 +223,14 @@ impl ConvNeXt {
         let mut reduction = self.patch;
         let mut maps = Vec::new();
         let mut scratch = Scratch::default();
-        for (stage, down) in self.stages.iter().zip(&w.downsample) {
+        for ((stage, down), dws) in self.stages.iter().zip(&w.downsample).zip(&w.dwconv) {
             if let (Some((norm, conv)), Some(dw)) = (&stage.downsample, down) {
                 normed(&mut x, norm)?;
                 x = patch_conv(&x, 2, dw, conv.bias_tensor())?;
                 reduction *= 2;
             }
-            for b in &stage.blocks {
-                b.forward_nhwc(&mut x, &mut scratch)?;
+            for (b, dw) in stage.blocks.iter().zip(dws) {
+                b.forward_nhwc(&mut x, dw, &mut scratch)?;
             }
             if features {
                 maps.push(FeatureMap {

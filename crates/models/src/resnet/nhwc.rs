@@ -103,9 +103,9 @@ impl NhwcWeights {
     /// the feature maps where `features` asks for them (NCHW, as the candle path returns them).
     pub(super) fn trunk(&self, pixels: &Tensor, features: Option<Features>) -> Result<Trunk> {
         let mut s = Scratch::default();
-        let stem = self
-            .stem
-            .forward(&Map::from_nchw(pixels, &mut s)?, None, self.act, &mut s)?;
+        let input = Map::from_nchw(pixels, &mut s)?;
+        let stem = self.stem.forward(&input, None, self.act, &mut s)?;
+        s.give(input.data);
         let mut maps = Vec::new();
         if features == Some(Features::Timm) {
             maps.push(FeatureMap {

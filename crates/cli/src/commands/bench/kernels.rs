@@ -45,7 +45,7 @@ fn nhwc_conv(
     hw: usize,
     seed: u64,
 ) -> Result<impl FnMut() -> Result<Tensor>> {
-    use visenc::models::kernels::conv::nhwc::{dense, depthwise};
+    use visenc::models::kernels::conv::nhwc::{dense, depthwise, DepthwiseWeight};
     use visenc::models::kernels::conv::{ConvShape, Epilogue, Pad};
     use visenc::models::kernels::gemm::PackedWeight;
     let dw = groups > 1;
@@ -70,16 +70,29 @@ fn nhwc_conv(
     let w = randn(seed + 1, cout * (cin / groups) * k * k);
     let bias = randn(seed + 2, cout);
     // Dense weights packed from [cout, kh, kw, cin] (the order im2col gathers in), as at load.
-    let packed = (!dw).then(|| PackedWeight::pack(&w, cout, k * k * cin, visenc::Precision::F32));
+    enum Weight {
+        Dense(PackedWeight),
+        Depthwise(DepthwiseWeight),
+    }
+    let weight = if dw {
+        Weight::Depthwise(DepthwiseWeight::pack(&w, cin, k * k))
+    } else {
+        Weight::Dense(PackedWeight::pack(
+            &w,
+            cout,
+            k * k * cin,
+            visenc::Precision::F32,
+        ))
+    };
     let mut out = vec![0f32; 8 * oh * ow * cout];
     Ok(move || {
         let e = Epilogue {
             bias: Some(&bias),
             ..Epilogue::default()
         };
-        match &packed {
-            Some(p) => dense(&x, &s, p, e, &mut out),
-            None => depthwise(&x, &w, &s, e, &mut out),
+        match &weight {
+            Weight::Dense(p) => dense(&x, &s, p, e, &mut out),
+            Weight::Depthwise(d) => depthwise(&x, d, &s, e, &mut out),
         }
         Ok(Tensor::from_slice(&out[..1], 1, &Device::Cpu)?)
     })
