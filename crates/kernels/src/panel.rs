@@ -114,11 +114,24 @@ pub(crate) fn for_each_tile(
             tile(t);
         }
     };
-    if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 {
+    if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 || SERIAL.get() {
         (0..blocks * panels).for_each(run);
     } else {
         (0..blocks * panels).into_par_iter().for_each(run);
     }
+}
+
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every GEMM it calls on this thread alone (for callers that are already one of
+/// several parallel tasks, each with its own small products).
+pub(crate) fn serially<R>(f: impl FnOnce() -> R) -> R {
+    let was = SERIAL.replace(true);
+    let r = f();
+    SERIAL.set(was);
+    r
 }
 
 /// Rows of `k` activations per parallel task when the bf16 and int8 GEMMs convert their input

@@ -7,6 +7,7 @@ use std::ops::Deref;
 
 use candle_core::{Device, Layout, Storage, Tensor};
 use visenc_kernels::conv::nhwc::{dense, depthwise, nchw_to_nhwc, DepthwiseWeight};
+use visenc_kernels::conv::winograd::{winograd, WinogradTile, WinogradWeight};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::PackedWeight;
 use visenc_kernels::Precision;
@@ -83,6 +84,7 @@ enum ConvPad {
 #[derive(Debug)]
 enum Kernel {
     Dense(PackedWeight),
+    Winograd(WinogradWeight),
     Depthwise(DepthwiseWeight),
 }
 
@@ -129,7 +131,12 @@ impl NhwcConv {
             ))
         } else {
             let w: Vec<f32> = c.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
-            Kernel::Dense(PackedWeight::pack(&w, cout, kh * kw * per_group, precision))
+            match WinogradTile::for_conv(kh, stride, per_group, cout, precision) {
+                Some(tile) => {
+                    Kernel::Winograd(WinogradWeight::pack(&w, cout, per_group, tile, precision))
+                }
+                None => Kernel::Dense(PackedWeight::pack(&w, cout, kh * kw * per_group, precision)),
+            }
         };
         let bias = match c.bias_tensor() {
             Some(b) => b.to_vec1()?,
@@ -199,6 +206,7 @@ impl NhwcConv {
         match &self.kernel {
             Kernel::Depthwise(w) => depthwise(&x.data, w, &shape, e, &mut out),
             Kernel::Dense(w) => dense(&x.data, &shape, w, e, &mut out),
+            Kernel::Winograd(w) => winograd(&x.data, &shape, w, e, &mut out),
         }
         Ok(Map {
             data: out,

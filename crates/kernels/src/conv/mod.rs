@@ -15,6 +15,7 @@ mod depthwise;
 pub(crate) mod epilogue;
 pub mod lowp;
 pub mod nhwc;
+pub mod winograd;
 
 use std::cell::RefCell;
 
@@ -342,6 +343,7 @@ pub(crate) mod tests {
         "conv::epilogue::tests::activations_match_definitions",
         "conv::nhwc::tests::depthwise_nhwc_matches_naive_reference",
         "conv::nhwc::tests::im2col_gemm_and_dense_match_naive_conv",
+        "conv::winograd::tests::winograd_matches_naive_conv",
         "pool::tests::max_pool_matches_definition",
         "pool::tests::means_and_gate_match_definitions",
     ];

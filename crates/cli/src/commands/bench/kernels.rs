@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::peak::{bf16_peak, fma_peak};
 use super::{randn, BenchArgs, Plan, Stats};
+use visenc::models::kernels::conv::winograd::WinogradTile;
 use visenc::models::linear::Linear;
 
 /// visenc's linear layer in `precision` (weights packed once, as at load), the layer every visenc
@@ -36,16 +37,18 @@ fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::layer_norm(x, g, b, 1e-5)?)
 }
 
-/// visenc's CPU convolution as the CNN trunks run it (`visenc_kernels::conv::nhwc`): an NHWC batch
-/// of `cin` x `hw` x `hw` maps, the weight packed once as at load (dense: im2col blocks + the packed
-/// f32 GEMM; depthwise when `groups == cin`: the NHWC depthwise kernel), the bias fused. Returns the
-/// call to time (it hands back the output's first value, so nothing is optimised away).
+/// visenc's CPU convolution as the CNN trunks run it (`visenc_kernels::conv`): an NHWC batch of
+/// `cin` x `hw` x `hw` maps, the weight packed once as at load (dense 3x3 stride 1: Winograd;
+/// other dense ones: im2col blocks + the packed f32 GEMM; depthwise when `groups == cin`: the NHWC
+/// depthwise kernel), the bias fused. Returns the call to time (it hands back the output's first
+/// value, so nothing is optimised away).
 fn nhwc_conv(
     (cin, cout, k, stride, groups): (usize, usize, usize, usize, usize),
     hw: usize,
     seed: u64,
 ) -> Result<impl FnMut() -> Result<Tensor>> {
     use visenc::models::kernels::conv::nhwc::{dense, depthwise, DepthwiseWeight};
+    use visenc::models::kernels::conv::winograd::{winograd, WinogradWeight};
     use visenc::models::kernels::conv::{ConvShape, Epilogue, Pad};
     use visenc::models::kernels::gemm::PackedWeight;
     let dw = groups > 1;
@@ -69,20 +72,19 @@ fn nhwc_conv(
     let x = randn(seed, 8 * hw * hw * cin);
     let w = randn(seed + 1, cout * (cin / groups) * k * k);
     let bias = randn(seed + 2, cout);
-    // Dense weights packed from [cout, kh, kw, cin] (the order im2col gathers in), as at load.
+    // Dense weights as [cout, kh, kw, cin] (the order im2col gathers in), as at load.
     enum Weight {
         Dense(PackedWeight),
+        Winograd(WinogradWeight),
         Depthwise(DepthwiseWeight),
     }
+    let f32 = visenc::Precision::F32;
     let weight = if dw {
         Weight::Depthwise(DepthwiseWeight::pack(&w, cin, k * k))
+    } else if let Some(tile) = WinogradTile::for_conv(k, stride, cin, cout, f32) {
+        Weight::Winograd(WinogradWeight::pack(&w, cout, cin, tile, f32))
     } else {
-        Weight::Dense(PackedWeight::pack(
-            &w,
-            cout,
-            k * k * cin,
-            visenc::Precision::F32,
-        ))
+        Weight::Dense(PackedWeight::pack(&w, cout, k * k * cin, f32))
     };
     let mut out = vec![0f32; 8 * oh * ow * cout];
     Ok(move || {
@@ -92,6 +94,7 @@ fn nhwc_conv(
         };
         match &weight {
             Weight::Dense(p) => dense(&x, &s, p, e, &mut out),
+            Weight::Winograd(p) => winograd(&x, &s, p, e, &mut out),
             Weight::Depthwise(d) => depthwise(&x, d, &s, e, &mut out),
         }
         Ok(Tensor::from_slice(&out[..1], 1, &Device::Cpu)?)
@@ -230,7 +233,12 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
     ];
     for (name, cin, cout, kk, groups, hw, candle) in conv_cases {
         let g = 2.0 * (8 * cout * hw * hw * (cin / groups) * kk * kk) as f64 / 1e9;
-        let shape = format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}");
+        let mut shape = format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}");
+        let f32 = visenc::Precision::F32;
+        if let Some(tile) = WinogradTile::for_conv(kk, 1, cin, cout, f32).filter(|_| !candle) {
+            // GFLOP/s of the direct convolution's products, as the peers' rows count them.
+            shape += &format!(", Winograd F({0}x{0}, 3x3)", tile.m());
+        }
         if candle {
             let x = randt(&[8, cin, hw, hw], 5)?;
             let w = randt(&[cout, cin / groups, kk, kk], 6)?;
@@ -459,7 +467,7 @@ fn resnet50_conv_breakdown(plan: &Plan) -> Result<Value> {
         );
     }
     Ok(json!({
-        "note": "every convolution of timm resnet50 at 224x224, batch 8, through visenc's channels-last kernels (as the model runs them) with the folded-BN bias fused, timed alone",
+        "note": "every convolution of timm resnet50 at 224x224, batch 8, through visenc's channels-last kernels (as the model runs them: 3x3 stride 1 by Winograd, GFLOP counted as the direct convolution's) with the folded-BN bias fused, timed alone",
         "convs": rows,
         "total_ms": total * 1e3,
         "total_gflop": total_gflop,
