@@ -209,9 +209,10 @@ impl EfficientNet {
             }
         }
         let head = w.head.forward(&x, None, &mut s)?;
-        Ok(Trunk {
-            last: head.to_nchw()?,
-            maps,
-        })
+        // `last` is a copy: both buffers go back to the pool for the next forward pass.
+        let last = head.to_nchw()?;
+        s.give(x.data);
+        s.give(head.data);
+        Ok(Trunk { last, maps })
     }
 }

@@ -154,10 +154,10 @@ impl NhwcWeights {
         }
         let mut pooled = vec![0f32; x.batch * x.c];
         mean_pixels(&x.data, x.h * x.w, x.c, &mut pooled);
-        Ok(Trunk {
-            last: x.to_nchw()?,
-            pooled: Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?,
-            maps,
-        })
+        // `last` is a copy: the map's buffer goes back to the pool for the next forward pass.
+        let last = x.to_nchw()?;
+        let pooled = Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?;
+        s.give(x.data);
+        Ok(Trunk { last, pooled, maps })
     }
 }
