@@ -186,14 +186,21 @@ pub fn mean_pixels(x: &[f32], pixels: usize, c: usize, out: &mut [f32]) {
         out.len() / c * pixels * c,
         "mean_pixels: input length"
     );
-    out.par_chunks_mut(c).enumerate().for_each(|(b, o)| {
+    out.par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(b, o)| mean_image(&x[b * pixels * c..(b + 1) * pixels * c], o));
+}
+
+multiversion! {
+    /// `o` = the mean of the rows of `x` (`o.len()` values each).
+    fn mean_image<L>(x: &[f32], o: &mut [f32]) {
         o.fill(0.0);
-        for row in x[b * pixels * c..(b + 1) * pixels * c].chunks_exact(c) {
+        for row in x.chunks_exact(o.len()) {
             o.iter_mut().zip(row).for_each(|(o, &v)| *o += v);
         }
-        let inv = 1.0 / pixels as f32;
+        let inv = 1.0 / (x.len() / o.len()) as f32;
         o.iter_mut().for_each(|v| *v *= inv);
-    });
+    }
 }
 
 multiversion! {
