@@ -23,20 +23,6 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(visenc::Scoring::Softmax { logit_scale: 0.0 }.probabilities(x)?)
 }
 
-/// `candle_nn::ops::sigmoid` (fused), reached through visenc's API (SigLIP scoring calls it).
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    let s = visenc::Scoring::Sigmoid {
-        logit_scale: 0.0,
-        logit_bias: 0.0,
-    };
-    Ok(s.probabilities(x)?)
-}
-
-/// `candle_nn::ops::layer_norm`, the fused LayerNorm every visenc transformer uses.
-fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::layer_norm(x, g, b, 1e-5)?)
-}
-
 /// visenc's CPU convolution as the CNN trunks run it (`visenc_kernels::conv`): an NHWC batch of
 /// `cin` x `hw` x `hw` maps, the weight packed once as at load (dense 3x3 stride 1: Winograd;
 /// other dense ones: im2col blocks + the packed f32 GEMM; depthwise when `groups == cin`: the NHWC
@@ -235,7 +221,8 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
         let g = 2.0 * (8 * cout * hw * hw * (cin / groups) * kk * kk) as f64 / 1e9;
         let mut shape = format!("b8 {cin}x{hw}x{hw}, k{kk}, groups {groups}");
         let f32 = visenc::Precision::F32;
-        if let Some(tile) = WinogradTile::for_conv(kk, 1, cin, cout, f32).filter(|_| !candle) {
+        let dense = groups == 1 && !candle;
+        if let Some(tile) = WinogradTile::for_conv(kk, 1, cin, cout, f32).filter(|_| dense) {
             // GFLOP/s of the direct convolution's products, as the peers' rows count them.
             shape += &format!(", Winograd F({0}x{0}, 3x3)", tile.m());
         }
@@ -325,73 +312,83 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
     let x = randt(&[b, t, d], 11)?;
     let g1 = ((randt(&[d], 12)? * 0.1)? + 1.0)?;
     let b1 = randt(&[d], 13)?;
-    let wq = (randt(&[d, d], 14)? * 0.03)?;
-    let bq = randt(&[d], 15)?;
+    let wqkv = (randt(&[3 * d, d], 14)? * 0.03)?;
+    let bqkv = randt(&[3 * d], 15)?;
+    let wo = (randt(&[d, d], 20)? * 0.03)?;
+    let bo = randt(&[d], 21)?;
     let w1 = (randt(&[mlp, d], 16)? * 0.03)?;
     let bb1 = randt(&[mlp], 17)?;
     let w2 = (randt(&[d, mlp], 18)? * 0.02)?;
     let bb2 = randt(&[d], 19)?;
     let f32 = visenc::Precision::F32;
-    let (lq, l1, l2) = (
-        layer(&wq, Some(&bq), f32)?,
+    let (lqkv, lo, l1, l2) = (
+        layer(&wqkv, Some(&bqkv), f32)?,
+        layer(&wo, Some(&bo), f32)?,
         layer(&w1, Some(&bb1), f32)?,
         layer(&w2, Some(&bb2), f32)?,
     );
-    let split = |y: &Tensor| -> Result<Tensor> {
-        Ok(y.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()?)
+    // As nn::Attention: q, k and v are [B, H, N, d] views of the fused projection's output.
+    let qkv = lqkv.forward(&x)?;
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .reshape((b, t, 3, h, hd))?
+            .narrow(2, i, 1)?
+            .squeeze(2)?
+            .transpose(1, 2)?)
     };
-    let qlin = lq.forward(&x)?;
-    let qh = split(&qlin)?;
-    let att = qh.matmul(&qh.t()?)?;
-    let p = softmax_last_dim(&att)?;
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
     let hid = l1.forward(&x)?;
     let lin_g = |k: usize, n: usize| 2.0 * (b * t * k * n) as f64 / 1e9;
-    let att_g = 2.0 * (b * h * t * t * hd) as f64 / 1e9;
+    let att_g = 4.0 * (b * h * t * t * hd) as f64 / 1e9;
+    let gelu = Some(visenc::models::nn::Activation::QuickGelu);
 
-    // (name, times per block, GFLOP per call, op)
+    // (name, times per block, GFLOP per call, op): what nn::Block runs on the CPU in f32, each
+    // epilogue (bias, activation, residual) fused into its GEMM as there.
     type Op<'a> = Box<dyn Fn() -> Result<Tensor> + 'a>;
     let ops: Vec<(&str, usize, f64, Op)> = vec![
-        ("layer_norm", 2, 0.0, Box::new(|| layer_norm(&x, &g1, &b1))),
         (
-            "linear q/k/v/out 768->768 (+bias)",
-            4,
-            lin_g(d, d),
-            Box::new(|| Ok(lq.forward(&x)?)),
-        ),
-        (
-            "split heads (reshape+transpose+contiguous)",
-            3,
+            "layer_norm",
+            2,
             0.0,
-            Box::new(|| split(&qlin)),
+            Box::new(|| {
+                let y = visenc::models::ops::layer_norm(&x, &g1, &b1, 1e-5)?;
+                y.context("the LayerNorm kernel did not apply")
+            }),
         ),
-        ("q * scale", 1, 0.0, Box::new(|| Ok((&qh * 0.125)?))),
-        ("q @ k^T", 1, att_g, Box::new(|| Ok(qh.matmul(&qh.t()?)?))),
-        ("softmax", 1, 0.0, Box::new(|| softmax_last_dim(&att))),
         (
-            "att @ v + merge heads",
+            "linear qkv 768->2304 (+bias)",
+            1,
+            lin_g(d, 3 * d),
+            Box::new(|| Ok(lqkv.forward(&x)?)),
+        ),
+        (
+            "attention (fused kernel, q/k/v read in place)",
             1,
             att_g,
-            Box::new(|| Ok(p.matmul(&qh)?.transpose(1, 2)?.reshape((b, t, d))?)),
+            Box::new(|| {
+                let y = visenc::models::ops::attention(&q, &k, &v, None, 0.125)?;
+                Ok(y.context("the fused attention kernel did not apply")?
+                    .reshape((b, t, d))?)
+            }),
         ),
         (
-            "linear fc1 768->3072 (+bias)",
+            "linear out 768->768 (+bias +residual)",
+            1,
+            lin_g(d, d),
+            Box::new(|| Ok(lo.forward_with(&x, Some(&x), None)?)),
+        ),
+        (
+            "linear fc1 768->3072 (+bias, quick_gelu)",
             1,
             lin_g(d, mlp),
-            Box::new(|| Ok(l1.forward(&x)?)),
+            Box::new(|| Ok(l1.forward_with(&x, None, gelu)?)),
         ),
         (
-            "quick_gelu x*sigmoid(1.702x)",
-            1,
-            0.0,
-            Box::new(|| Ok((&hid * sigmoid(&(&hid * 1.702)?)?)?)),
-        ),
-        (
-            "linear fc2 3072->768 (+bias)",
+            "linear fc2 3072->768 (+bias +residual)",
             1,
             lin_g(mlp, d),
-            Box::new(|| Ok(l2.forward(&hid)?)),
+            Box::new(|| Ok(l2.forward_with(&hid, Some(&x), None)?)),
         ),
-        ("residual add", 2, 0.0, Box::new(|| Ok((&x + &x)?))),
     ];
     let mut rows = Vec::new();
     let mut block_s = 0.0;
@@ -408,8 +405,9 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
         );
     }
     Ok(json!({
-        "note": "ops of one CLIP ViT-B/16 block at batch 8 (197 tokens) as nn::Block runs them, \
-                 timed one at a time; per_block counts how often a block runs each",
+        "note": "ops of one CLIP ViT-B/16 block at batch 8 (197 tokens) as nn::Block runs them on \
+                 the CPU in f32 (fused qkv projection, fused attention kernel, epilogues in the \
+                 GEMMs), timed one at a time; per_block counts how often a block runs each",
         "ops": rows,
         "block_ms": block_s * 1e3,
         "trunk_estimate_ms": block_s * 12.0 * 1e3,
@@ -551,7 +549,10 @@ mod tests {
         let x = randt(&[2, 5, 8], 1).unwrap();
         let g = randt(&[8], 2).unwrap();
         let b = randt(&[8], 3).unwrap();
-        let y = layer_norm(&x, &g, &b).unwrap();
+        // The kernel the ViT block breakdown times.
+        let y = visenc::models::ops::layer_norm(&x, &g, &b, 1e-5)
+            .unwrap()
+            .expect("the LayerNorm kernel applies to CPU f32");
         let mean = x.mean_keepdim(D::Minus1).unwrap();
         let xc = x.broadcast_sub(&mean).unwrap();
         let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
