@@ -352,6 +352,32 @@ pub(crate) mod tests {
     /// a different order (GEMM blocking, FMA) than the naive loop.
     pub const CONV_REL_TOL: f32 = 2e-5;
 
+    /// [b, c, h, w] -> [b, h, w, c].
+    pub fn to_nhwc(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        for i in 0..b {
+            for ch in 0..c {
+                for p in 0..hw {
+                    y[(i * hw + p) * c + ch] = x[(i * c + ch) * hw + p];
+                }
+            }
+        }
+        y
+    }
+
+    /// A dense weight [cout, cin, k, k] -> [cout, ky, kx, cin], the order of the NHWC kernels.
+    pub fn taps_last(wt: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+        let mut wp = vec![0f32; wt.len()];
+        for o in 0..cout {
+            for ci in 0..cin {
+                for t in 0..k * k {
+                    wp[(o * k * k + t) * cin + ci] = wt[(o * cin + ci) * k * k + t];
+                }
+            }
+        }
+        wp
+    }
+
     pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)

@@ -421,23 +421,12 @@ unsafe fn accumulate<L: Lanes, const G: usize, const CLIP: bool>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{assert_close, naive_conv, rand_vec, CONV_REL_TOL};
+    use super::super::tests::{
+        assert_close, naive_conv, rand_vec, taps_last, to_nhwc, CONV_REL_TOL,
+    };
     use super::super::{Act, ConvShape, Epilogue, Pad};
     use super::*;
     use crate::gemm::{gemm, PackedWeight};
-
-    /// [b, c, h, w] -> [b, h, w, c].
-    fn to_nhwc(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
-        for i in 0..b {
-            for ch in 0..c {
-                for p in 0..hw {
-                    y[(i * hw + p) * c + ch] = x[(i * c + ch) * hw + p];
-                }
-            }
-        }
-        y
-    }
 
     #[test]
     fn transpose_matches_naive() {
@@ -584,15 +573,7 @@ mod tests {
                 act: [Act::Gelu, Act::None, Act::Silu, Act::Relu6, Act::Relu][i % 5],
             };
             let reference = to_nhwc(&naive_conv(&x, &wt, &s, e), b, cout, oh * ow);
-            // Weight [cout, cin, k, k] -> [cout, ky, kx, cin].
-            let mut wp = vec![0f32; wt.len()];
-            for o in 0..cout {
-                for ci in 0..cin {
-                    for t in 0..k * k {
-                        wp[(o * k * k + t) * cin + ci] = wt[(o * cin + ci) * k * k + t];
-                    }
-                }
-            }
+            let wp = taps_last(&wt, cout, cin, k);
             let packed = PackedWeight::pack(&wp, cout, cin * k * k, crate::Precision::F32);
             let (m, row) = (b * oh * ow, k * k * cin);
             let xn = to_nhwc(&x, b, cin, h * w);

@@ -492,7 +492,9 @@ unsafe fn output_group<L: Lanes, const A: usize, const M: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{assert_close, naive_conv, rand_vec, CONV_REL_TOL};
+    use super::super::tests::{
+        assert_close, naive_conv, rand_vec, taps_last, to_nhwc, CONV_REL_TOL,
+    };
     use super::super::{Act, Pad};
     use super::*;
 
@@ -504,19 +506,6 @@ mod tests {
     /// F(2x2, 3x3) in bf16 products (both operands rounded to 8 significant bits): about the 2^-8
     /// rounding of each product, against the largest output (measured up to 5e-3).
     const BF16_REL_TOL: f32 = 1e-2;
-
-    /// [b, c, h, w] -> [b, h, w, c].
-    fn to_nhwc(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
-        for i in 0..b {
-            for ch in 0..c {
-                for p in 0..hw {
-                    y[(i * hw + p) * c + ch] = x[(i * c + ch) * hw + p];
-                }
-            }
-        }
-        y
-    }
 
     #[test]
     fn winograd_matches_naive_conv() {
@@ -581,15 +570,7 @@ mod tests {
                 act: [Act::Relu, Act::None, Act::Silu, Act::Gelu][i % 4],
             };
             let reference = to_nhwc(&naive_conv(&x, &wt, &s, e), b, cout, oh * ow);
-            // Weight [cout, cin, 3, 3] -> [cout, 3, 3, cin].
-            let mut wp = vec![0f32; wt.len()];
-            for o in 0..cout {
-                for ci in 0..cin {
-                    for t in 0..9 {
-                        wp[(o * 9 + t) * cin + ci] = wt[(o * cin + ci) * 9 + t];
-                    }
-                }
-            }
+            let wp = taps_last(&wt, cout, cin, 3);
             let res = to_nhwc(&residual, b, cout, oh * ow);
             let e = Epilogue {
                 residual: e.residual.map(|_| &res[..]),
