@@ -49,7 +49,7 @@ impl WinogradTile {
         cout: usize,
         precision: Precision,
     ) -> Option<Self> {
-        if k != 3 || stride != 1 || precision == Precision::Int8 {
+        if k != 3 || stride != 1 || cin == 0 || cout == 0 || precision == Precision::Int8 {
             None
         } else if cin.max(cout) <= 128 && precision == Precision::F32 {
             Some(Self::F4)
@@ -185,18 +185,20 @@ thread_local! {
 
 /// `out = act(conv3x3(x) + bias + residual)` on NHWC maps by Winograd's algorithm: `x` [batch, h,
 /// w, cin], `out` and the residual [batch, oh, ow, cout], `s` a dense 3x3 stride-1 shape (any
-/// padding), `w` transformed for it ([`WinogradWeight::pack`]). In blocks of tiles: the input
-/// transform of the block (parallel over tiles), its (m + 2)² GEMMs (parallel over ξ), the output
-/// transform with the epilogue (parallel over tiles).
+/// padding), `w` transformed for it ([`WinogradWeight::pack`]). Parallel over chunks of tiles:
+/// each task input-transforms its chunk, runs the (m + 2)² GEMMs over it on its own thread and
+/// output-transforms the products with the epilogue, all in a per-thread buffer that stays in L2.
 ///
 /// # Panics
-/// When `s` is not a dense 3x3 stride-1 shape of `w`'s channels or a slice does not match it.
+/// When `s` is not a dense 3x3 stride-1 shape of `w`'s channels (at least one in and out) or a
+/// slice does not match it.
 pub fn winograd(x: &[f32], s: &ConvShape, w: &WinogradWeight, e: Epilogue, out: &mut [f32]) {
     let (oh, ow) = s.out_hw();
     assert!(
         !s.depthwise && s.kh == 3 && s.kw == 3 && s.stride == 1 && oh > 0 && ow > 0,
         "winograd: {s:?}"
     );
+    assert!(s.cin > 0 && s.cout > 0, "winograd: no channels in {s:?}");
     assert!(
         s.cin == w.cin && s.cout == w.cout,
         "winograd: weight for {} -> {} channels, shape {s:?}",
