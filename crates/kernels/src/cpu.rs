@@ -60,6 +60,14 @@ pub fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
+/// Runs `f` on one of rayon's workers (directly when the caller is one). A forward pass run this way
+/// joins its own parallel regions: the worker runs its share of each and steals the rest back,
+/// instead of the caller injecting every region into the pool and sleeping until a worker ends it
+/// (at batch 1 an EfficientNet-B0 has ~80 regions of well under a millisecond each).
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -270,32 +270,41 @@ impl std::ops::DerefMut for Buffer {
 /// hostage where a caller does not give them back.
 const POOLED: usize = 1 << 16;
 
-/// Buffers a thread keeps between forward passes (so a steady stream of batches allocates,
+/// Buffers the process keeps between forward passes (so a steady stream of batches allocates,
 /// page-faults and zeroes nothing): at most this many.
 const KEEP: usize = 12;
 
-thread_local! {
-    static FREE: std::cell::RefCell<Vec<Buffer>> = const { std::cell::RefCell::new(Vec::new()) };
+/// The kept buffers: one pool for the process, not one per thread, since a forward pass runs on
+/// whichever rayon worker picks it up.
+static FREE: std::sync::Mutex<Vec<Buffer>> = std::sync::Mutex::new(Vec::new());
+
+fn kept() -> std::sync::MutexGuard<'static, Vec<Buffer>> {
+    // A panic elsewhere cannot leave the list half-changed (its changes are single calls).
+    FREE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Buffers reused across a forward pass (maps no longer needed), and by the next forward pass on
-/// the same thread.
+/// Buffers reused across a forward pass (maps no longer needed), and by the next forward pass. It
+/// takes the kept buffers when made (a concurrent forward pass starts with none) and keeps the
+/// roomiest when dropped.
 pub(crate) struct Scratch {
     free: Vec<Buffer>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        Self { free: FREE.take() }
+        Self {
+            free: std::mem::take(&mut *kept()),
+        }
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let mut free = std::mem::take(&mut self.free);
-        free.sort_by_key(|b| std::cmp::Reverse(b.room()));
-        free.truncate(KEEP);
-        FREE.set(free);
+        let mut kept = kept();
+        kept.append(&mut self.free);
+        kept.sort_by_key(|b| std::cmp::Reverse(b.room()));
+        kept.truncate(KEEP);
     }
 }
 

@@ -276,7 +276,12 @@ impl Encoder {
             (batch.len(), 3, first.height, first.width),
             &self.device,
         )?;
-        Ok(self.model.image.encode(&t, opts)?)
+        let image = self.model.image.as_ref();
+        Ok(if self.device.is_cpu() {
+            visenc_kernels::cpu::in_pool(|| image.encode(&t, opts))
+        } else {
+            image.encode(&t, opts)
+        }?)
     }
 
     /// Tokenizes and encodes texts with the text tower.

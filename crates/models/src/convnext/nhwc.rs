@@ -97,7 +97,13 @@ fn norm_rows(x: &Map, weight: &Tensor, bias: &Tensor, eps: f64, out: &mut Buffer
 
 /// A `k x k` stride-`k` convolution (`weight` packed from [cout, ky, kx, cin]) on an NHWC map,
 /// floor-cropping sizes that are not a multiple of `k`.
-fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -> Result<Map> {
+fn patch_conv(
+    x: &Map,
+    k: usize,
+    weight: &PackedWeight,
+    bias: Option<&Tensor>,
+    pool: &mut Buffers,
+) -> Result<Map> {
     let (oh, ow) = (x.h / k, x.w / k);
     if oh == 0 || ow == 0 {
         return Err(ModelError::Input(format!(
@@ -124,10 +130,10 @@ fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -
         bias: bv.as_ref().map(|v| v.data()).transpose()?,
         ..Default::default()
     };
-    let mut out = vec![0f32; m * cout];
+    let mut out = pool.take(m * cout);
     dense(&x.data, &shape, weight, e, &mut out);
     Ok(Map {
-        data: out.into(),
+        data: out,
         batch: x.batch,
         h: oh,
         w: ow,
@@ -135,13 +141,31 @@ fn patch_conv(x: &Map, k: usize, weight: &PackedWeight, bias: Option<&Tensor>) -
     })
 }
 
-/// Buffers reused by every block of a forward pass.
-#[derive(Default)]
+/// Buffers reused by every block of a forward pass, taken from the pool and given back to it.
 struct Scratch {
-    dw: Vec<f32>,
-    normed: Vec<f32>,
-    hidden: Vec<f32>,
+    dw: Buffer,
+    normed: Buffer,
+    hidden: Buffer,
     out: Buffer,
+}
+
+impl Scratch {
+    /// Room for blocks of `values` (pixels x channels) and `hidden` MLP values: the first stage's,
+    /// the largest.
+    fn take(pool: &mut Buffers, values: usize, hidden: usize) -> Self {
+        Self {
+            dw: pool.take(values),
+            normed: pool.take(values),
+            hidden: pool.take(hidden),
+            out: pool.take(values),
+        }
+    }
+
+    fn give(self, pool: &mut Buffers) {
+        for b in [self.dw, self.normed, self.hidden, self.out] {
+            pool.give(b);
+        }
+    }
 }
 
 impl Block {
@@ -163,7 +187,7 @@ impl Block {
             depthwise: true,
         };
         let dw_b = self.dwconv.bias_tensor().map(view);
-        s.dw.resize(m * c, 0.0);
+        s.dw.resize(m * c);
         let e = Epilogue {
             bias: dw_b.as_ref().map(|v| v.data()).transpose()?,
             ..Default::default()
@@ -171,10 +195,10 @@ impl Block {
         depthwise(&x.data, dw, &shape, e, &mut s.dw);
         let (g, b, eps) = self.norm.parts();
         let (g, b) = (view(g), view(b));
-        s.normed.resize(m * c, 0.0);
+        s.normed.resize(m * c);
         layer_norm(&s.dw, g.data()?, b.data()?, eps as f32, &mut s.normed);
         let ((w1, b1), (w2, b2)) = (packed(&self.fc1)?, packed(&self.fc2)?);
-        s.hidden.resize(m * w1.n(), 0.0);
+        s.hidden.resize(m * w1.n());
         let e1 = Epilogue {
             bias: b1,
             residual: None,
@@ -211,9 +235,15 @@ impl ConvNeXt {
     ) -> Result<Trunk> {
         let mut pool = Buffers::default();
         let input = Map::from_nchw(pixels, &mut pool)?;
-        let mut x = patch_conv(&input, self.patch, &w.stem, self.stem.bias_tensor())?;
+        let mut x = patch_conv(
+            &input,
+            self.patch,
+            &w.stem,
+            self.stem.bias_tensor(),
+            &mut pool,
+        )?;
         pool.give(input.data);
-        let mut buf = Buffer::default();
+        let mut buf = pool.take(x.data.len());
         let mut normed = |x: &mut Map, n: &Norm2d| -> Result<()> {
             norm_rows(x, &n.weight, &n.bias, n.eps, &mut buf)?;
             std::mem::swap(&mut x.data, &mut buf);
@@ -222,11 +252,16 @@ impl ConvNeXt {
         normed(&mut x, &self.stem_norm)?;
         let mut reduction = self.patch;
         let mut maps = Vec::new();
-        let mut scratch = Scratch::default();
+        let hidden = self.stages.iter().flat_map(|s| &s.blocks).next();
+        let hidden = hidden
+            .and_then(|b| b.fc1.packed())
+            .map_or(0, |(w, _)| w.n());
+        let mut scratch = Scratch::take(&mut pool, x.data.len(), x.rows() * hidden);
         for ((stage, down), dws) in self.stages.iter().zip(&w.downsample).zip(&w.dwconv) {
             if let (Some((norm, conv)), Some(dw)) = (&stage.downsample, down) {
                 normed(&mut x, norm)?;
-                x = patch_conv(&x, 2, dw, conv.bias_tensor())?;
+                let y = patch_conv(&x, 2, dw, conv.bias_tensor(), &mut pool)?;
+                pool.give(std::mem::replace(&mut x, y).data);
                 reduction *= 2;
             }
             for (b, dw) in stage.blocks.iter().zip(dws) {
@@ -242,10 +277,14 @@ impl ConvNeXt {
         if let Some(n) = &self.norm_pre {
             normed(&mut x, n)?;
         }
+        scratch.give(&mut pool);
+        pool.give(buf);
         let mut pooled = vec![0f32; x.batch * x.c];
         mean_pixels(&x.data, x.h * x.w, x.c, &mut pooled);
+        let last = x.to_nchw()?;
+        pool.give(x.data);
         Ok(Trunk {
-            last: x.to_nchw()?,
+            last,
             pooled: Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?,
             maps,
         })
