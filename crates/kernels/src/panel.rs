@@ -21,6 +21,8 @@ pub(crate) const MR: usize = 6;
 const MC: usize = 96;
 /// Below this many multiply-adds one thread does the whole product (rayon's hand-off costs more).
 const SERIAL_MACS: usize = 1 << 18;
+/// Fewest parallel tasks per thread a product is split into where it has the rows.
+const TASKS_PER_THREAD: usize = 4;
 
 /// A pointer to the output that tasks writing disjoint tiles share.
 #[derive(Clone, Copy)]
@@ -80,11 +82,16 @@ pub(crate) fn for_each_tile(
     let out = OutPtr(c.as_mut_ptr());
     let panels = n.div_ceil(NR);
     // Blocks of equal size (a multiple of MR), so no block is a sliver that streams a whole panel
-    // for a few rows (197 tokens: 102 + 95 rather than 96 + 96 + 5).
-    let mc = m
-        .div_ceil(m.div_ceil(MC).max(1))
-        .next_multiple_of(MR)
-        .max(MR);
+    // for a few rows (197 tokens: 102 + 95 rather than 96 + 96 + 5); and at least TASKS_PER_THREAD
+    // tasks per thread where the rows allow, so a product of few panels and few rows does not
+    // leave a thread idle (49 pixels x 3 panels: 3 tasks on 2 threads would take 2/3 of the time,
+    // 9 take 5/9).
+    let want = m
+        .div_ceil(MC)
+        .max((crate::cpu::threads() * TASKS_PER_THREAD).div_ceil(panels))
+        .min(m.div_ceil(MR))
+        .max(1);
+    let mc = m.div_ceil(want).next_multiple_of(MR).max(MR);
     let blocks = m.div_ceil(mc);
     let run = |t: usize| {
         let out = out;

@@ -6,10 +6,13 @@
 use std::ops::Deref;
 
 use candle_core::{Device, Layout, Storage, Tensor};
-use visenc_kernels::conv::nhwc::{dense, depthwise, nchw_to_nhwc, DepthwiseWeight};
+use visenc_kernels::conv::nhwc::{
+    dense, depthwise, depthwise_and_mean, nchw_to_nhwc, DepthwiseWeight,
+};
 use visenc_kernels::conv::winograd::{winograd, WinogradTile, WinogradWeight};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::PackedWeight;
+use visenc_kernels::pool::mean_pixels;
 use visenc_kernels::Precision;
 
 use crate::conv::{cpu_f32, is_cpu_f32, Conv, Padding};
@@ -167,6 +170,29 @@ impl NhwcConv {
         act: Act,
         s: &mut Scratch,
     ) -> Result<Map> {
+        self.run(x, residual, act, s, None)
+    }
+
+    /// [`NhwcConv::forward`] without a residual, and `means` [batch, c] = each image's mean output
+    /// pixel (a depthwise convolution sums them as it stores its output).
+    pub(crate) fn forward_and_mean(
+        &self,
+        x: &Map,
+        act: Act,
+        s: &mut Scratch,
+        means: &mut [f32],
+    ) -> Result<Map> {
+        self.run(x, None, act, s, Some(means))
+    }
+
+    fn run(
+        &self,
+        x: &Map,
+        residual: Option<&[f32]>,
+        act: Act,
+        s: &mut Scratch,
+        means: Option<&mut [f32]>,
+    ) -> Result<Map> {
         if x.c != self.cin {
             return Err(ModelError::Input(format!(
                 "a convolution over {} input channels got a map with {}",
@@ -203,10 +229,19 @@ impl NhwcConv {
             residual,
             act,
         };
-        match &self.kernel {
-            Kernel::Depthwise(w) => depthwise(&x.data, w, &shape, e, &mut out),
-            Kernel::Dense(w) => dense(&x.data, &shape, w, e, &mut out),
-            Kernel::Winograd(w) => winograd(&x.data, &shape, w, e, &mut out),
+        match (&self.kernel, means) {
+            (Kernel::Depthwise(w), Some(means)) => {
+                depthwise_and_mean(&x.data, w, &shape, e, &mut out, means)
+            }
+            (Kernel::Depthwise(w), None) => depthwise(&x.data, w, &shape, e, &mut out),
+            (Kernel::Dense(w), means) => {
+                dense(&x.data, &shape, w, e, &mut out);
+                means.map(|m| mean_pixels(&out, oh * ow, n, m));
+            }
+            (Kernel::Winograd(w), means) => {
+                winograd(&x.data, &shape, w, e, &mut out);
+                means.map(|m| mean_pixels(&out, oh * ow, n, m));
+            }
         }
         Ok(Map {
             data: out,

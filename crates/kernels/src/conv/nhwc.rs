@@ -184,52 +184,61 @@ impl DepthwiseWeight {
 /// # Panics
 /// On a shape that is not depthwise or slices whose lengths do not match it.
 pub fn depthwise(x: &[f32], weight: &DepthwiseWeight, s: &ConvShape, e: Epilogue, out: &mut [f32]) {
-    let (oh, ow) = s.out_hw();
-    let c = s.cin;
-    assert!(
-        s.depthwise && s.cout == c && oh > 0 && ow > 0,
-        "depthwise NHWC: {s:?}"
-    );
-    assert_eq!(
-        x.len(),
-        s.batch * s.h * s.w * c,
-        "depthwise NHWC: input length"
-    );
-    assert!(
-        weight.c == c && weight.taps == s.kh * s.kw,
-        "depthwise NHWC: weight of {} x {} taps",
-        weight.c,
-        weight.taps
-    );
-    assert_eq!(
-        out.len(),
-        s.batch * oh * ow * c,
-        "depthwise NHWC: output length"
-    );
-    assert!(
-        e.bias.is_none_or(|b| b.len() == c),
-        "depthwise NHWC: bias length"
-    );
-    assert!(
-        e.residual.is_none_or(|r| r.len() == out.len()),
-        "depthwise NHWC: residual length"
-    );
-    let d = Depthwise {
-        x,
-        wt: &weight.data,
-        s,
-        e,
-        dst: OutPtr(out.as_mut_ptr()),
-    };
-    let rows = s.batch * oh;
-    let band = rows
-        .div_ceil(crate::cpu::threads() * TASKS_PER_THREAD)
-        .max(1);
+    let d = Depthwise::new(x, weight, s, e, out);
+    let rows = s.batch * s.out_hw().0;
+    let band = rows_per_task(rows);
     (0..rows.div_ceil(band)).into_par_iter().for_each(|t| {
         for r in t * band..rows.min((t + 1) * band) {
-            depthwise_row(&d, r / oh, r % oh);
+            depthwise_row(&d, r, None);
         }
     });
+}
+
+/// [`depthwise`], and `means` [batch, c] = the mean over the pixels of each image of `out`, summed
+/// as each output row is stored (squeeze-excitation's pooling without another pass over the map).
+///
+/// # Panics
+/// As [`depthwise`]; when `means` is not `batch * c` long.
+pub fn depthwise_and_mean(
+    x: &[f32],
+    weight: &DepthwiseWeight,
+    s: &ConvShape,
+    e: Epilogue,
+    out: &mut [f32],
+    means: &mut [f32],
+) {
+    let d = Depthwise::new(x, weight, s, e, out);
+    let (c, (oh, ow)) = (s.cin, s.out_hw());
+    assert_eq!(means.len(), s.batch * c, "depthwise NHWC: means length");
+    let rows = s.batch * oh;
+    let band = rows_per_task(rows);
+    // Per task: the sums of its rows, per image its band touches (from the first).
+    let partial: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(band))
+        .into_par_iter()
+        .map(|t| {
+            let rows = t * band..rows.min((t + 1) * band);
+            let first = rows.start / oh;
+            let mut sums = vec![0f32; ((rows.end - 1) / oh + 1 - first) * c];
+            for r in rows {
+                depthwise_row(&d, r, Some(&mut sums[(r / oh - first) * c..][..c]));
+            }
+            (first, sums)
+        })
+        .collect();
+    means.fill(0.0);
+    for (first, sums) in partial {
+        for (m, s) in means[first * c..].iter_mut().zip(sums) {
+            *m += s;
+        }
+    }
+    let inv = 1.0 / (oh * ow) as f32;
+    means.iter_mut().for_each(|m| *m *= inv);
+}
+
+/// Output rows (of all images) per parallel task of a depthwise convolution over `rows`.
+fn rows_per_task(rows: usize) -> usize {
+    rows.div_ceil(crate::cpu::threads() * TASKS_PER_THREAD)
+        .max(1)
 }
 
 /// The operands of one [`depthwise`] call.
@@ -242,30 +251,88 @@ struct Depthwise<'a> {
     dst: OutPtr,
 }
 
+impl<'a> Depthwise<'a> {
+    /// Checks the operands.
+    fn new(
+        x: &'a [f32],
+        weight: &'a DepthwiseWeight,
+        s: &'a ConvShape,
+        e: Epilogue<'a>,
+        out: &'a mut [f32],
+    ) -> Self {
+        let (oh, ow) = s.out_hw();
+        let c = s.cin;
+        assert!(
+            s.depthwise && s.cout == c && oh > 0 && ow > 0,
+            "depthwise NHWC: {s:?}"
+        );
+        assert_eq!(
+            x.len(),
+            s.batch * s.h * s.w * c,
+            "depthwise NHWC: input length"
+        );
+        assert!(
+            weight.c == c && weight.taps == s.kh * s.kw,
+            "depthwise NHWC: weight of {} x {} taps",
+            weight.c,
+            weight.taps
+        );
+        assert_eq!(
+            out.len(),
+            s.batch * oh * ow * c,
+            "depthwise NHWC: output length"
+        );
+        assert!(
+            e.bias.is_none_or(|b| b.len() == c),
+            "depthwise NHWC: bias length"
+        );
+        assert!(
+            e.residual.is_none_or(|r| r.len() == out.len()),
+            "depthwise NHWC: residual length"
+        );
+        Self {
+            x,
+            wt: &weight.data,
+            s,
+            e,
+            dst: OutPtr(out.as_mut_ptr()),
+        }
+    }
+}
+
 multiversion! {
-/// Output row `oy` of image `b`, every channel.
-fn depthwise_row<L>(d: &Depthwise, b: usize, oy: usize) {
+/// Output row `row` of all images' rows (image `row / oh`, row `row % oh` in it), every channel;
+/// adds the row's outputs to `sums` (c values) when given.
+fn depthwise_row<L>(d: &Depthwise, row: usize, sums: Option<&mut [f32]>) {
     let c = d.s.cin;
+    let oh = d.s.out_hw().0;
+    let (b, oy) = (row / oh, row % oh);
     let full = c / CB * CB;
+    let sums = sums.map_or(std::ptr::null_mut(), |s| {
+        assert_eq!(s.len(), c, "depthwise NHWC: sums length");
+        s.as_mut_ptr()
+    });
     // Lane groups per 16-channel block: 1 with AVX-512, 16 single lanes on the portable paths.
     if L::N == CB {
-        row_channels::<L, 1>(d, b, oy, 0..full);
+        row_channels::<L, 1>(d, b, oy, 0..full, sums);
     } else {
-        row_channels::<L, CB>(d, b, oy, 0..full);
+        row_channels::<L, CB>(d, b, oy, 0..full, sums);
     }
-    row_channels::<f32, 1>(d, b, oy, full..c);
+    row_channels::<f32, 1>(d, b, oy, full..c, sums);
 }
 }
 
 /// Row `oy` of image `b` for `channels`, in blocks of [`PX`] output pixels x `G` vectors of `L::N`
 /// lanes: a block's input window (a few pixels x every channel) stays in L1 while its channels
-/// run, and its outputs are one contiguous run.
+/// run, and its outputs are one contiguous run. Each output is added to `sums` (`c` values, the
+/// channel's sum) unless it is null.
 #[inline(always)]
 fn row_channels<L: Lanes, const G: usize>(
     d: &Depthwise,
     b: usize,
     oy: usize,
     channels: Range<usize>,
+    sums: *mut f32,
 ) {
     let s = d.s;
     let (oh, ow) = s.out_hw();
@@ -331,8 +398,16 @@ fn row_channels<L: Lanes, const G: usize>(
                         Some(r) => v.add(unsafe { L::load(r.as_ptr().add(i)) }),
                         None => v,
                     };
-                    // SAFETY: the pixel's channels belong to this task's row alone.
-                    unsafe { d.e.act.lanes::<L>(v).store(d.dst.at(i)) };
+                    let v = d.e.act.lanes::<L>(v);
+                    // SAFETY: the pixel's channels belong to this task's row alone; a non-null
+                    // `sums` holds every channel and is this task's.
+                    unsafe {
+                        v.store(d.dst.at(i));
+                        if !sums.is_null() {
+                            let sum = sums.add(c0 + g * L::N);
+                            L::load(sum).add(v).store(sum);
+                        }
+                    }
                 }
             }
         }
@@ -513,6 +588,20 @@ mod tests {
             let packed = DepthwiseWeight::pack(&wt, c, k * k);
             depthwise(&to_nhwc(&x, b, c, h * w), &packed, &s, e_nhwc, &mut out);
             assert_close(&out, &reference, CONV_REL_TOL, &format!("case {i}: {s:?}"));
+            // With the per-image means (bands of rows that span two images in cases 0 and 2).
+            let mut again = vec![f32::NAN; out.len()];
+            let mut means = vec![f32::NAN; b * c];
+            let x_nhwc = to_nhwc(&x, b, c, h * w);
+            depthwise_and_mean(&x_nhwc, &packed, &s, e_nhwc, &mut again, &mut means);
+            assert_eq!(again, out, "case {i}: the output next to the means");
+            let expected: Vec<f32> = (0..b * c)
+                .map(|j| {
+                    let (image, ch) = (j / c, j % c);
+                    let px = (0..oh * ow).map(|p| reference[(image * oh * ow + p) * c + ch] as f64);
+                    (px.sum::<f64>() / (oh * ow) as f64) as f32
+                })
+                .collect();
+            assert_close(&means, &expected, CONV_REL_TOL, &format!("case {i}: means"));
         }
     }
 

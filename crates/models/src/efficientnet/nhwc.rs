@@ -7,7 +7,7 @@
 
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
-use visenc_kernels::pool::{mean_pixels, sigmoid_gate_rows};
+use visenc_kernels::pool::sigmoid_gate_rows;
 
 use super::{Block, ConvBnAct, EfficientNet};
 use crate::conv::{fused_act, Conv};
@@ -123,27 +123,39 @@ fn prepare_block(b: &Block) -> Result<Option<NhwcBlock>> {
 
 impl NhwcBlock {
     fn forward(&self, x: Map, s: &mut Scratch) -> Result<Map> {
-        let mut y: Option<Map> = None;
-        for step in &self.steps {
-            let next = step.forward(y.as_ref().unwrap_or(&x), None, s)?;
-            if let Some(old) = y.replace(next) {
-                s.give(old.data);
-            }
-        }
-        let Some(mut y) = y else {
+        let Some((last, first)) = self.steps.split_last() else {
             return Err(ModelError::Input(
                 "an EfficientNet block without convolutions".into(),
             ));
         };
-        if let Some((reduce, expand)) = &self.se {
-            let mut pooled = Map {
-                data: vec![0f32; y.batch * y.c].into(),
+        let mut prev: Option<Map> = None;
+        for step in first {
+            let next = step.forward(prev.as_ref().unwrap_or(&x), None, s)?;
+            if let Some(old) = prev.replace(next) {
+                s.give(old.data);
+            }
+        }
+        let input = prev.as_ref().unwrap_or(&x);
+        // Squeeze-excitation pools the last convolution's output as that convolution stores it.
+        let mut means = self
+            .se
+            .as_ref()
+            .map(|_| vec![0f32; x.batch * last.conv.out_channels()]);
+        let mut y = match means.as_mut() {
+            Some(m) => last.conv.forward_and_mean(input, last.act, s, m)?,
+            None => last.forward(input, None, s)?,
+        };
+        if let Some(old) = prev {
+            s.give(old.data);
+        }
+        if let (Some((reduce, expand)), Some(means)) = (&self.se, means) {
+            let pooled = Map {
+                data: means.into(),
                 batch: y.batch,
                 h: 1,
                 w: 1,
                 c: y.c,
             };
-            mean_pixels(&y.data, y.h * y.w, y.c, &mut pooled.data);
             let g = expand.forward(&reduce.forward(&pooled, None, s)?, None, s)?;
             sigmoid_gate_rows(&mut y.data, y.h * y.w, y.c, &g.data);
         }
