@@ -110,4 +110,30 @@ mod tests {
             }
         }
     }
+
+    /// The converting GEMMs give the same result, bit for bit, whether they convert the whole input
+    /// first or block by block in parallel tasks (`panel::by_row_blocks`: 203 rows of k = 3000
+    /// make 9 blocks of 24, the last one short, 4 per thread on 2), residual and epilogue included.
+    #[test]
+    fn blocks_of_rows_match_one_pass() {
+        let (m, n, k) = (203, 21, 3000);
+        let a = test_values(m * k, 11);
+        let w = test_values(n * k, 12);
+        let (bias, res) = (test_values(n, 13), test_values(m * n, 14));
+        let e = Epilogue {
+            bias: Some(&bias),
+            residual: Some(&res),
+            act: Act::Silu,
+        };
+        for precision in [Precision::Bf16, Precision::Int8] {
+            let packed = PackedWeight::pack(&w, n, k, precision);
+            let (mut blocks, mut one) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            // On two threads, whatever this machine has (one would not split).
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build();
+            pool.unwrap()
+                .install(|| gemm(&a, m, &packed, e, &mut blocks));
+            crate::panel::serially(|| gemm(&a, m, &packed, e, &mut one));
+            assert_eq!(blocks, one, "{precision}");
+        }
+    }
 }

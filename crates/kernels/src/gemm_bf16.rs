@@ -13,7 +13,8 @@ use crate::cpu::Features;
 use rayon::prelude::*;
 
 use crate::panel::{
-    check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, Store, MR, NR,
+    by_row_blocks, check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, Store,
+    MR, NR,
 };
 
 /// Rounds to bf16 like `vcvtneps2bf16`: round to nearest even, subnormals to signed zero, NaN stays a
@@ -99,6 +100,11 @@ pub fn gemm_bf16(
     let (n, k, pairs) = (w.n, w.k, w.pairs);
     check_shapes("gemm_bf16", a, m, n, k, &e, c);
     if m == 0 || n == 0 {
+        return;
+    }
+    if by_row_blocks(a, m, k, &e, c, |a, m, e, c| {
+        gemm_bf16(a, m, w, e, c, features)
+    }) {
         return;
     }
     // Only x86-64 has the native kernels (and only there can detection report the feature).

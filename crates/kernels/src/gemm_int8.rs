@@ -20,7 +20,9 @@ use crate::conv::{Act, Epilogue};
 use crate::cpu::Features;
 use rayon::prelude::*;
 
-use crate::panel::{check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, NR};
+use crate::panel::{
+    by_row_blocks, check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, NR,
+};
 
 /// Largest magnitude of a quantised weight (symmetric, so -128 is unused).
 const QMAX_W: f32 = 127.0;
@@ -116,6 +118,11 @@ pub fn gemm_int8(
     let (n, k, quads) = (w.n, w.k, w.quads);
     check_shapes("gemm_int8", a, m, n, k, &e, c);
     if m == 0 || n == 0 {
+        return;
+    }
+    if by_row_blocks(a, m, k, &e, c, |a, m, e, c| {
+        gemm_int8(a, m, w, e, c, features)
+    }) {
         return;
     }
     // Only x86-64 has the native kernels (and only there can detection report the feature).

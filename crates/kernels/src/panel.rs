@@ -147,6 +147,43 @@ pub(crate) fn convert_rows(k: usize) -> usize {
     ((1 << 15) / k.max(1)).max(1)
 }
 
+/// Blocks of [`convert_rows`] per thread from which a converting GEMM runs block by block.
+const CONVERTED_BLOCKS_PER_THREAD: usize = 4;
+
+/// Runs a GEMM that converts its input (bf16, int8) block by block when `m` rows make enough blocks
+/// of about [`convert_rows`]: each parallel task converts its rows and multiplies them by every panel on
+/// its own thread (`gemm`, under [`serially`]), while they are in cache, instead of one pass over
+/// the whole input before the product. Returns false, having done nothing, when the product is
+/// too small for that (or already one of several parallel tasks).
+pub(crate) fn by_row_blocks(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    e: &Epilogue,
+    c: &mut [f32],
+    gemm: impl Fn(&[f32], usize, Epilogue, &mut [f32]) + Sync,
+) -> bool {
+    // Whole register tiles, at least 4 per panel.
+    let rows = convert_rows(k).max(4 * MR).next_multiple_of(MR);
+    let threads = crate::cpu::threads();
+    if SERIAL.get() || threads == 1 || m.div_ceil(rows) < CONVERTED_BLOCKS_PER_THREAD * threads {
+        return false;
+    }
+    let n = c.len() / m;
+    c.par_chunks_mut(rows * n)
+        .zip(a.par_chunks(rows * k))
+        .enumerate()
+        .for_each(|(i, (c, a))| {
+            let r = c.len() / n;
+            let e = Epilogue {
+                residual: e.residual.map(|res| &res[i * rows * n..][..r * n]),
+                ..*e
+            };
+            serially(|| gemm(a, r, e, c));
+        });
+    true
+}
+
 /// Runs `f` with a scratch vector of at least `len` elements kept per thread between calls, so the hot
 /// path does not allocate (and page-fault) a fresh buffer per layer. A nested call on the same thread
 /// (rayon may run another task while this one waits) gets a fresh vector instead.
