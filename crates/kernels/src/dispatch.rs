@@ -14,6 +14,7 @@ macro_rules! multiversion {
         $(#[$m])*
         $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
+            #[allow(clippy::extra_unused_type_parameters)] // bodies that need no vector type
             fn generic<$L: $crate::math::Lanes, const FMA: bool>($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {

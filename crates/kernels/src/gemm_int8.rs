@@ -193,7 +193,7 @@ impl Dequant<'_> {
 /// The quantisation of a row whose range (widened to include 0) is `lo..=hi`.
 fn row_quant(lo: f32, hi: f32) -> (RowQuant, f32) {
     let scale = (hi - lo) / 255.0;
-    if !(scale > 0.0) || !scale.is_finite() {
+    if !scale.is_finite() || scale <= 0.0 {
         // All zeros (or non-finite input): every value quantises to the zero point 0.
         return (
             RowQuant {

@@ -31,6 +31,17 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The element at `offset` (a method, so closures capture the whole `Send` wrapper).
+    ///
+    /// # Safety
+    /// `offset` is inside the output.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
 /// One register tile of the output: rows `row..row + rows` (at most [`MR`]) x the `cols` valid
 /// columns of panel `panel`.
 #[derive(Clone, Copy)]
@@ -94,7 +105,6 @@ pub(crate) fn for_each_tile(
     let mc = m.div_ceil(want).next_multiple_of(MR).max(MR);
     let blocks = m.div_ceil(mc);
     let run = |t: usize| {
-        let out = out;
         let (block, panel) = (t / panels, t % panels);
         let row0 = block * mc;
         let end = m.min(row0 + mc);
@@ -107,7 +117,7 @@ pub(crate) fn for_each_tile(
                 cols,
                 out: Store {
                     // SAFETY: row < m and panel * NR < n, so the offset is inside `c`.
-                    c: unsafe { out.0.add(row * n + panel * NR) },
+                    c: unsafe { out.at(row * n + panel * NR) },
                     ldc: n,
                     bias: e
                         .bias
