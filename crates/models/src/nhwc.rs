@@ -236,11 +236,15 @@ impl NhwcConv {
             (Kernel::Depthwise(w), None) => depthwise(&x.data, w, &shape, e, &mut out),
             (Kernel::Dense(w), means) => {
                 dense(&x.data, &shape, w, e, &mut out);
-                means.map(|m| mean_pixels(&out, oh * ow, n, m));
+                if let Some(m) = means {
+                    mean_pixels(&out, oh * ow, n, m);
+                }
             }
             (Kernel::Winograd(w), means) => {
                 winograd(&x.data, &shape, w, e, &mut out);
-                means.map(|m| mean_pixels(&out, oh * ow, n, m));
+                if let Some(m) = means {
+                    mean_pixels(&out, oh * ow, n, m);
+                }
             }
         }
         Ok(Map {
