@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::dispatch::multiversion;
 use crate::softmax::{exp_sub_sum, scale_bias_max, scale_row};
+use crate::OutPtr;
 
 /// Largest key tile: beyond it the online softmax takes over (1024 keys x 128 queries = 512 KiB of
 /// scores, with the key and value tiles inside a 1 MiB L2).
@@ -85,20 +86,6 @@ impl Operand<'_> {
     }
 }
 
-/// Output pointer shared by the tasks, which write disjoint rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only the rows of its own (batch, head, query tile).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the whole (`Send`) wrapper, not the raw pointer.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `softmax(scale q k^T + bias) v` for `q` [B, H, N, d], `k` and `v` [B, H, M, d] and an optional
 /// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
 /// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row.
@@ -150,7 +137,7 @@ pub fn attention(
             |scratch, t| {
                 let (bh, qt) = (t / q_tiles, t % q_tiles);
                 // SAFETY: the output rows of (bh, qt) belong to this task only; strides checked.
-                unsafe { query_tile(&tiles, bh / d.heads, bh % d.heads, qt, scratch, ptr.get()) }
+                unsafe { query_tile(&tiles, bh / d.heads, bh % d.heads, qt, scratch, ptr.at(0)) }
             },
         );
     Ok(out)

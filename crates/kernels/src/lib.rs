@@ -22,3 +22,23 @@ pub mod precision;
 pub mod softmax;
 
 pub use precision::Precision;
+
+/// A pointer to an output that parallel tasks write disjoint parts of (which part, and why no two
+/// tasks meet, is each user's safety argument).
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: the tasks sharing it write disjoint elements (see each user).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The element at `offset` (a method, so closures capture the whole `Send` wrapper, not the raw
+    /// pointer).
+    ///
+    /// # Safety
+    /// `offset` is inside the output.
+    pub(crate) unsafe fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}

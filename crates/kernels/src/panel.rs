@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::conv::{Act, Epilogue};
+use crate::OutPtr;
 
 /// Output columns per packed panel: four 16-lane registers.
 pub(crate) const NR: usize = 64;
@@ -23,24 +24,6 @@ const MC: usize = 96;
 const SERIAL_MACS: usize = 1 << 18;
 /// Fewest parallel tasks per thread a product is split into where it has the rows.
 const TASKS_PER_THREAD: usize = 4;
-
-/// A pointer to the output that tasks writing disjoint tiles share.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of rows x panel columns of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `offset` (a method, so closures capture the whole `Send` wrapper).
-    ///
-    /// # Safety
-    /// `offset` is inside the output.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.0.add(offset) }
-    }
-}
 
 /// One register tile of the output: rows `row..row + rows` (at most [`MR`]) x the `cols` valid
 /// columns of panel `panel`.

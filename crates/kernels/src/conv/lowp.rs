@@ -13,11 +13,12 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{im2col, Act, ConvShape, Epilogue, OutPtr, Pad};
+use super::{im2col, Act, ConvShape, Epilogue, Pad};
 use crate::cpu::Features;
 use crate::dispatch::multiversion;
 use crate::gemm_bf16::{f32_to_bf16, register_tile, to_pairs};
 use crate::panel::{with_scratch, Store, MR, NR};
+use crate::OutPtr;
 
 /// A dense convolution's weight [cout, cin, kh, kw] as bf16 pairs along `k = cin * kh * kw`.
 #[derive(Debug, Clone)]

@@ -23,6 +23,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::dispatch::multiversion;
+use crate::OutPtr;
 pub use epilogue::Act;
 
 /// Zero padding on each side of the input.
@@ -160,23 +161,6 @@ const MIN_TILE: usize = 64;
 thread_local! {
     /// The im2col tile of the current thread, reused across calls.
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A pointer to the output that tasks write disjoint tiles of.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes only its own (image, pixel range) tile of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The element at `offset` (a method, so closures capture the whole `Send` wrapper).
-    ///
-    /// # Safety
-    /// `offset` is inside the output.
-    unsafe fn at(self, offset: usize) -> *mut f32 {
-        self.0.add(offset)
-    }
 }
 
 fn dense(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32]) {

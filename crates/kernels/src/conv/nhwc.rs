@@ -9,11 +9,12 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{ConvShape, Epilogue, OutPtr, Pad};
+use super::{ConvShape, Epilogue, Pad};
 use crate::dispatch::multiversion;
 use crate::gemm::{gemm, PackedWeight};
 use crate::math::Lanes;
 use crate::panel::with_scratch;
+use crate::OutPtr;
 
 /// Output rows of [`im2col`] per task.
 const IM2COL_ROWS: usize = 32;

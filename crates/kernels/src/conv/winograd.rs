@@ -14,11 +14,12 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::{ConvShape, Epilogue, OutPtr};
+use super::{ConvShape, Epilogue};
 use crate::dispatch::multiversion;
 use crate::gemm::{gemm, PackedWeight};
 use crate::math::Lanes;
 use crate::panel::{serially, with_scratch};
+use crate::OutPtr;
 use crate::Precision;
 
 /// The output tile of a Winograd convolution.
