@@ -86,7 +86,8 @@ impl Bert {
                 name: cfg.position_embedding_type,
             });
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(config_err(
                 "num_attention_heads",
                 format!(

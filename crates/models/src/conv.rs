@@ -78,7 +78,7 @@ impl ConvSpec {
 impl Conv {
     /// Loads `name.weight` [cout, cin/groups, k, k] (and `name.bias`).
     pub fn load(s: &Scope, name: &str, c: ConvSpec) -> Result<Self> {
-        if c.groups == 0 || c.cin % c.groups != 0 || c.cout % c.groups != 0 {
+        if c.groups == 0 || !c.cin.is_multiple_of(c.groups) || !c.cout.is_multiple_of(c.groups) {
             return Err(config_err(
                 "groups",
                 format!(

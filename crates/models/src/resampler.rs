@@ -101,7 +101,7 @@ impl PerceiverAttention {
         let scores = (q * scale)?.matmul(&k.t()?.contiguous()?)?;
         let attn = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.flatten_from(2)?;
-        Ok(self.output_proj.forward(&out)?)
+        self.output_proj.forward(&out)
     }
 }
 
@@ -125,7 +125,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.fc.forward(&self.ln.forward(x)?)?.relu()?;
-        Ok(self.c_proj.forward(&h)?)
+        self.c_proj.forward(&h)
     }
 }
 

@@ -211,7 +211,7 @@ impl PatchMerging {
             .reshape(vec![b, h2, 2, w2, 2, c])?
             .permute((0, 1, 3, 4, 2, 5))?
             .reshape((b, h2 * w2, 4 * c))?;
-        Ok(self.reduction.forward(&self.norm.forward(&x)?)?)
+        self.reduction.forward(&self.norm.forward(&x)?)
     }
 }
 

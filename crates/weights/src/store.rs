@@ -103,8 +103,12 @@ pub struct Weights {
     used: RefCell<BTreeSet<String>>,
     ignored: RefCell<BTreeSet<String>>,
     missing: RefCell<BTreeSet<String>>,
-    mismatched: RefCell<BTreeMap<String, (Vec<usize>, Vec<usize>)>>,
+    /// Per key, the shape the model asked for and the shape the checkpoint has.
+    mismatched: RefCell<BTreeMap<String, Shapes>>,
 }
+
+/// An expected shape and the one found.
+type Shapes = (Vec<usize>, Vec<usize>);
 
 impl Weights {
     /// Builds from tensors already in memory; `source` names them in errors.

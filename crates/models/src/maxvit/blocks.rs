@@ -285,7 +285,7 @@ impl Attention {
         let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
         let att = q.matmul(&k.t()?)?.broadcast_add(&self.rel_bias)?;
         let y = candle_nn::ops::softmax_last_dim(&att)?.matmul(&v)?;
-        Ok(self.proj.forward(&y.transpose(1, 2)?.reshape((p, n, c))?)?)
+        self.proj.forward(&y.transpose(1, 2)?.reshape((p, n, c))?)
     }
 }
 
