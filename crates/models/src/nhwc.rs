@@ -229,23 +229,27 @@ impl NhwcConv {
             residual,
             act,
         };
-        match (&self.kernel, means) {
+        // The means the kernel did not sum as it stored its output.
+        let means = match (&self.kernel, means) {
             (Kernel::Depthwise(w), Some(means)) => {
-                depthwise_and_mean(&x.data, w, &shape, e, &mut out, means)
+                depthwise_and_mean(&x.data, w, &shape, e, &mut out, means);
+                None
             }
-            (Kernel::Depthwise(w), None) => depthwise(&x.data, w, &shape, e, &mut out),
+            (Kernel::Depthwise(w), None) => {
+                depthwise(&x.data, w, &shape, e, &mut out);
+                None
+            }
             (Kernel::Dense(w), means) => {
                 dense(&x.data, &shape, w, e, &mut out);
-                if let Some(m) = means {
-                    mean_pixels(&out, oh * ow, n, m);
-                }
+                means
             }
             (Kernel::Winograd(w), means) => {
                 winograd(&x.data, &shape, w, e, &mut out);
-                if let Some(m) = means {
-                    mean_pixels(&out, oh * ow, n, m);
-                }
+                means
             }
+        };
+        if let Some(m) = means {
+            mean_pixels(&out, oh * ow, n, m);
         }
         Ok(Map {
             data: out,

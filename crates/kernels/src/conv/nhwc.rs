@@ -186,10 +186,8 @@ impl DepthwiseWeight {
 /// On a shape that is not depthwise or slices whose lengths do not match it.
 pub fn depthwise(x: &[f32], weight: &DepthwiseWeight, s: &ConvShape, e: Epilogue, out: &mut [f32]) {
     let d = Depthwise::new(x, weight, s, e, out);
-    let rows = s.batch * s.out_hw().0;
-    let band = rows_per_task(rows);
-    (0..rows.div_ceil(band)).into_par_iter().for_each(|t| {
-        for r in t * band..rows.min((t + 1) * band) {
+    bands(s.batch * s.out_hw().0).for_each(|rows| {
+        for r in rows {
             depthwise_row(&d, r, None);
         }
     });
@@ -211,13 +209,9 @@ pub fn depthwise_and_mean(
     let d = Depthwise::new(x, weight, s, e, out);
     let (c, (oh, ow)) = (s.cin, s.out_hw());
     assert_eq!(means.len(), s.batch * c, "depthwise NHWC: means length");
-    let rows = s.batch * oh;
-    let band = rows_per_task(rows);
     // Per task: the sums of its rows, per image its band touches (from the first).
-    let partial: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(band))
-        .into_par_iter()
-        .map(|t| {
-            let rows = t * band..rows.min((t + 1) * band);
+    let partial: Vec<(usize, Vec<f32>)> = bands(s.batch * oh)
+        .map(|rows| {
             let first = rows.start / oh;
             let mut sums = vec![0f32; ((rows.end - 1) / oh + 1 - first) * c];
             for r in rows {
@@ -236,10 +230,15 @@ pub fn depthwise_and_mean(
     means.iter_mut().for_each(|m| *m *= inv);
 }
 
-/// Output rows (of all images) per parallel task of a depthwise convolution over `rows`.
-fn rows_per_task(rows: usize) -> usize {
-    rows.div_ceil(crate::cpu::threads() * TASKS_PER_THREAD)
-        .max(1)
+/// The parallel tasks of a depthwise convolution with `rows` output rows (of all images): bands of
+/// consecutive rows, [`TASKS_PER_THREAD`] per thread.
+fn bands(rows: usize) -> impl IndexedParallelIterator<Item = Range<usize>> {
+    let band = rows
+        .div_ceil(crate::cpu::threads() * TASKS_PER_THREAD)
+        .max(1);
+    (0..rows.div_ceil(band))
+        .into_par_iter()
+        .map(move |t| t * band..rows.min((t + 1) * band))
 }
 
 /// The operands of one [`depthwise`] call.
