@@ -341,24 +341,33 @@ fn row_channels<L: Lanes, const G: usize>(
     let y0 = oy * st;
     let ky = pad.top.saturating_sub(y0)..(s.h + pad.top).saturating_sub(y0).min(s.kh);
     let (x, wt) = (d.x.as_ptr(), d.wt.as_ptr());
+    // (The one-lane tail after the 16-lane blocks is usually empty: skip its blocks' setup.)
+    if channels.is_empty() {
+        return;
+    }
     for ox in (0..ow).step_by(PX) {
         let npx = PX.min(ow - ox);
+        // The windows' first columns, in padded coordinates; the block is inside when all its
+        // pixels' windows are.
+        let x0 = |p: usize| (ox + p) * st;
+        let inside = npx == PX && x0(0) >= pad.left && x0(PX - 1) + s.kw <= s.w + pad.left;
         let mut win = Window {
             start: [0; PX],
-            taps: [(0, 0); PX],
+            lo: [0; PX],
+            hi: [0; PX],
             kw: s.kw,
             c,
         };
-        for p in 0..npx {
-            // The window's first column (in padded coordinates) and its taps inside the map.
-            let x0 = (ox + p) * st;
-            win.start[p] = (x0 as isize - pad.left as isize) * c as isize;
-            win.taps[p] = (
-                pad.left.saturating_sub(x0),
-                (s.w + pad.left).saturating_sub(x0).min(s.kw),
-            );
+        for (p, start) in win.start.iter_mut().enumerate() {
+            *start = (x0(p) as isize - pad.left as isize) * c as isize;
         }
-        let inside = npx == PX && win.taps.iter().all(|&t| t == (0, s.kw));
+        if !inside {
+            // Each pixel's taps inside the map (none past the row's end).
+            for p in 0..npx {
+                win.lo[p] = pad.left.saturating_sub(x0(p));
+                win.hi[p] = (s.w + pad.left).saturating_sub(x0(p)).min(s.kw);
+            }
+        }
         if channels.start == 0 {
             prefetch_next_rows(d, b, y0, ox, npx);
         }
@@ -456,8 +465,10 @@ struct Window {
     /// Per pixel, the element offset of its window's first column from the row's start (negative
     /// where the window starts in the padding).
     start: [isize; PX],
-    /// Per pixel, the filter columns inside the map (empty for pixels past the row's end).
-    taps: [(usize, usize); PX],
+    /// Per pixel, the filter columns `lo..hi` inside the map (empty for pixels past the row's
+    /// end); only set for blocks at a border.
+    lo: [usize; PX],
+    hi: [usize; PX],
     kw: usize,
     /// Values per pixel.
     c: usize,
@@ -467,7 +478,7 @@ struct Window {
 /// channels; `CLIP`: skip the taps outside each pixel's window range (else all `kw` are inside).
 ///
 /// # Safety
-/// `row` points at the block's channels in an input row and every tap in `win.taps` lies inside
+/// `row` points at the block's channels in an input row and every tap in `win.lo..win.hi` lies inside
 /// that row; `wv` holds `kw` taps `win.c` apart of `G * L::N` channels.
 #[inline(always)]
 unsafe fn accumulate<L: Lanes, const G: usize, const CLIP: bool>(
@@ -483,7 +494,7 @@ unsafe fn accumulate<L: Lanes, const G: usize, const CLIP: bool>(
             unsafe {
                 let w = L::load(wv.add(kx * c + g * L::N));
                 for (p, a) in acc.iter_mut().enumerate() {
-                    if CLIP && !(win.taps[p].0..win.taps[p].1).contains(&kx) {
+                    if CLIP && !(win.lo[p]..win.hi[p]).contains(&kx) {
                         continue;
                     }
                     let src = row.offset(win.start[p] + (kx * c + g * L::N) as isize);
