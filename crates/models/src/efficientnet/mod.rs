@@ -242,23 +242,27 @@ mod tests {
     /// depthwise / SE blocks and the dense 3x3 convolutions of `cn` and `er` blocks; symmetric and TF
     /// "SAME" padding) at odd sizes, feature maps included. The fixture tests check the NHWC path
     /// against the reference; this keeps the NCHW one checked and shows the NHWC one is taken.
+    /// The timm fixture `name` (f32 on the CPU).
+    pub(super) fn timm_fixture(name: &str) -> EfficientNet {
+        let dir = format!(
+            "{}/../../fixtures/families/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let tensors =
+            candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/config.json")).unwrap())
+                .unwrap();
+        let arch = cfg["architecture"].as_str().unwrap().to_string();
+        let w = Weights::new(tensors, &dir, DType::F32, &Device::Cpu);
+        timm::build_timm(&arch, &cfg, &w).unwrap().0
+    }
+
     #[test]
     fn nhwc_and_nchw_paths_agree() {
         for name in ["efficientnet_timm", "efficientnet_timm_tf"] {
-            let dir = format!(
-                "{}/../../fixtures/families/{name}",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let tensors =
-                candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
-                    .unwrap();
-            let cfg: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(format!("{dir}/config.json")).unwrap(),
-            )
-            .unwrap();
-            let arch = cfg["architecture"].as_str().unwrap().to_string();
-            let w = Weights::new(tensors, &dir, DType::F32, &Device::Cpu);
-            let (mut model, _) = timm::build_timm(&arch, &cfg, &w).unwrap();
+            let mut model = timm_fixture(name);
             assert!(
                 model.nhwc.is_some(),
                 "{name}: f32 on the CPU runs channels last"

@@ -3,7 +3,8 @@
 //! the activation and the block's residual in its epilogue; depthwise ones vectorised across
 //! channels; dense ones im2col + GEMM), and the squeeze-excitation pools and gates rows of C values.
 //! The stem (a 3-channel convolution) stays channels first and its output is transposed once. The
-//! same network as the forward pass in `mod.rs`, only in another memory layout.
+//! same network as the forward pass in `mod.rs`, only in another memory layout; at larger batches
+//! the first stages run image by image so their maps stay in the cache.
 
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
@@ -189,6 +190,80 @@ impl NhwcBlock {
     }
 }
 
+/// A stage runs image by image when its widest map for the whole batch would take more than this:
+/// at batch 8 EfficientNet-B0's first stages expand to 20-38 MiB, past the 32 MiB L3, so the
+/// depthwise convolution and the projection would read back from memory what the expansion has
+/// just written; one image's maps (2.4-4.8 MiB) stay in the cache.
+const STAGE_BYTES: usize = 8 << 20;
+
+impl NhwcWeights {
+    /// Runs the leading stages whose maps for the whole batch would take more than `budget` bytes
+    /// (see [`STAGE_BYTES`]) image by image, and returns the batch's map after them with the
+    /// number of stages run.
+    fn leading_stages_per_image(
+        &self,
+        x: Map,
+        s: &mut Scratch,
+        budget: usize,
+    ) -> Result<(Map, usize)> {
+        let batch = x.batch;
+        // The bytes of a stage's widest map for the whole batch, from its input's size (an upper
+        // bound where its first block downsamples).
+        let widest = |stage: &[NhwcBlock], m: &Map| {
+            let c = stage
+                .iter()
+                .flat_map(|b| &b.steps)
+                .map(|st| st.conv.out_channels());
+            batch * m.h * m.w * c.max().unwrap_or(0) * std::mem::size_of::<f32>()
+        };
+        if batch < 2
+            || self
+                .stages
+                .first()
+                .is_none_or(|st| widest(st, &x) <= budget)
+        {
+            return Ok((x, 0));
+        }
+        let per_image = x.h * x.w * x.c;
+        let mut outs = Vec::with_capacity(batch);
+        let mut ran = 0;
+        for image in x.data.chunks_exact(per_image) {
+            let mut data = s.take(per_image);
+            data.copy_from_slice(image);
+            let mut m = Map {
+                data,
+                batch: 1,
+                ..x
+            };
+            ran = 0;
+            while let Some(stage) = self.stages.get(ran).filter(|st| widest(st, &m) > budget) {
+                for b in stage {
+                    m = b.forward(m, s)?;
+                }
+                ran += 1;
+            }
+            outs.push(m);
+        }
+        s.give(x.data);
+        let (h, w, c) = (outs[0].h, outs[0].w, outs[0].c);
+        let mut data = s.take(batch * h * w * c);
+        for (dst, m) in data.chunks_exact_mut(h * w * c).zip(outs) {
+            dst.copy_from_slice(&m.data);
+            s.give(m.data);
+        }
+        Ok((
+            Map {
+                data,
+                batch,
+                h,
+                w,
+                c,
+            },
+            ran,
+        ))
+    }
+}
+
 /// The trunk's outputs: the head's map (NCHW view) and, when asked, the stem's and each stage's
 /// map (NCHW).
 pub(super) struct Trunk {
@@ -209,10 +284,13 @@ impl EfficientNet {
         let mut x = w.stem.forward(&input, None, &mut s)?;
         s.give(input.data);
         let mut maps = Vec::new();
+        let mut first = 0;
         if features {
             maps.push(x.to_nchw()?.contiguous()?);
+        } else {
+            (x, first) = w.leading_stages_per_image(x, &mut s, STAGE_BYTES)?;
         }
-        for stage in &w.stages {
+        for stage in &w.stages[first..] {
             for b in stage {
                 x = b.forward(x, &mut s)?;
             }
@@ -226,5 +304,49 @@ impl EfficientNet {
         s.give(x.data);
         s.give(head.data);
         Ok(Trunk { last, maps })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// Leading stages run image by image give the map the batched stages give, whatever the budget
+    /// (0: every stage per image).
+    #[test]
+    fn leading_stages_per_image_match_batched() {
+        let model = super::super::tests::timm_fixture("efficientnet_timm");
+        let w = model
+            .nhwc
+            .as_ref()
+            .expect("f32 on the CPU runs channels last");
+        let px = Tensor::randn(0f32, 1.0, (3, 3, 40, 36), &Device::Cpu).unwrap();
+        let run = |budget: usize| {
+            let mut s = Scratch::default();
+            let input = Map::from_nchw(&px, &mut s).unwrap();
+            let x = w.stem.forward(&input, None, &mut s).unwrap();
+            let (mut x, first) = w.leading_stages_per_image(x, &mut s, budget).unwrap();
+            for stage in &w.stages[first..] {
+                for b in stage {
+                    x = b.forward(x, &mut s).unwrap();
+                }
+            }
+            (first, x.batch, x.data.to_vec())
+        };
+        let (all, b_all, per_image) = run(0);
+        let (none, b_none, batched) = run(usize::MAX);
+        assert_eq!((all, none), (w.stages.len(), 0), "stages run per image");
+        assert_eq!((b_all, b_none), (3, 3), "batch");
+        let max = batched.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = per_image
+            .iter()
+            .zip(&batched)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-5 * max,
+            "per image differs by {diff} (max {max})"
+        );
     }
 }
