@@ -74,6 +74,66 @@ impl Map {
     }
 }
 
+/// Runs the leading `stages` for which `split(stage, map)` holds (`map` one image's input to the
+/// stage) image by image with `run`, so that a large batch's maps stay in the cache from one
+/// convolution to the next; returns the batch's map after them and how many stages ran. A batch of
+/// one, or a first stage `split` refuses, runs nothing.
+pub(crate) fn per_image<S>(
+    stages: &[S],
+    x: Map,
+    s: &mut Scratch,
+    split: impl Fn(&S, &Map) -> bool,
+    run: impl Fn(&S, Map, &mut Scratch) -> Result<Map>,
+) -> Result<(Map, usize)> {
+    let batch = x.batch;
+    let one = x.h * x.w * x.c;
+    let image = |data| Map {
+        data,
+        batch: 1,
+        h: x.h,
+        w: x.w,
+        c: x.c,
+    };
+    if batch < 2
+        || one == 0
+        || stages
+            .first()
+            .is_none_or(|st| !split(st, &image(Buffer::default())))
+    {
+        return Ok((x, 0));
+    }
+    let mut outs = Vec::with_capacity(batch);
+    let mut ran = 0;
+    for pixels in x.data.chunks_exact(one) {
+        let mut data = s.take(one);
+        data.copy_from_slice(pixels);
+        let mut m = image(data);
+        ran = 0;
+        while let Some(stage) = stages.get(ran).filter(|st| split(st, &m)) {
+            m = run(stage, m, s)?;
+            ran += 1;
+        }
+        outs.push(m);
+    }
+    s.give(x.data);
+    let (h, w, c) = (outs[0].h, outs[0].w, outs[0].c);
+    let mut data = s.take(batch * h * w * c);
+    for (dst, m) in data.chunks_exact_mut(h * w * c).zip(outs) {
+        dst.copy_from_slice(&m.data);
+        s.give(m.data);
+    }
+    Ok((
+        Map {
+            data,
+            batch,
+            h,
+            w,
+            c,
+        },
+        ran,
+    ))
+}
+
 /// How an [`NhwcConv`] pads its input.
 #[derive(Debug, Clone, Copy)]
 enum ConvPad {

@@ -13,7 +13,7 @@ use visenc_kernels::pool::sigmoid_gate_rows;
 use super::{Block, ConvBnAct, EfficientNet};
 use crate::conv::{fused_act, Conv};
 use crate::error::{ModelError, Result};
-use crate::nhwc::{Map, NhwcConv, Scratch};
+use crate::nhwc::{per_image, Map, NhwcConv, Scratch};
 use crate::nn::Activation;
 
 /// A convolution of the trunk with its activation.
@@ -193,13 +193,14 @@ impl NhwcBlock {
 /// A stage runs image by image when its widest map for the whole batch would take more than this:
 /// at batch 8 EfficientNet-B0's first stages expand to 20-38 MiB, past the 32 MiB L3, so the
 /// depthwise convolution and the projection would read back from memory what the expansion has
-/// just written; one image's maps (2.4-4.8 MiB) stay in the cache.
+/// just written; one image's maps (2.4-4.8 MiB) stay in the cache. (Its weights are small, so
+/// reading them once per image costs little.)
 const STAGE_BYTES: usize = 8 << 20;
 
 impl NhwcWeights {
-    /// Runs the leading stages whose maps for the whole batch would take more than `budget` bytes
-    /// (see [`STAGE_BYTES`]) image by image, and returns the batch's map after them with the
-    /// number of stages run.
+    /// The leading stages whose widest map for the whole batch takes more than `budget` bytes (from
+    /// the stage's input size: an upper bound where its first block downsamples), image by image
+    /// ([`per_image`]); the batch's map after them and how many ran.
     fn leading_stages_per_image(
         &self,
         x: Map,
@@ -207,60 +208,22 @@ impl NhwcWeights {
         budget: usize,
     ) -> Result<(Map, usize)> {
         let batch = x.batch;
-        // The bytes of a stage's widest map for the whole batch, from its input's size (an upper
-        // bound where its first block downsamples).
-        let widest = |stage: &[NhwcBlock], m: &Map| {
-            let c = stage
-                .iter()
-                .flat_map(|b| &b.steps)
-                .map(|st| st.conv.out_channels());
-            batch * m.h * m.w * c.max().unwrap_or(0) * std::mem::size_of::<f32>()
-        };
-        if batch < 2
-            || self
-                .stages
-                .first()
-                .is_none_or(|st| widest(st, &x) <= budget)
-        {
-            return Ok((x, 0));
-        }
-        let per_image = x.h * x.w * x.c;
-        let mut outs = Vec::with_capacity(batch);
-        let mut ran = 0;
-        for image in x.data.chunks_exact(per_image) {
-            let mut data = s.take(per_image);
-            data.copy_from_slice(image);
-            let mut m = Map {
-                data,
-                batch: 1,
-                ..x
-            };
-            ran = 0;
-            while let Some(stage) = self.stages.get(ran).filter(|st| widest(st, &m) > budget) {
+        per_image(
+            &self.stages,
+            x,
+            s,
+            |stage, m| {
+                let c = stage.iter().flat_map(|b| &b.steps);
+                let c = c.map(|st| st.conv.out_channels()).max().unwrap_or(0);
+                batch * m.h * m.w * c * std::mem::size_of::<f32>() > budget
+            },
+            |stage, mut m, s| {
                 for b in stage {
                     m = b.forward(m, s)?;
                 }
-                ran += 1;
-            }
-            outs.push(m);
-        }
-        s.give(x.data);
-        let (h, w, c) = (outs[0].h, outs[0].w, outs[0].c);
-        let mut data = s.take(batch * h * w * c);
-        for (dst, m) in data.chunks_exact_mut(h * w * c).zip(outs) {
-            dst.copy_from_slice(&m.data);
-            s.give(m.data);
-        }
-        Ok((
-            Map {
-                data,
-                batch,
-                h,
-                w,
-                c,
+                Ok(m)
             },
-            ran,
-        ))
+        )
     }
 }
 
