@@ -107,6 +107,11 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Large buffers aligned to cache lines, so the kernels' vector loads do not straddle two.
+#[global_allocator]
+static ALLOC: visenc::models::kernels::alloc::CacheLineAligned =
+    visenc::models::kernels::alloc::CacheLineAligned;
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();

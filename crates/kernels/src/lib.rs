@@ -6,6 +6,7 @@
 //! reference on random and odd shapes.
 
 pub mod activation;
+pub mod alloc;
 pub mod attention;
 pub mod conv;
 pub mod cpu;
