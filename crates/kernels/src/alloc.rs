@@ -13,7 +13,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 /// Allocations from this size up are cache-line aligned.
 pub const ALIGNED_FROM: usize = 4096;
 
-/// Cache-line alignment of large allocations (install with `#[global_allocator]`).
+/// Cache-line alignment of large allocations (install with `#[global_allocator]`): a block of at
+/// least [`ALIGNED_FROM`] bytes is a system block 64 bytes larger, entered at its first cache-line
+/// boundary (rather than `posix_memalign`, whose blocks do not serve the next request of the same
+/// size once freed, and cannot grow in place).
 ///
 /// ```
 /// #[global_allocator]
@@ -21,53 +24,140 @@ pub const ALIGNED_FROM: usize = 4096;
 /// ```
 pub struct CacheLineAligned;
 
-/// The layout actually requested from the system for `l`.
-fn widened(l: Layout) -> Layout {
-    if l.size() >= ALIGNED_FROM && l.align() < 64 {
-        // 64 is a power of two and `l.size()` already fits `isize` rounded to `l.align()`; rounding
-        // it to 64 instead can only fail within 64 bytes of `isize::MAX`, where `l` stays as is.
-        Layout::from_size_align(l.size(), 64).unwrap_or(l)
-    } else {
-        l
+/// Cache-line size, the alignment of large blocks.
+const LINE: usize = 64;
+
+/// Whether a block of layout `l` is given cache-line alignment here (else the system's own).
+fn aligned_here(l: Layout) -> bool {
+    l.size() >= ALIGNED_FROM && l.align() < LINE
+}
+
+/// The system block under an aligned one: `LINE` bytes more, at the system's own alignment (so a
+/// freed block serves the next request of the same size, and `realloc` can grow in place).
+fn base_layout(size: usize) -> Option<Layout> {
+    Layout::from_size_align(size.checked_add(LINE)?, std::mem::align_of::<usize>()).ok()
+}
+
+/// The aligned address inside a system block at `base`: the first cache-line boundary at least one
+/// `usize` in, with the distance back to `base` recorded just below it. The `keep` bytes at `from`
+/// (inside the block: where a resized block holds its old contents) move there first.
+///
+/// # Safety
+/// `base` is a non-null block of at least `keep + LINE` bytes and `from..from + keep` lies in it.
+unsafe fn enter(base: *mut u8, from: *const u8, keep: usize) -> *mut u8 {
+    let word = std::mem::size_of::<usize>();
+    let gap = word + (LINE - (base as usize + word) % LINE) % LINE;
+    // SAFETY: word <= gap <= LINE (the system aligns blocks to at least a word), so the aligned
+    // address, the `keep` bytes after it and the word below it are inside the block; `copy`
+    // handles the overlap, and the word is written after the bytes moved (it lies below them).
+    unsafe {
+        let p = base.add(gap);
+        std::ptr::copy(from, p, keep);
+        (p as *mut usize).sub(1).write_unaligned(gap);
+        p
     }
 }
 
-// SAFETY: every block is allocated, reallocated and freed by `System` with the same widened
-// layout (a pure function of the caller's layout), which satisfies the caller's alignment too.
+/// The system block under an aligned address from [`enter`], and its distance.
+///
+/// # Safety
+/// `p` came from [`enter`].
+unsafe fn base_of(p: *mut u8) -> (*mut u8, usize) {
+    // SAFETY: `enter` wrote the distance just below `p`.
+    unsafe {
+        let gap = (p as *const usize).sub(1).read_unaligned();
+        (p.sub(gap), gap)
+    }
+}
+
+/// A new aligned block for `layout` from `system` (the system's `alloc` or `alloc_zeroed`).
+///
+/// # Safety
+/// `layout` has a non-zero size.
+unsafe fn new_block(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+    let Some(base) = base_layout(layout.size()) else {
+        return std::ptr::null_mut();
+    };
+    let b = system(base);
+    if b.is_null() {
+        return b;
+    }
+    // SAFETY: a block of LINE spare bytes; nothing to keep.
+    unsafe { enter(b, b, 0) }
+}
+
+// SAFETY: blocks this allocator aligns are system blocks of `LINE` extra bytes at the system's
+// alignment, entered at a recorded offset; whether a block is one is a pure function of the
+// caller's layout, which the caller passes back unchanged to `dealloc` and `realloc`.
 unsafe impl GlobalAlloc for CacheLineAligned {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the widened layout has the caller's non-zero size.
-        unsafe { System.alloc(widened(layout)) }
+        // SAFETY: the caller's non-zero layout.
+        unsafe {
+            if aligned_here(layout) {
+                new_block(layout, |l| System.alloc(l))
+            } else {
+                System.alloc(layout)
+            }
+        }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as `alloc`.
-        unsafe { System.alloc_zeroed(widened(layout)) }
+        // SAFETY: as `alloc` (the block is zeroed before the distance is written below `p`).
+        unsafe {
+            if aligned_here(layout) {
+                new_block(layout, |l| System.alloc_zeroed(l))
+            } else {
+                System.alloc_zeroed(layout)
+            }
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated with `widened(layout)` (see `alloc` and `realloc`).
-        unsafe { System.dealloc(ptr, widened(layout)) }
+        // SAFETY: `ptr` came from this allocator with `layout` (the caller's contract), so an
+        // aligned one sits in a system block of `base_layout(layout.size())`.
+        unsafe {
+            match base_layout(layout.size()).filter(|_| aligned_here(layout)) {
+                Some(base) => System.dealloc(base_of(ptr).0, base),
+                None => System.dealloc(ptr, layout),
+            }
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let old = widened(layout);
         // SAFETY (from_size_align_unchecked): the caller guarantees `new_size` rounded to
         // `layout.align()` fits `isize`.
-        let new = widened(unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) });
-        if old.align() == new.align() {
-            // SAFETY: `ptr` was allocated with `old`; the system keeps its alignment.
-            return unsafe { System.realloc(ptr, old, new_size) };
-        }
-        // Crossing ALIGNED_FROM: a new block in the other alignment, then the old one freed.
-        // SAFETY: `new` has a non-zero size; both blocks are valid for the copied bytes.
-        unsafe {
-            let p = System.alloc(new);
-            if !p.is_null() {
-                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
-                System.dealloc(ptr, old);
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        match (aligned_here(layout), aligned_here(new)) {
+            // SAFETY: the caller's layouts, unchanged.
+            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            (true, true) => {
+                let (Some(old_base), Some(new_base)) =
+                    (base_layout(layout.size()), base_layout(new_size))
+                else {
+                    return std::ptr::null_mut();
+                };
+                // SAFETY: the system block is resized (in place where it can be); its contents
+                // keep their distance from its start, and move to its aligned address (another
+                // distance where the block moved to a different alignment).
+                unsafe {
+                    let (base, gap) = base_of(ptr);
+                    let b = System.realloc(base, old_base, new_base.size());
+                    if b.is_null() {
+                        return b;
+                    }
+                    enter(b, b.add(gap), layout.size().min(new_size))
+                }
             }
-            p
+            // Crossing ALIGNED_FROM: a block of the other kind, the bytes copied, the old one freed.
+            // SAFETY: `new` has a non-zero size; both blocks hold the copied bytes.
+            _ => unsafe {
+                let p = self.alloc(new);
+                if !p.is_null() {
+                    std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                    self.dealloc(ptr, layout);
+                }
+                p
+            },
         }
     }
 }
@@ -99,6 +189,31 @@ mod tests {
             let s = a.realloc(r, Layout::from_size_align(20_000, 4).unwrap(), 50);
             assert!((0..50).all(|i| *s.add(i) == i as u8), "bytes kept");
             a.dealloc(s, Layout::from_size_align(50, 4).unwrap());
+            // Many resizes of aligned blocks (in place, moved, to other distances), with other
+            // blocks in between so the system has to move some of them.
+            let mut size = 5000;
+            let mut p = a.alloc(Layout::from_size_align(size, 4).unwrap());
+            for i in 0..size {
+                *p.add(i) = (i % 251) as u8;
+            }
+            let mut others = Vec::new();
+            for step in 0..60 {
+                let l = Layout::from_size_align(size, 4).unwrap();
+                let next = if step % 3 == 2 { size - 700 } else { size + 3000 };
+                p = a.realloc(p, l, next);
+                size = next;
+                assert_eq!(p as usize % 64, 0, "step {step}: aligned");
+                assert!(
+                    (0..4000).all(|i| *p.add(i) == (i % 251) as u8),
+                    "step {step}: bytes kept"
+                );
+                let o = Layout::from_size_align(4096 + 64 * step, 8).unwrap();
+                others.push((a.alloc(o), o));
+            }
+            a.dealloc(p, Layout::from_size_align(size, 4).unwrap());
+            for (o, l) in others {
+                a.dealloc(o, l);
+            }
             for size in [4096, 5000, 1 << 20] {
                 let l = Layout::from_size_align(size, 4).unwrap();
                 let z = a.alloc_zeroed(l);
