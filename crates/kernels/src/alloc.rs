@@ -199,7 +199,11 @@ mod tests {
             let mut others = Vec::new();
             for step in 0..60 {
                 let l = Layout::from_size_align(size, 4).unwrap();
-                let next = if step % 3 == 2 { size - 700 } else { size + 3000 };
+                let next = if step % 3 == 2 {
+                    size - 700
+                } else {
+                    size + 3000
+                };
                 p = a.realloc(p, l, next);
                 size = next;
                 assert_eq!(p as usize % 64, 0, "step {step}: aligned");

@@ -369,12 +369,13 @@ impl std::ops::DerefMut for Buffer {
     }
 }
 
-/// Smaller buffers (256 KiB) are allocated fresh: cheap, and they would hold a pooled buffer
-/// hostage where a caller does not give them back.
-const POOLED: usize = 1 << 16;
+/// Buffers under this many values (256 KiB) are small: a small request takes only a small buffer
+/// and a large one only a large buffer, so a map nobody gives back never holds a large buffer
+/// hostage.
+const SMALL: usize = 1 << 16;
 
 /// Buffers the process keeps between forward passes (so a steady stream of batches allocates,
-/// page-faults and zeroes nothing): at most this many.
+/// page-faults and zeroes nothing): at most this many large ones and this many small ones.
 const KEEP: usize = 12;
 
 /// The kept buffers: one pool for the process, not one per thread, since a forward pass runs on
@@ -389,7 +390,7 @@ fn kept() -> std::sync::MutexGuard<'static, Vec<Buffer>> {
 
 /// Buffers reused across a forward pass (maps no longer needed), and by the next forward pass. It
 /// takes the kept buffers when made (a concurrent forward pass starts with none) and keeps the
-/// roomiest when dropped.
+/// roomiest of each size class when dropped.
 pub(crate) struct Scratch {
     free: Vec<Buffer>,
 }
@@ -407,21 +408,28 @@ impl Drop for Scratch {
         let mut kept = kept();
         kept.append(&mut self.free);
         kept.sort_by_key(|b| std::cmp::Reverse(b.room()));
+        let large = kept.partition_point(|b| b.room() >= SMALL);
+        let small = kept.split_off(large);
         kept.truncate(KEEP);
+        kept.extend(small.into_iter().take(KEEP));
     }
 }
 
 impl Scratch {
-    /// A buffer of `len` values (contents unspecified): the free one with the least room that holds
-    /// `len`, else the roomiest grown to `len` (a small one is new).
+    /// A buffer of `len` values (contents unspecified): the free one of `len`'s size class with the
+    /// least room that holds `len`, else (large) the roomiest large one grown to `len`, else a new
+    /// one.
     pub(crate) fn take(&mut self, len: usize) -> Buffer {
-        if len < POOLED {
-            return vec![0.0; len].into();
-        }
-        let fit = (0..self.free.len())
-            .filter(|&i| self.free[i].room() >= len)
-            .min_by_key(|&i| self.free[i].room())
-            .or_else(|| (0..self.free.len()).max_by_key(|&i| self.free[i].room()));
+        let class = |b: &Buffer| (b.room() < SMALL) == (len < SMALL);
+        let free = &self.free;
+        let fit = (0..free.len())
+            .filter(|&i| class(&free[i]) && free[i].room() >= len)
+            .min_by_key(|&i| free[i].room())
+            .or_else(|| {
+                (0..free.len())
+                    .filter(|&i| len >= SMALL && class(&free[i]))
+                    .max_by_key(|&i| free[i].room())
+            });
         let mut b = fit.map(|i| self.free.swap_remove(i)).unwrap_or_default();
         b.resize(len);
         b
@@ -429,7 +437,7 @@ impl Scratch {
 
     /// Returns a buffer for later [`Scratch::take`]s.
     pub(crate) fn give(&mut self, b: Buffer) {
-        if b.room() >= POOLED {
+        if b.room() > 0 {
             self.free.push(b);
         }
     }
@@ -439,7 +447,26 @@ impl Scratch {
 pub(crate) mod tests {
     use candle_core::Tensor;
 
+    use super::{Scratch, SMALL};
     use crate::api::ImageFeatures;
+
+    /// Buffers come back for requests of their size class only: a small map never takes a large
+    /// buffer, a large one reuses the large buffer given back, and each keeps its values' room.
+    #[test]
+    fn scratch_reuses_buffers_within_their_size_class() {
+        // Not `default()`: without the process's kept buffers, which other tests change.
+        let mut s = Scratch { free: Vec::new() };
+        let large = s.take(SMALL * 2);
+        let at = large.as_ptr();
+        s.give(large);
+        let small = s.take(100);
+        assert!(small.room() < SMALL, "a small request took a large buffer");
+        assert_eq!(small.len(), 100);
+        let small_at = small.as_ptr();
+        s.give(small);
+        assert_eq!(s.take(SMALL * 2).as_ptr(), at, "large buffer not reused");
+        assert_eq!(s.take(50).as_ptr(), small_at, "small buffer not reused");
+    }
 
     /// Max |a - b| over max |b|.
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
