@@ -64,13 +64,101 @@ pub fn threads() -> usize {
 /// joins its own parallel regions: the worker runs its share of each and steals the rest back,
 /// instead of the caller injecting every region into the pool and sleeping until a worker ends it
 /// (at batch 1 an EfficientNet-B0 has ~80 regions of well under a millisecond each).
+///
+/// While `f` runs, the other workers keep looking for its work instead of going to sleep between
+/// regions (and being woken, through the kernel, for the next one): each runs a job that takes
+/// pending work as it appears and returns when `f` has. They only do so while `f` is the only such
+/// pass in the process; with several at once (a server's concurrent requests) every worker is busy
+/// anyway, and a worker spinning for one pass must not stay stacked above another pass's work.
 pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    static PASSES: AtomicUsize = AtomicUsize::new(0);
+    /// Marks the pass as ended even when `f` panics, so no worker spins forever.
+    struct Ended<'a>(&'a AtomicBool);
+    impl Drop for Ended<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+            PASSES.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        PASSES.fetch_add(1, Ordering::AcqRel);
+        let ended = Ended(&done);
+        let owner = rayon::current_thread_index();
+        let done = &done;
+        for _ in 1..threads() {
+            s.spawn(move |_| {
+                if rayon::current_thread_index() == owner {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) && PASSES.load(Ordering::Acquire) == 1 {
+                    if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                        for _ in 0..SPINS {
+                            std::hint::spin_loop();
+                        }
+                    }
+                }
+            });
+        }
+        let r = f();
+        drop(ended);
+        r
+    })
 }
+
+/// `spin_loop` hints between two looks for work of a worker waiting on an [`in_pool`] pass.
+const SPINS: usize = 32;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Passes return their value, run their parallel work, end after a panic (their waiting
+    /// workers stop), and several at once from different threads (nested parallel regions in
+    /// each, workers waiting for one while another runs) all finish.
+    #[test]
+    fn passes_finish_alone_after_a_panic_and_concurrently() {
+        use rayon::prelude::*;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let work = |seed: u64| {
+            in_pool(|| {
+                (0..64u64)
+                    .into_par_iter()
+                    .map(|i| {
+                        (0..1000u64)
+                            .into_par_iter()
+                            .map(|j| i * j + seed)
+                            .sum::<u64>()
+                    })
+                    .sum::<u64>()
+            })
+        };
+        let want = |seed: u64| (0..64u64).map(|i| i * 499_500 + 1000 * seed).sum::<u64>();
+        pool.install(|| assert_eq!(work(1), want(1)));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.install(|| in_pool(|| panic!("inside the pass")))
+        }));
+        assert!(panicked.is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let pool = std::sync::Arc::new(pool);
+        for t in 0..4u64 {
+            let (tx, pool) = (tx.clone(), pool.clone());
+            std::thread::spawn(move || {
+                let got: Vec<u64> = (0..20).map(|_| pool.install(|| work(t))).collect();
+                tx.send((t, got)).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            let (t, got) = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("concurrent passes did not finish");
+            assert!(got.iter().all(|&g| g == want(t)), "pass {t}");
+        }
+    }
 
     #[test]
     fn detection_is_consistent() {
