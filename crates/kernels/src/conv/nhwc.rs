@@ -368,6 +368,11 @@ fn row_channels<L: Lanes, const G: usize>(
                 win.hi[p] = (s.w + pad.left).saturating_sub(x0(p)).min(s.kw);
             }
         }
+        // The block's windows span input columns x0(0) - pad.left + i for i in 0..span; those
+        // inside the map are `cols`.
+        let span = (PX - 1) * st + s.kw;
+        let col0 = x0(0) as isize - pad.left as isize;
+        let cols = (-col0).max(0) as usize..(s.w as isize - col0).clamp(0, span as isize) as usize;
         if channels.start == 0 {
             prefetch_next_rows(d, b, y0, ox, npx);
         }
@@ -390,10 +395,14 @@ fn row_channels<L: Lanes, const G: usize>(
                 let wv = unsafe { wt.add(ky * s.kw * c + c0) };
                 // SAFETY: as `accumulate` requires (the window bounds come from the block).
                 unsafe {
-                    if inside {
-                        accumulate::<L, G, false>(&mut acc, row, wv, &win);
-                    } else {
-                        accumulate::<L, G, true>(&mut acc, row, wv, &win);
+                    let first = row.wrapping_offset(win.start[0]);
+                    let ins = (cols.start, cols.end, c);
+                    match (s.kw, st) {
+                        (3, 1) => accumulate_fixed::<L, G, 3, 1>(&mut acc, first, wv, ins),
+                        (5, 1) => accumulate_fixed::<L, G, 5, 1>(&mut acc, first, wv, ins),
+                        (7, 1) => accumulate_fixed::<L, G, 7, 1>(&mut acc, first, wv, ins),
+                        _ if inside => accumulate::<L, G, false>(&mut acc, row, wv, &win),
+                        _ => accumulate::<L, G, true>(&mut acc, row, wv, &win),
                     }
                 }
             }
@@ -472,6 +481,48 @@ struct Window {
     kw: usize,
     /// Values per pixel.
     c: usize,
+}
+
+/// [`accumulate`] for a `KW`-wide filter at stride `S`: the block's windows cover the
+/// `(PX - 1) S + KW` input pixels from `first` (pixel `p` tap `kx` reads pixel `p S + kx`), so each
+/// is loaded once and feeds every accumulator whose window holds it, with the `KW` weights in
+/// registers: about one load per `KW / S` multiply-adds instead of one per multiply-add. Input
+/// pixels outside `lo..hi` (the padding, at a border) are skipped, which is adding zeros; so are
+/// the windows of pixels past the row's end, whose accumulators are not stored.
+///
+/// # Safety
+/// Input pixels `lo..hi` from `first` (`c` apart) are inside the row; `wv` holds `KW` taps `c`
+/// apart of `G * L::N` channels.
+#[inline(always)]
+unsafe fn accumulate_fixed<L: Lanes, const G: usize, const KW: usize, const S: usize>(
+    acc: &mut [[L; G]; PX],
+    first: *const f32,
+    wv: *const f32,
+    (lo, hi, c): (usize, usize, usize),
+) {
+    for g in 0..G {
+        // The accumulators in a local array (kept in registers once the loops are unrolled).
+        let mut a: [L; PX] = acc.map(|v| v[g]);
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            let w: [L; KW] = std::array::from_fn(|kx| L::load(wv.add(kx * c + g * L::N)));
+            for i in 0..(PX - 1) * S + KW {
+                let v = if (lo..hi).contains(&i) {
+                    L::load(first.wrapping_add(i * c + g * L::N))
+                } else {
+                    L::splat(0.0)
+                };
+                for (kx, &w) in w.iter().enumerate() {
+                    if i >= kx && (i - kx) % S == 0 && (i - kx) / S < PX {
+                        a[(i - kx) / S] = w.mul_add(v, a[(i - kx) / S]);
+                    }
+                }
+            }
+        }
+        for (v, a) in acc.iter_mut().zip(a) {
+            v[g] = a;
+        }
+    }
 }
 
 /// `acc[p] += Σ_kx w[kx] · x[p's column kx]` over one filter row, for `G` vectors of `L::N`
@@ -565,6 +616,24 @@ mod tests {
                 },
             ),
             (1, 48, 6, 30, 3, 1, Pad::same(1)),
+            // The register-window paths (3, 5 and 7 wide at stride 1) on rows with inside blocks,
+            // also with uneven left and right padding.
+            (1, 32, 6, 29, 5, 1, Pad::same(2)),
+            (2, 16, 9, 31, 7, 1, Pad::same(3)),
+            (
+                1,
+                20,
+                5,
+                27,
+                5,
+                1,
+                Pad {
+                    top: 2,
+                    bottom: 2,
+                    left: 1,
+                    right: 3,
+                },
+            ),
         ];
         for (i, (b, c, h, w, k, stride, pad)) in cases.into_iter().enumerate() {
             let s = ConvShape {
