@@ -401,6 +401,8 @@ fn row_channels<L: Lanes, const G: usize>(
                         (3, 1) => accumulate_fixed::<L, G, 3, 1>(&mut acc, first, wv, ins),
                         (5, 1) => accumulate_fixed::<L, G, 5, 1>(&mut acc, first, wv, ins),
                         (7, 1) => accumulate_fixed::<L, G, 7, 1>(&mut acc, first, wv, ins),
+                        (3, 2) => accumulate_fixed::<L, G, 3, 2>(&mut acc, first, wv, ins),
+                        (5, 2) => accumulate_fixed::<L, G, 5, 2>(&mut acc, first, wv, ins),
                         _ if inside => accumulate::<L, G, false>(&mut acc, row, wv, &win),
                         _ => accumulate::<L, G, true>(&mut acc, row, wv, &win),
                     }
@@ -483,12 +485,15 @@ struct Window {
     c: usize,
 }
 
+/// Most input pixels the windows of a block of [`PX`] output pixels span in [`accumulate_fixed`].
+const MAX_SPAN: usize = 24;
+
 /// [`accumulate`] for a `KW`-wide filter at stride `S`: the block's windows cover the
 /// `(PX - 1) S + KW` input pixels from `first` (pixel `p` tap `kx` reads pixel `p S + kx`), so each
 /// is loaded once and feeds every accumulator whose window holds it, with the `KW` weights in
 /// registers: about one load per `KW / S` multiply-adds instead of one per multiply-add. Input
-/// pixels outside `lo..hi` (the padding, at a border) are skipped, which is adding zeros; so are
-/// the windows of pixels past the row's end, whose accumulators are not stored.
+/// pixels outside `lo..hi` (the padding, at a border) are zeros, not loaded; the windows of pixels
+/// past the row's end reach past it too, and their accumulators are not stored.
 ///
 /// # Safety
 /// Input pixels `lo..hi` from `first` (`c` apart) are inside the row; `wv` holds `KW` taps `c`
@@ -500,22 +505,24 @@ unsafe fn accumulate_fixed<L: Lanes, const G: usize, const KW: usize, const S: u
     wv: *const f32,
     (lo, hi, c): (usize, usize, usize),
 ) {
+    let span = (PX - 1) * S + KW;
+    const { assert!((PX - 1) * S + KW <= MAX_SPAN) };
     for g in 0..G {
         // The accumulators in a local array (kept in registers once the loops are unrolled).
         let mut a: [L; PX] = acc.map(|v| v[g]);
         // SAFETY: forwarded from the caller.
         unsafe {
             let w: [L; KW] = std::array::from_fn(|kx| L::load(wv.add(kx * c + g * L::N)));
-            for i in 0..(PX - 1) * S + KW {
-                let v = if (lo..hi).contains(&i) {
+            let v: [L; MAX_SPAN] = std::array::from_fn(|i| {
+                if i < span && (lo..hi).contains(&i) {
                     L::load(first.wrapping_add(i * c + g * L::N))
                 } else {
                     L::splat(0.0)
-                };
+                }
+            });
+            for (p, a) in a.iter_mut().enumerate() {
                 for (kx, &w) in w.iter().enumerate() {
-                    if i >= kx && (i - kx) % S == 0 && (i - kx) / S < PX {
-                        a[(i - kx) / S] = w.mul_add(v, a[(i - kx) / S]);
-                    }
+                    *a = w.mul_add(v[p * S + kx], *a);
                 }
             }
         }
