@@ -178,9 +178,11 @@ impl DepthwiseWeight {
 /// too. `s` describes the shape as for [`super::conv2d`] (`depthwise: true`, `cin == cout == c`).
 ///
 /// Tasks are bands of output rows. Along a row, 16 channels x 8 output pixels accumulate in
-/// registers (one weight load feeds 8 pixels) straight from the input (blocks at the borders skip
-/// the taps in the padding), and the bias, residual and activation are applied before the single
-/// store.
+/// registers straight from the input: for 3-, 5- and 7-wide filters at stride 1 and 3- and 5-wide
+/// ones at stride 2 each input pixel of the block's windows is loaded once and the filter row's
+/// weights stay in registers; other shapes load each tap (one weight load feeds 8 pixels). Blocks
+/// at the borders skip the padding. The bias, residual and activation are applied before the
+/// single store.
 ///
 /// # Panics
 /// On a shape that is not depthwise or slices whose lengths do not match it.
