@@ -13,18 +13,23 @@ function check(ok, what) {
   if (!ok) throw new Error("check failed: " + what);
 }
 
+// The result tiles once there are `want` of them with their thumbnails loaded, read in the same
+// step as the check (a search that starts in between cannot empty them under us).
 async function tiles(page) {
-  await page.waitForFunction(
-    (n) => document.querySelectorAll("#results .tile").length === n &&
-      [...document.querySelectorAll("#results .tile img")].every((i) => i.complete),
+  const seen = await page.waitForFunction(
+    (n) => {
+      const ts = [...document.querySelectorAll("#results .tile")];
+      if (ts.length !== n || !ts.every((t) => t.querySelector("img").complete)) return null;
+      return ts.map((t) => ({
+        score: Number(t.querySelector(".score").textContent),
+        name: t.querySelector("figcaption").textContent,
+        loaded: t.querySelector("img").naturalWidth > 0,
+      }));
+    },
     want,
     { timeout: 30000 },
   );
-  return page.$$eval("#results .tile", (ts) => ts.map((t) => ({
-    score: Number(t.querySelector(".score").textContent),
-    name: t.querySelector("figcaption").textContent,
-    loaded: t.querySelector("img").naturalWidth > 0,
-  })));
+  return seen.jsonValue();
 }
 
 const browser = await chromium.launch({ executablePath, headless: true, args: ["--no-sandbox"] });
@@ -43,7 +48,11 @@ try {
   check(byText.every((t) => Number.isFinite(t.score) && t.loaded), "every tile has a score and a loaded thumbnail");
   check(byText.every((t, i) => i === 0 || byText[i - 1].score >= t.score), "best first");
 
+  // The upload's search starts after the file is read: wait until it has replaced the text
+  // query's tiles (the status reads "N results" for both).
+  const previous = await page.$("#results .tile");
   await page.setInputFiles("#upload", upload);
+  await page.waitForFunction((tile) => !tile.isConnected, previous, { timeout: 30000 });
   await page.waitForFunction((n) => document.getElementById("status").textContent === n + " results", want);
   const byImage = await tiles(page);
   check(byImage[0].name.includes(basename(upload)), "an indexed image finds itself first");
