@@ -183,13 +183,14 @@ impl ImageEncoder for EfficientNet {
                 }
             }
         };
-        let x = match (&self.nhwc, is_cpu_f32(pixels)) {
+        // The channels-last trunk also averages its last map (no pass over the NCHW view).
+        let (x, mean) = match (&self.nhwc, is_cpu_f32(pixels)) {
             (Some(w), true) => {
                 let trunk = self.trunk_nhwc(w, pixels, opts.features && !self.taps.is_empty())?;
                 for (i, map) in trunk.maps.iter().enumerate() {
                     tap(i.checked_sub(1), map);
                 }
-                trunk.last
+                (trunk.last, trunk.mean)
             }
             _ => {
                 let stem = self.stem.forward(pixels, None)?;
@@ -201,12 +202,13 @@ impl ImageEncoder for EfficientNet {
                     }
                     tap(Some(i), &x);
                 }
-                self.head.forward(&x, None)?
+                (self.head.forward(&x, None)?, None)
             }
         };
         let (h, w) = (x.dim(2)?, x.dim(3)?);
+        let average = |mean: Option<Tensor>| mean.map_or_else(|| global_avg_pool(&x), Ok);
         let pooled = match self.pool {
-            Pool::Mean => global_avg_pool(&x)?,
+            Pool::Mean => average(mean)?,
             Pool::Window { window, max } => {
                 if h > window || w > window {
                     return Err(ModelError::Input(format!(
@@ -217,7 +219,7 @@ impl ImageEncoder for EfficientNet {
                 if max {
                     x.max(D::Minus1)?.max(D::Minus1)?
                 } else {
-                    global_avg_pool(&x)?
+                    average(mean)?
                 }
             }
         };

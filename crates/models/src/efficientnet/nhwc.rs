@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
-use visenc_kernels::pool::sigmoid_gate_rows;
+use visenc_kernels::pool::{mean_pixels, sigmoid_gate_rows};
 
 use super::{Block, ConvBnAct, EfficientNet};
 use crate::conv::{fused_act, Conv};
@@ -231,6 +231,9 @@ impl NhwcWeights {
 /// map (NCHW).
 pub(super) struct Trunk {
     pub last: Tensor,
+    /// The head's map averaged over its pixels, [batch, c] (read from the NHWC rows; `None` for an
+    /// empty map).
+    pub mean: Option<Tensor>,
     pub maps: Vec<Tensor>,
 }
 
@@ -262,11 +265,22 @@ impl EfficientNet {
             }
         }
         let head = w.head.forward(&x, None, &mut s)?;
+        let mean = if head.h * head.w > 0 {
+            let mut mean = vec![0f32; head.batch * head.c];
+            mean_pixels(&head.data, head.h * head.w, head.c, &mut mean);
+            Some(Tensor::from_vec(
+                mean,
+                (head.batch, head.c),
+                pixels.device(),
+            )?)
+        } else {
+            None
+        };
         // `last` is a copy: both buffers go back to the pool for the next forward pass.
         let last = head.to_nchw()?;
         s.give(x.data);
         s.give(head.data);
-        Ok(Trunk { last, maps })
+        Ok(Trunk { last, mean, maps })
     }
 }
 
