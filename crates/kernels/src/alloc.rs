@@ -70,11 +70,15 @@ unsafe fn base_of(p: *mut u8) -> (*mut u8, usize) {
     }
 }
 
-/// A new aligned block for `layout` from `system` (the system's `alloc` or `alloc_zeroed`).
+/// A block for `layout` from `system` (the system's `alloc` or `alloc_zeroed`): an aligned one
+/// where this allocator aligns `layout`, else the system's own.
 ///
 /// # Safety
 /// `layout` has a non-zero size.
-unsafe fn new_block(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+unsafe fn allocate(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *mut u8 {
+    if !aligned_here(layout) {
+        return system(layout);
+    }
     let Some(base) = base_layout(layout.size()) else {
         return std::ptr::null_mut();
     };
@@ -82,7 +86,8 @@ unsafe fn new_block(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *
     if b.is_null() {
         return b;
     }
-    // SAFETY: a block of LINE spare bytes; nothing to keep.
+    // SAFETY: a block of LINE spare bytes (zeroed ones are zeroed before the distance is written
+    // below the aligned address); nothing to keep.
     unsafe { enter(b, b, 0) }
 }
 
@@ -92,24 +97,12 @@ unsafe fn new_block(layout: Layout, system: impl FnOnce(Layout) -> *mut u8) -> *
 unsafe impl GlobalAlloc for CacheLineAligned {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's non-zero layout.
-        unsafe {
-            if aligned_here(layout) {
-                new_block(layout, |l| System.alloc(l))
-            } else {
-                System.alloc(layout)
-            }
-        }
+        unsafe { allocate(layout, |l| System.alloc(l)) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as `alloc` (the block is zeroed before the distance is written below `p`).
-        unsafe {
-            if aligned_here(layout) {
-                new_block(layout, |l| System.alloc_zeroed(l))
-            } else {
-                System.alloc_zeroed(layout)
-            }
-        }
+        // SAFETY: the caller's non-zero layout.
+        unsafe { allocate(layout, |l| System.alloc_zeroed(l)) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
