@@ -63,6 +63,16 @@ impl Map {
         self.batch * self.h * self.w
     }
 
+    /// Each image's mean pixel, [batch, c] (global average pooling straight from the rows).
+    ///
+    /// # Panics
+    /// On a map without pixels.
+    pub(crate) fn pixel_means(&self) -> Result<Tensor> {
+        let mut means = vec![0f32; self.batch * self.c];
+        mean_pixels(&self.data, self.h * self.w, self.c, &mut means);
+        Ok(Tensor::from_vec(means, (self.batch, self.c), &Device::Cpu)?)
+    }
+
     /// The map as an NCHW tensor (a strided view, copied only if a caller needs it contiguous).
     pub(crate) fn to_nchw(&self) -> Result<Tensor> {
         let t = Tensor::from_slice(

@@ -10,7 +10,6 @@ use visenc_kernels::conv::nhwc::{dense, depthwise, DepthwiseWeight};
 use visenc_kernels::conv::{Act, ConvShape, Epilogue, Pad};
 use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::norm::layer_norm;
-use visenc_kernels::pool::mean_pixels;
 use visenc_kernels::Precision;
 
 use super::{Block, ConvNeXt, Norm2d};
@@ -279,14 +278,9 @@ impl ConvNeXt {
         }
         scratch.give(&mut pool);
         pool.give(buf);
-        let mut pooled = vec![0f32; x.batch * x.c];
-        mean_pixels(&x.data, x.h * x.w, x.c, &mut pooled);
+        let pooled = x.pixel_means()?;
         let last = x.to_nchw()?;
         pool.give(x.data);
-        Ok(Trunk {
-            last,
-            pooled: Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?,
-            maps,
-        })
+        Ok(Trunk { last, pooled, maps })
     }
 }

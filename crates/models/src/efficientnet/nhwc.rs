@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
-use visenc_kernels::pool::{mean_pixels, sigmoid_gate_rows};
+use visenc_kernels::pool::sigmoid_gate_rows;
 
 use super::{Block, ConvBnAct, EfficientNet};
 use crate::conv::{fused_act, Conv};
@@ -265,17 +265,9 @@ impl EfficientNet {
             }
         }
         let head = w.head.forward(&x, None, &mut s)?;
-        let mean = if head.h * head.w > 0 {
-            let mut mean = vec![0f32; head.batch * head.c];
-            mean_pixels(&head.data, head.h * head.w, head.c, &mut mean);
-            Some(Tensor::from_vec(
-                mean,
-                (head.batch, head.c),
-                pixels.device(),
-            )?)
-        } else {
-            None
-        };
+        let mean = (head.h * head.w > 0)
+            .then(|| head.pixel_means())
+            .transpose()?;
         // `last` is a copy: both buffers go back to the pool for the next forward pass.
         let last = head.to_nchw()?;
         s.give(x.data);

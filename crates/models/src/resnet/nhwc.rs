@@ -8,7 +8,7 @@
 
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
-use visenc_kernels::pool::{max_pool_nhwc, mean_pixels, MaxPool};
+use visenc_kernels::pool::{max_pool_nhwc, MaxPool};
 use visenc_kernels::Precision;
 
 use super::{Features, ResNet};
@@ -152,11 +152,9 @@ impl NhwcWeights {
                 });
             }
         }
-        let mut pooled = vec![0f32; x.batch * x.c];
-        mean_pixels(&x.data, x.h * x.w, x.c, &mut pooled);
+        let pooled = x.pixel_means()?;
         // `last` is a copy: the map's buffer goes back to the pool for the next forward pass.
         let last = x.to_nchw()?;
-        let pooled = Tensor::from_vec(pooled, (x.batch, x.c), pixels.device())?;
         s.give(x.data);
         Ok(Trunk { last, pooled, maps })
     }
