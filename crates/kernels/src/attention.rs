@@ -1,8 +1,10 @@
 //! Fused multi-head attention `softmax(scale q k^T + bias) v` per (batch, head), in query tiles x key
 //! tiles with an online softmax (FlashAttention-2, Dao 2023, Algorithm 1), so the score matrix is
-//! never materialised beyond one L2-sized tile. The tile products run on the `gemm` crate (AVX-512 when
-//! available) reading q, k and v in place through strides, so a fused `[B, N, 3, H, d]` projection is
-//! used without any copy; the output is written in `[B, N, H, d]` order (heads merged).
+//! never materialised beyond one L2-sized tile. With AVX-512 the tile products run on the register
+//! tiles of [`crate::gemm_f32`]: the keys of a tile are packed as panels, queries and values are read
+//! in place (a fused `[B, N, 3, H, d]` projection is used without any copy); elsewhere on the `gemm`
+//! crate, reading all three in place through strides. The output is written in `[B, N, H, d]` order
+//! (heads merged).
 //
 // Reference: https://github.com/Dao-AILab/flash-attention/blob/v2.6.3/README.md (FlashAttention-2,
 // arXiv:2307.08691, Algorithm 1: per key tile, m_new = max(m, rowmax S), P = exp(S - m_new),
@@ -11,6 +13,7 @@
 use rayon::prelude::*;
 
 use crate::dispatch::multiversion;
+use crate::panel::NR;
 use crate::softmax::{exp_sub_sum, scale_bias_max, scale_row};
 use crate::OutPtr;
 
@@ -114,12 +117,12 @@ pub fn attention(
         }
         b.check("bias", &d, d.queries, d.keys)?;
     }
-    let mut out = vec![0.0f32; out_len];
+    let mut out = Vec::with_capacity(out_len);
     let q_tiles = d.queries.div_ceil(MAX_QUERY_TILE);
     let q_tile = d.queries.div_ceil(q_tiles);
     let k_tiles = d.keys.div_ceil(MAX_KEY_TILE);
     let k_tile = d.keys.div_ceil(k_tiles);
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = OutPtr(out.spare_capacity_mut().as_mut_ptr().cast());
     let tiles = Tiles {
         d,
         q,
@@ -129,17 +132,26 @@ pub fn attention(
         scale,
         q_tile,
         k_tile,
+        panels: panels_apply(&d, &q, &v),
+    };
+    let packed_keys = if tiles.panels {
+        k_tile.next_multiple_of(NR) * d.head_dim
+    } else {
+        0
     };
     (0..d.batch * d.heads * q_tiles)
         .into_par_iter()
         .for_each_init(
-            || vec![0.0f32; q_tile * k_tile + 2 * q_tile],
+            || vec![0.0f32; q_tile * k_tile + 2 * q_tile + packed_keys],
             |scratch, t| {
                 let (bh, qt) = (t / q_tiles, t % q_tiles);
                 // SAFETY: the output rows of (bh, qt) belong to this task only; strides checked.
                 unsafe { query_tile(&tiles, bh / d.heads, bh % d.heads, qt, scratch, ptr.at(0)) }
             },
         );
+    // SAFETY: the tasks wrote every output row of every (batch, head): the first key tile of each
+    // query tile writes its rows (the later ones accumulate).
+    unsafe { out.set_len(out_len) };
     Ok(out)
 }
 
@@ -152,6 +164,19 @@ struct Tiles<'a> {
     scale: f32,
     q_tile: usize,
     k_tile: usize,
+    /// Whether the products run on [`crate::gemm_f32`]'s register tiles (else the `gemm` crate).
+    panels: bool,
+}
+
+/// Whether the products can run on the AVX-512 register tiles of [`crate::gemm_f32`]: queries and
+/// values contiguous along the head dimension, which is a whole number of 16-lane vectors (so the
+/// values are read in place as the right-hand side of `P V`).
+fn panels_apply(d: &Dims, q: &Operand, v: &Operand) -> bool {
+    cfg!(target_arch = "x86_64")
+        && crate::cpu::features().avx512f
+        && q.strides.col == 1
+        && v.strides.col == 1
+        && d.head_dim.is_multiple_of(16)
 }
 
 /// `dst[m x n] (+)= lhs[m x k] rhs[k x n]` with explicit (row, col) strides.
@@ -197,27 +222,15 @@ unsafe fn query_tile(t: &Tiles, b: usize, h: usize, qt: usize, scratch: &mut [f3
     let d = &t.d;
     let i0 = qt * t.q_tile;
     let rows = t.q_tile.min(d.queries - i0);
-    let hd = d.head_dim;
-    let out_rs = d.heads * hd;
-    let o = out.add(((b * d.queries + i0) * d.heads + h) * hd);
-    let (s, ml) = scratch.split_at_mut(t.q_tile * t.k_tile);
-    let (m_run, l_run) = ml.split_at_mut(t.q_tile);
-    let q = t.q.at(b, h, i0);
+    let out_rs = d.heads * d.head_dim;
+    let o = out.add(((b * d.queries + i0) * d.heads + h) * d.head_dim);
+    let (s, rest) = scratch.split_at_mut(t.q_tile * t.k_tile);
+    let (m_run, rest) = rest.split_at_mut(t.q_tile);
+    let (l_run, packed) = rest.split_at_mut(t.q_tile);
     let mut j0 = 0;
     while j0 < d.keys {
         let cols = t.k_tile.min(d.keys - j0);
         let first = j0 == 0;
-        // S = Q K^T for this tile: K^T is [d x cols] with (row, col) strides (col, row) of K.
-        tile_gemm(
-            (rows, cols, hd),
-            s.as_mut_ptr(),
-            (cols, 1),
-            false,
-            q,
-            (t.q.strides.row, t.q.strides.col),
-            t.k.at(b, h, j0),
-            (t.k.strides.col, t.k.strides.row),
-        );
         let at = At {
             b,
             h,
@@ -226,21 +239,109 @@ unsafe fn query_tile(t: &Tiles, b: usize, h: usize, qt: usize, scratch: &mut [f3
             cols,
             first,
         };
+        scores(t, at, rows, s, packed);
         softmax_tile(t, at, &mut s[..rows * cols], m_run, l_run, o);
-        // O (+)= P V.
-        tile_gemm(
-            (rows, hd, cols),
-            o,
-            (out_rs, 1),
-            !first,
-            s.as_ptr(),
-            (cols, 1),
-            t.v.at(b, h, j0),
-            (t.v.strides.row, t.v.strides.col),
-        );
+        mix_values(t, at, rows, s, o);
         j0 += cols;
     }
-    finish_rows(o, out_rs, hd, &l_run[..rows]);
+    finish_rows(o, out_rs, d.head_dim, &l_run[..rows]);
+}
+
+/// `S = Q Kᵀ` for `rows` queries from `at.i0` and the tile's keys, into `s` (rows `at.cols` apart);
+/// `packed` is scratch for the keys packed as panels.
+///
+/// # Safety
+/// As [`query_tile`].
+unsafe fn scores(t: &Tiles, at: At, rows: usize, s: &mut [f32], packed: &mut [f32]) {
+    let (hd, cols) = (t.d.head_dim, at.cols);
+    let q = t.q.at(at.b, at.h, at.i0);
+    #[cfg(target_arch = "x86_64")]
+    if t.panels {
+        use crate::{conv::Act, gemm_f32::x86::strided, panel::Store, panel::MR};
+        // Per panel of NR keys, per dimension, the keys' values side by side (zero past the last).
+        let kp = &mut packed[..cols.next_multiple_of(NR) * hd];
+        for (pi, panel) in kp.chunks_exact_mut(hd * NR).enumerate() {
+            for j in 0..NR {
+                let key = pi * NR + j;
+                if key < cols {
+                    let row = t.k.at(at.b, at.h, at.j0 + key);
+                    for p in 0..hd {
+                        panel[p * NR + j] = *row.add(p * t.k.strides.col);
+                    }
+                } else {
+                    (0..hd).for_each(|p| panel[p * NR + j] = 0.0);
+                }
+            }
+        }
+        let q_rs = t.q.strides.row;
+        for (pi, panel) in kp.chunks_exact(hd * NR).enumerate() {
+            for r0 in (0..rows).step_by(MR) {
+                let out = Store {
+                    c: s.as_mut_ptr().add(r0 * cols + pi * NR),
+                    ldc: cols,
+                    bias: std::ptr::null(),
+                    residual: std::ptr::null(),
+                    act: Act::None,
+                };
+                let (mr, pc) = (MR.min(rows - r0), NR.min(cols - pi * NR));
+                strided(q.add(r0 * q_rs), q_rs, hd, panel.as_ptr(), NR, mr, pc, out);
+            }
+        }
+        return;
+    }
+    let _ = packed;
+    // K^T is [d x cols] with (row, col) strides (col, row) of K.
+    tile_gemm(
+        (rows, cols, hd),
+        s.as_mut_ptr(),
+        (cols, 1),
+        false,
+        q,
+        (t.q.strides.row, t.q.strides.col),
+        t.k.at(at.b, at.h, at.j0),
+        (t.k.strides.col, t.k.strides.row),
+    );
+}
+
+/// `O (+)= P V` for `rows` queries: `s` holds the tile's probabilities, `o` the output rows.
+///
+/// # Safety
+/// As [`query_tile`].
+unsafe fn mix_values(t: &Tiles, at: At, rows: usize, s: &[f32], o: *mut f32) {
+    let (hd, cols) = (t.d.head_dim, at.cols);
+    let out_rs = t.d.heads * hd;
+    let v = t.v.at(at.b, at.h, at.j0);
+    #[cfg(target_arch = "x86_64")]
+    if t.panels {
+        use crate::{conv::Act, gemm_f32::x86::strided, panel::Store, panel::MR};
+        // The values' rows are the right-hand side as they lie: per key, the head's dimensions.
+        for c0 in (0..hd).step_by(NR) {
+            for r0 in (0..rows).step_by(MR) {
+                let c = o.add(r0 * out_rs + c0);
+                let out = Store {
+                    c,
+                    ldc: out_rs,
+                    bias: std::ptr::null(),
+                    residual: if at.first { std::ptr::null() } else { c },
+                    act: Act::None,
+                };
+                let (mr, pc) = (MR.min(rows - r0), NR.min(hd - c0));
+                let p = s.as_ptr().add(r0 * cols);
+                strided(p, cols, cols, v.add(c0), t.v.strides.row, mr, pc, out);
+            }
+        }
+        return;
+    }
+    tile_gemm(
+        (rows, hd, cols),
+        o,
+        (out_rs, 1),
+        !at.first,
+        s.as_ptr(),
+        (cols, 1),
+        v,
+        (t.v.strides.row, t.v.strides.col),
+    );
 }
 
 /// Which tile of scores [`softmax_tile`] works on.
@@ -441,10 +542,17 @@ mod tests {
     }
 
     /// q, k, v read in place from a fused [B, N, 3, H, d] projection, with a [B, 1, 1, M] key
-    /// padding bias (broadcast over heads and queries).
+    /// padding bias (broadcast over heads and queries); head sizes off the 16-lane vectors (the
+    /// `gemm` crate), of one panel and past one panel (the register tiles where AVX-512 is present).
     #[test]
     fn matches_naive_fused_qkv_layout() {
-        let (batch, heads, n, hd) = (2usize, 4usize, 197usize, 24usize);
+        for hd in [24, 64, 80] {
+            fused_qkv_layout(hd);
+        }
+    }
+
+    fn fused_qkv_layout(hd: usize) {
+        let (batch, heads, n) = (2usize, 4usize, 197usize);
         let d = Dims {
             batch,
             heads,
@@ -486,7 +594,7 @@ mod tests {
         assert_close(
             &got,
             &naive(d, part(0), part(1), part(2), Some(bias), 0.2),
-            "fused",
+            &format!("fused, head size {hd}"),
         );
     }
 

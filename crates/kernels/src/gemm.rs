@@ -2,6 +2,8 @@
 //! `C[m, n] = act(A[m, k] · W[n, k]ᵀ + bias + residual)`, with `W` packed once, at load, in the
 //! precision the model runs in ([`Precision`]); activations are f32 in and out.
 
+use std::mem::MaybeUninit;
+
 use crate::conv::Epilogue;
 use crate::gemm_bf16::{gemm_bf16, PackedBf16};
 use crate::gemm_f32::{gemm_f32, PackedF32};
@@ -61,6 +63,12 @@ impl PackedWeight {
 /// When a length does not match (`a` not `m * k`, `c` or the residual not `m * n`, the bias not
 /// `n`): callers check user input before.
 pub fn gemm(a: &[f32], m: usize, w: &PackedWeight, e: Epilogue, c: &mut [f32]) {
+    gemm_uninit(a, m, w, e, crate::panel::as_uninit(c));
+}
+
+/// [`gemm`] into memory not yet initialised (a `Vec`'s spare capacity): every element of `c` is
+/// written, so a new output is not zero-filled first.
+pub fn gemm_uninit(a: &[f32], m: usize, w: &PackedWeight, e: Epilogue, c: &mut [MaybeUninit<f32>]) {
     let features = crate::cpu::features();
     match w {
         PackedWeight::F32(w) => gemm_f32(a, m, w, e, c, features),

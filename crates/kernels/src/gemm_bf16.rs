@@ -8,10 +8,12 @@
 //! Elsewhere a portable loop computes the same products (both operands are the same bf16 values; only
 //! the order of the f32 additions differs).
 
-use crate::conv::Epilogue;
-use crate::cpu::Features;
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use crate::conv::Epilogue;
+use crate::cpu::Features;
 use crate::panel::{
     by_row_blocks, check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, Store,
     MR, NR,
@@ -94,7 +96,7 @@ pub fn gemm_bf16(
     m: usize,
     w: &PackedBf16,
     e: Epilogue,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     features: Features,
 ) {
     let (n, k, pairs) = (w.n, w.k, w.pairs);
@@ -287,7 +289,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::panel::{reference, test_values, TEST_SHAPES};
+    use crate::panel::{as_uninit, reference, test_values, TEST_SHAPES};
 
     /// Relative error bound of one bf16 dot product against the exact one, as a fraction of
     /// `sum |a_i w_i|`: bf16 keeps 8 significant bits, so each operand carries a relative rounding
@@ -306,7 +308,7 @@ mod tests {
             bias: b.as_deref(),
             ..Default::default()
         };
-        gemm_bf16(&a, m, &packed, e, &mut got, features);
+        gemm_bf16(&a, m, &packed, e, as_uninit(&mut got), features);
         for i in 0..m {
             for j in 0..n {
                 let scale: f32 = (0..k).map(|p| (a[i * k + p] * w[j * k + p]).abs()).sum();
@@ -351,8 +353,8 @@ mod tests {
             residual: Some(&residual),
             act: crate::conv::Act::Gelu,
         };
-        gemm_bf16(&a, m, &w, e, &mut x, crate::cpu::features());
-        gemm_bf16(&a, m, &w, e, &mut y, Features::PORTABLE);
+        gemm_bf16(&a, m, &w, e, as_uninit(&mut x), crate::cpu::features());
+        gemm_bf16(&a, m, &w, e, as_uninit(&mut y), Features::PORTABLE);
         for (x, y) in x.iter().zip(&y) {
             assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
         }

@@ -9,6 +9,8 @@
 //! Without AVX-512F the `gemm` crate (which picks AVX2 + FMA or NEON itself) multiplies each packed
 //! panel, read in place as a `k x 64` strided matrix, so no second copy of the weights is kept.
 
+use std::mem::MaybeUninit;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -77,7 +79,7 @@ pub fn gemm_f32(
     m: usize,
     w: &PackedF32,
     e: Epilogue,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     features: Features,
 ) {
     let (n, k) = (w.n, w.k);
@@ -101,19 +103,16 @@ pub fn gemm_f32(
 
 /// The product through the `gemm` crate, one packed panel at a time: `c` starts as bias + residual
 /// and accumulates, then the activation runs over it.
-fn by_gemm_crate(a: &[f32], m: usize, w: &PackedF32, e: Epilogue, c: &mut [f32]) {
+fn by_gemm_crate(a: &[f32], m: usize, w: &PackedF32, e: Epilogue, c: &mut [MaybeUninit<f32>]) {
     let (n, k) = (w.n, w.k);
     for (i, row) in c.chunks_exact_mut(n).enumerate() {
-        match (e.bias, e.residual) {
-            (Some(b), Some(r)) => row
-                .iter_mut()
-                .zip(b.iter().zip(&r[i * n..(i + 1) * n]))
-                .for_each(|(o, (b, r))| *o = b + r),
-            (Some(b), None) => row.copy_from_slice(b),
-            (None, Some(r)) => row.copy_from_slice(&r[i * n..(i + 1) * n]),
-            (None, None) => row.fill(0.0),
+        let res = e.residual.map(|r| &r[i * n..(i + 1) * n]);
+        for (j, o) in row.iter_mut().enumerate() {
+            o.write(e.bias.map_or(0.0, |b| b[j]) + res.map_or(0.0, |r| r[j]));
         }
     }
+    // SAFETY: every element was written above.
+    let c = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
     let threads = crate::cpu::threads();
     for panel in 0..n.div_ceil(NR) {
         let cols = NR.min(n - panel * NR);
@@ -156,7 +155,7 @@ fn by_gemm_crate(a: &[f32], m: usize, w: &PackedF32, e: Epilogue, c: &mut [f32])
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -171,9 +170,31 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile(a: &[f32], k: usize, b: &[f32], mr: usize, cols: usize, out: Store) {
         assert!(a.len() >= mr * k && b.len() >= k * NR && mr <= crate::panel::MR && cols <= NR);
-        let nv = cols.div_ceil(16);
         // SAFETY: forwarded from the caller; the slices cover the tile.
-        unsafe { dispatch_tile!(kernel, mr, nv, a.as_ptr(), k, b.as_ptr(), cols, out) }
+        unsafe { strided(a.as_ptr(), k, k, b.as_ptr(), NR, mr, cols, out) }
+    }
+
+    /// [`tile`] on operands read in place: `mr` rows of `k` values `lda` apart at `a`, and `k` rows
+    /// `ldb` apart at `b`, each with its first `16 ⌈cols / 16⌉` values read.
+    ///
+    /// # Safety
+    /// AVX-512F is present; `mr <= MR`, `cols <= NR`; the operands hold what is read; `out` as in
+    /// [`tile`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn strided(
+        a: *const f32,
+        lda: usize,
+        k: usize,
+        b: *const f32,
+        ldb: usize,
+        mr: usize,
+        cols: usize,
+        out: Store,
+    ) {
+        let nv = cols.div_ceil(16);
+        // SAFETY: forwarded from the caller.
+        unsafe { dispatch_tile!(kernel, mr, nv, a, lda, k, b, ldb, cols, out) }
     }
 
     /// `MR` rows x `16 NV` columns: per `k`, NV panel loads, MR broadcasts, MR x NV FMAs.
@@ -181,22 +202,25 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel<const MR: usize, const NV: usize>(
         a: *const f32,
+        lda: usize,
         k: usize,
         b: *const f32,
+        ldb: usize,
         cols: usize,
         out: Store,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        // SAFETY: `a` holds MR rows of `k` values; `b` holds `k` x NR values.
+        // SAFETY: `a` holds MR rows of `k` values, `lda` apart; `b` holds `k` rows of 16 NV
+        // values, `ldb` apart.
         unsafe {
             for p in 0..k {
-                let bp = b.add(p * NR);
+                let bp = b.add(p * ldb);
                 let mut wv = [_mm512_setzero_ps(); NV];
                 for (v, w) in wv.iter_mut().enumerate() {
                     *w = _mm512_loadu_ps(bp.add(16 * v));
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(r * k + p));
+                    let av = _mm512_set1_ps(*a.add(r * lda + p));
                     for (v, x) in row.iter_mut().enumerate() {
                         *x = _mm512_fmadd_ps(av, wv[v], *x);
                     }
@@ -211,7 +235,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::conv::Act;
-    use crate::panel::{reference, test_values, TEST_SHAPES};
+    use crate::panel::{as_uninit, reference, test_values, TEST_SHAPES};
 
     /// f32 sums of `k` products against the exact (f64) sum: each addition rounds by at most 2^-24
     /// of the running sum, so the error stays below `k · 2^-24 · Σ|a w|`; tested with a margin of 4.
@@ -233,7 +257,7 @@ mod tests {
             residual: res.as_deref(),
             act,
         };
-        gemm_f32(&a, m, &packed, e, &mut got, features);
+        gemm_f32(&a, m, &packed, e, as_uninit(&mut got), features);
         for i in 0..m {
             for j in 0..n {
                 let scale: f32 = (0..k).map(|p| (a[i * k + p] * w[j * k + p]).abs()).sum();
@@ -275,10 +299,10 @@ mod tests {
                 bias: Some(&[1.0, -2.0, 3.0]),
                 ..Default::default()
             };
-            gemm_f32(&[], 2, &w, e, &mut c, features);
+            gemm_f32(&[], 2, &w, e, as_uninit(&mut c), features);
             assert_eq!(c, [1.0, -2.0, 3.0, 1.0, -2.0, 3.0]);
             let mut c = vec![f32::NAN; 6];
-            gemm_f32(&[], 2, &w, Epilogue::default(), &mut c, features);
+            gemm_f32(&[], 2, &w, Epilogue::default(), as_uninit(&mut c), features);
             assert_eq!(c, [0.0; 6]);
         }
     }

@@ -16,10 +16,12 @@
 //! AVX512-VNNI path (`vpdpbusd`: u8 x i8 quadruples summed into an i32 lane) and the portable one give
 //! bit-identical results: the packed layout keeps 4 consecutive `k` of one output column together.
 
-use crate::conv::{Act, Epilogue};
-use crate::cpu::Features;
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
+use crate::conv::{Act, Epilogue};
+use crate::cpu::Features;
 use crate::panel::{
     by_row_blocks, check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, NR,
 };
@@ -112,7 +114,7 @@ pub fn gemm_int8(
     m: usize,
     w: &PackedInt8,
     e: Epilogue,
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     features: Features,
 ) {
     let (n, k, quads) = (w.n, w.k, w.quads);
@@ -409,7 +411,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::panel::{reference, test_values, TEST_SHAPES};
+    use crate::panel::{as_uninit, reference, test_values, TEST_SHAPES};
 
     /// Error bound of one output against the exact f32 product, from the quantisation steps: each
     /// activation is off by at most `s_a / 2`, each weight by `s_w / 2`, so a dot product is off by at
@@ -435,7 +437,7 @@ mod tests {
                 bias: Some(&b),
                 ..Default::default()
             },
-            &mut got,
+            as_uninit(&mut got),
             features,
         );
         for i in 0..m {
@@ -494,14 +496,14 @@ mod tests {
                 bias: Some(&bias),
                 ..Default::default()
             };
-            gemm_int8(&a, m, &w, e, &mut plain, features);
+            gemm_int8(&a, m, &w, e, as_uninit(&mut plain), features);
             let mut fused = vec![0f32; m * n];
             let e = Epilogue {
                 residual: Some(&residual),
                 act: Act::Relu,
                 ..e
             };
-            gemm_int8(&a, m, &w, e, &mut fused, features);
+            gemm_int8(&a, m, &w, e, as_uninit(&mut fused), features);
             for ((f, p), r) in fused.iter().zip(&plain).zip(&residual) {
                 assert_eq!(*f, (p + r).max(0.0), "{features:?}");
             }
@@ -535,7 +537,14 @@ mod tests {
         a[2 * k..].fill(-2.0);
         for features in [crate::cpu::features(), Features::PORTABLE] {
             let mut c = vec![f32::NAN; 3 * n];
-            gemm_int8(&a, 3, &packed, Epilogue::default(), &mut c, features);
+            gemm_int8(
+                &a,
+                3,
+                &packed,
+                Epilogue::default(),
+                as_uninit(&mut c),
+                features,
+            );
             let want = reference(&a, &w, None, 3, n, k);
             assert!(c[..n].iter().all(|&x| x == 0.0), "{c:?}");
             for (g, r) in c.iter().zip(&want) {

@@ -9,6 +9,8 @@
 //! run once, straight from the accumulators — the order of BLIS' `jr`/`ir` loops with `kc = k`
 //! (<https://github.com/flame/blis/blob/0.9.0/docs/KernelsHowTo.md>).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::conv::{Act, Epilogue};
@@ -47,7 +49,7 @@ pub(crate) fn check_shapes(
     n: usize,
     k: usize,
     e: &Epilogue,
-    c: &[f32],
+    c: &[MaybeUninit<f32>],
 ) {
     assert_eq!(a.len(), m * k, "{name}: activations are not {m} x {k}");
     assert_eq!(c.len(), m * n, "{name}: output is not {m} x {n}");
@@ -61,11 +63,17 @@ pub(crate) fn check_shapes(
     );
 }
 
+/// `c` as memory the GEMMs write (they never read it, nor write anything uninitialised to it).
+pub(crate) fn as_uninit(c: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; only initialised values are written through the view.
+    unsafe { &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
 /// Calls `tile` for every register tile of the `m` x `n` output `c`, which writes
-/// `act(a · wᵀ + bias + residual)` there (`e`; the whole epilogue in registers): tasks of up to
+/// `act(a · wᵀ + bias + residual)` there (so every element of `c` is written) (`e`; the whole epilogue in registers): tasks of up to
 /// [`MC`] rows x one panel, in parallel when the product (`k` deep) is large enough.
 pub(crate) fn for_each_tile(
-    c: &mut [f32],
+    c: &mut [MaybeUninit<f32>],
     m: usize,
     n: usize,
     k: usize,
@@ -73,7 +81,7 @@ pub(crate) fn for_each_tile(
     tile: impl Fn(Tile) + Sync,
 ) {
     assert!(c.len() >= m * n, "for_each_tile: output is not {m} x {n}");
-    let out = OutPtr(c.as_mut_ptr());
+    let out = OutPtr(c.as_mut_ptr().cast());
     let panels = n.div_ceil(NR);
     // Blocks of equal size (a multiple of MR), so no block is a sliver that streams a whole panel
     // for a few rows (197 tokens: 102 + 95 rather than 96 + 96 + 5); and at least TASKS_PER_THREAD
@@ -153,8 +161,8 @@ pub(crate) fn by_row_blocks(
     m: usize,
     k: usize,
     e: &Epilogue,
-    c: &mut [f32],
-    gemm: impl Fn(&[f32], usize, Epilogue, &mut [f32]) + Sync,
+    c: &mut [MaybeUninit<f32>],
+    gemm: impl Fn(&[f32], usize, Epilogue, &mut [MaybeUninit<f32>]) + Sync,
 ) -> bool {
     // Whole register tiles, at least 4 per panel.
     let rows = convert_rows(k).max(4 * MR).next_multiple_of(MR);

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use visenc_kernels::conv::{Act, Epilogue};
-use visenc_kernels::gemm::{gemm, PackedWeight};
+use visenc_kernels::gemm::{gemm_uninit, PackedWeight};
 use visenc_kernels::Precision;
 use visenc_weights::Scope;
 
@@ -165,7 +165,7 @@ impl Linear {
             })
             .transpose()?;
         let rg = residual.as_ref().map(Tensor::storage_and_layout);
-        let mut out = vec![0f32; m * n];
+        let mut out = Vec::with_capacity(m * n);
         {
             let (storage, layout) = x.storage_and_layout();
             let a = cpu_f32(&storage, layout)?;
@@ -174,8 +174,10 @@ impl Linear {
                 residual: rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?,
                 act: act.map_or(Act::None, Activation::epilogue),
             };
-            gemm(a, m, packed, e, &mut out);
+            gemm_uninit(a, m, packed, e, &mut out.spare_capacity_mut()[..m * n]);
         }
+        // SAFETY: `gemm_uninit` wrote all m * n values.
+        unsafe { out.set_len(m * n) };
         Ok(Tensor::from_vec(out, dims, x.device())?)
     }
 
