@@ -132,7 +132,7 @@ pub fn attention(
         scale,
         q_tile,
         k_tile,
-        panels: panels_apply(&d, &q, &v),
+        panels: panels_apply(&d, &q, &k, &v),
     };
     let packed_keys = if tiles.panels {
         k_tile.next_multiple_of(NR) * d.head_dim
@@ -168,14 +168,13 @@ struct Tiles<'a> {
     panels: bool,
 }
 
-/// Whether the products can run on the AVX-512 register tiles of [`crate::gemm_f32`]: queries and
-/// values contiguous along the head dimension, which is a whole number of 16-lane vectors (so the
-/// values are read in place as the right-hand side of `P V`).
-fn panels_apply(d: &Dims, q: &Operand, v: &Operand) -> bool {
+/// Whether the products can run on the AVX-512 register tiles of [`crate::gemm_f32`]: queries, keys
+/// and values contiguous along the head dimension, which is a whole number of 16-lane vectors (so
+/// keys are packed 16 x 16 at a time and values read in place as the right-hand side of `P V`).
+fn panels_apply(d: &Dims, q: &Operand, k: &Operand, v: &Operand) -> bool {
     cfg!(target_arch = "x86_64")
         && crate::cpu::features().avx512f
-        && q.strides.col == 1
-        && v.strides.col == 1
+        && [q, k, v].iter().all(|o| o.strides.col == 1)
         && d.head_dim.is_multiple_of(16)
 }
 
@@ -258,19 +257,21 @@ unsafe fn scores(t: &Tiles, at: At, rows: usize, s: &mut [f32], packed: &mut [f3
     #[cfg(target_arch = "x86_64")]
     if t.panels {
         use crate::{conv::Act, gemm_f32::x86::strided, panel::Store, panel::MR};
-        // Per panel of NR keys, per dimension, the keys' values side by side (zero past the last).
+        // Per panel of NR keys, per dimension, the keys' values side by side (zero past the last):
+        // blocks of 16 keys x 16 dimensions transposed in registers.
         let kp = &mut packed[..cols.next_multiple_of(NR) * hd];
-        for (pi, panel) in kp.chunks_exact_mut(hd * NR).enumerate() {
-            for j in 0..NR {
-                let key = pi * NR + j;
-                if key < cols {
-                    let row = t.k.at(at.b, at.h, at.j0 + key);
-                    for p in 0..hd {
-                        panel[p * NR + j] = *row.add(p * t.k.strides.col);
-                    }
+        for j0 in (0..cols.next_multiple_of(NR)).step_by(16) {
+            let keys = cols.saturating_sub(j0).min(16);
+            let rows: [*const f32; 16] = std::array::from_fn(|i| {
+                if i < keys {
+                    t.k.at(at.b, at.h, at.j0 + j0 + i)
                 } else {
-                    (0..hd).for_each(|p| panel[p * NR + j] = 0.0);
+                    std::ptr::null()
                 }
+            });
+            let panel = &mut kp[j0 / NR * hd * NR..][..hd * NR];
+            for p0 in (0..hd).step_by(16) {
+                x86::transpose_block(&rows, p0, &mut panel[p0 * NR + j0 % NR..], NR);
             }
         }
         let q_rs = t.q.strides.row;
@@ -405,6 +406,75 @@ multiversion! {
             // SAFETY: the output row r of this tile, hd values.
             let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * out_rs), hd) };
             scale_row::<L>(row, if l > 0.0 { 1.0 / l } else { 0.0 });
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Writes the transpose of a 16 x 16 block: row `c` of `dst` (rows `ld` apart) gets value
+    /// `p0 + c` of the 16 source rows (a null row reads as zeros).
+    ///
+    /// # Safety
+    /// AVX-512F is present; every non-null row holds `p0 + 16` values; `dst` holds 15 `ld` + 16.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_block(
+        rows: &[*const f32; 16],
+        p0: usize,
+        dst: &mut [f32],
+        ld: usize,
+    ) {
+        assert!(dst.len() >= 15 * ld + 16);
+        // SAFETY: the rows hold the 16 values read (caller).
+        let r: [__m512; 16] = std::array::from_fn(|i| {
+            if rows[i].is_null() {
+                _mm512_setzero_ps()
+            } else {
+                unsafe { _mm512_loadu_ps(rows[i].add(p0)) }
+            }
+        });
+        let pd = _mm512_castps_pd;
+        let ps = _mm512_castpd_ps;
+        // Pairs of rows interleaved, then quadruples: u[4g + c] holds values c, c + 4, c + 8, c + 12
+        // of rows 4g..4g + 4 (one 128-bit lane each).
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let (a, b) = (pd(t[4 * g + c / 2]), pd(t[4 * g + c / 2 + 2]));
+            ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        // v[8h + c] holds values c and c + 8 of rows 8h..8h + 8; then the output rows.
+        let v: [__m512; 16] = std::array::from_fn(|i| {
+            let (h, c) = (i / 8, i % 8);
+            let (a, b) = (u[8 * h + c % 4], u[8 * h + 4 + c % 4]);
+            if c < 4 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            }
+        });
+        for c in 0..16 {
+            let (a, b) = (v[c % 8], v[8 + c % 8]);
+            let row = if c < 8 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            };
+            // SAFETY: c * ld + 16 <= dst.len() (asserted).
+            unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add(c * ld), row) };
         }
     }
 }
