@@ -16,6 +16,7 @@ use crate::dispatch::multiversion;
 use crate::panel::NR;
 use crate::softmax::{exp_sub_sum, scale_bias_max, scale_row};
 use crate::OutPtr;
+use crate::Precision;
 
 /// Largest key tile: beyond it the online softmax takes over (1024 keys x 128 queries = 512 KiB of
 /// scores, with the key and value tiles inside a 1 MiB L2).
@@ -91,7 +92,9 @@ impl Operand<'_> {
 
 /// `softmax(scale q k^T + bias) v` for `q` [B, H, N, d], `k` and `v` [B, H, M, d] and an optional
 /// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
-/// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row.
+/// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row. In bf16 `precision`
+/// the two products round their operands to bf16 where the CPU multiplies bf16 natively
+/// (AVX512-BF16), as PyTorch's bf16 autocast does; the softmax stays f32. Int8 models run them in f32.
 pub fn attention(
     d: Dims,
     q: Operand,
@@ -99,6 +102,7 @@ pub fn attention(
     v: Operand,
     bias: Option<Operand>,
     scale: f32,
+    precision: Precision,
 ) -> Result<Vec<f32>, LayoutError> {
     let out_len = d.batch * d.queries * d.heads * d.head_dim;
     if out_len == 0 {
@@ -132,17 +136,12 @@ pub fn attention(
         scale,
         q_tile,
         k_tile,
-        panels: panels_apply(&d, &q, &k, &v),
-    };
-    let packed_keys = if tiles.panels {
-        k_tile.next_multiple_of(NR) * d.head_dim
-    } else {
-        0
+        products: Products::choose(&d, [&q, &k, &v], precision),
     };
     (0..d.batch * d.heads * q_tiles)
         .into_par_iter()
         .for_each_init(
-            || vec![0.0f32; q_tile * k_tile + 2 * q_tile + packed_keys],
+            || Scratch::new(&tiles),
             |scratch, t| {
                 let (bh, qt) = (t / q_tiles, t % q_tiles);
                 // SAFETY: the output rows of (bh, qt) belong to this task only; strides checked.
@@ -164,18 +163,73 @@ struct Tiles<'a> {
     scale: f32,
     q_tile: usize,
     k_tile: usize,
-    /// Whether the products run on [`crate::gemm_f32`]'s register tiles (else the `gemm` crate).
-    panels: bool,
+    products: Products,
 }
 
-/// Whether the products can run on the AVX-512 register tiles of [`crate::gemm_f32`]: queries, keys
-/// and values contiguous along the head dimension, which is a whole number of 16-lane vectors (so
-/// keys are packed 16 x 16 at a time and values read in place as the right-hand side of `P V`).
-fn panels_apply(d: &Dims, q: &Operand, k: &Operand, v: &Operand) -> bool {
-    cfg!(target_arch = "x86_64")
-        && crate::cpu::features().avx512f
-        && [q, k, v].iter().all(|o| o.strides.col == 1)
-        && d.head_dim.is_multiple_of(16)
+/// What the two products of a tile run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Products {
+    /// The `gemm` crate, reading q, k and v through their strides.
+    GemmCrate,
+    /// [`crate::gemm_f32`]'s AVX-512 register tiles: the keys packed as panels (16 x 16 blocks
+    /// transposed in registers), queries and values read in place.
+    F32,
+    /// [`crate::gemm_bf16`]'s `vdpbf16ps` register tiles: queries and probabilities rounded to bf16
+    /// pairs, keys and values packed as bf16 panels.
+    Bf16,
+}
+
+impl Products {
+    /// The register tiles need queries, keys and values contiguous along the head dimension, a
+    /// whole number of 16-lane vectors.
+    fn choose(d: &Dims, qkv: [&Operand; 3], precision: Precision) -> Self {
+        let f = crate::cpu::features();
+        if !(cfg!(target_arch = "x86_64")
+            && f.avx512f
+            && qkv.iter().all(|o| o.strides.col == 1)
+            && d.head_dim.is_multiple_of(16))
+        {
+            Self::GemmCrate
+        } else if precision == Precision::Bf16 && f.avx512bf16 {
+            Self::Bf16
+        } else {
+            Self::F32
+        }
+    }
+}
+
+/// One task's buffers.
+struct Scratch {
+    /// The scores of a tile [q_tile, k_tile], the running maxima and sums [q_tile] each, then the
+    /// keys packed as f32 panels.
+    f32s: Vec<f32>,
+    /// bf16 pairs: the queries [q_tile, d / 2], the probabilities [q_tile, k_tile / 2], then the
+    /// keys packed as bf16 panels for the scores, or the values for the mix.
+    pairs: Vec<u32>,
+}
+
+impl Scratch {
+    fn new(t: &Tiles) -> Self {
+        let (hd, qt, kt) = (t.d.head_dim, t.q_tile, t.k_tile);
+        let keys = kt.next_multiple_of(NR) * hd;
+        let f32s = qt * kt
+            + 2 * qt
+            + if t.products == Products::GemmCrate {
+                0
+            } else {
+                keys
+            };
+        let pairs = if t.products == Products::Bf16 {
+            let panels = (keys / 2).max(hd.next_multiple_of(NR) * kt.div_ceil(2));
+            qt * hd / 2 + qt * kt.div_ceil(2) + panels
+        } else {
+            0
+        };
+        Self {
+            f32s: vec![0.0; f32s],
+            pairs: vec![0; pairs],
+        }
+    }
 }
 
 /// `dst[m x n] (+)= lhs[m x k] rhs[k x n]` with explicit (row, col) strides.
@@ -217,15 +271,27 @@ unsafe fn tile_gemm(
 ///
 /// # Safety
 /// Operand strides checked by [`attention`]; `out` is the `[B, N, H, d]` output.
-unsafe fn query_tile(t: &Tiles, b: usize, h: usize, qt: usize, scratch: &mut [f32], out: *mut f32) {
+unsafe fn query_tile(
+    t: &Tiles,
+    b: usize,
+    h: usize,
+    qt: usize,
+    scratch: &mut Scratch,
+    out: *mut f32,
+) {
     let d = &t.d;
     let i0 = qt * t.q_tile;
     let rows = t.q_tile.min(d.queries - i0);
     let out_rs = d.heads * d.head_dim;
     let o = out.add(((b * d.queries + i0) * d.heads + h) * d.head_dim);
-    let (s, rest) = scratch.split_at_mut(t.q_tile * t.k_tile);
+    let (s, rest) = scratch.f32s.split_at_mut(t.q_tile * t.k_tile);
     let (m_run, rest) = rest.split_at_mut(t.q_tile);
     let (l_run, packed) = rest.split_at_mut(t.q_tile);
+    let (q_pairs, rest) = scratch
+        .pairs
+        .split_at_mut(t.q_tile * d.head_dim / 2 * usize::from(t.products == Products::Bf16));
+    let (p_pairs, panels) = rest
+        .split_at_mut(t.q_tile * t.k_tile.div_ceil(2) * usize::from(t.products == Products::Bf16));
     let mut j0 = 0;
     while j0 < d.keys {
         let cols = t.k_tile.min(d.keys - j0);
@@ -238,25 +304,47 @@ unsafe fn query_tile(t: &Tiles, b: usize, h: usize, qt: usize, scratch: &mut [f3
             cols,
             first,
         };
-        scores(t, at, rows, s, packed);
+        scores(t, at, rows, s, packed, q_pairs, panels);
         softmax_tile(t, at, &mut s[..rows * cols], m_run, l_run, o);
-        mix_values(t, at, rows, s, o);
+        mix_values(t, at, rows, s, o, p_pairs, panels);
         j0 += cols;
     }
     finish_rows(o, out_rs, d.head_dim, &l_run[..rows]);
 }
 
+/// Where a register tile of a product goes: `c`, rows `ldc` apart, added to what is there when
+/// `accumulate`.
+#[cfg(target_arch = "x86_64")]
+fn store(c: *mut f32, ldc: usize, accumulate: bool) -> crate::panel::Store {
+    crate::panel::Store {
+        c,
+        ldc,
+        bias: std::ptr::null(),
+        residual: if accumulate { c } else { std::ptr::null() },
+        act: crate::conv::Act::None,
+    }
+}
+
 /// `S = Q Kᵀ` for `rows` queries from `at.i0` and the tile's keys, into `s` (rows `at.cols` apart);
-/// `packed` is scratch for the keys packed as panels.
+/// `packed` is scratch for the keys packed as panels, `q_pairs` and `panels` for the bf16 operands.
 ///
 /// # Safety
 /// As [`query_tile`].
-unsafe fn scores(t: &Tiles, at: At, rows: usize, s: &mut [f32], packed: &mut [f32]) {
+unsafe fn scores(
+    t: &Tiles,
+    at: At,
+    rows: usize,
+    s: &mut [f32],
+    packed: &mut [f32],
+    q_pairs: &mut [u32],
+    panels: &mut [u32],
+) {
     let (hd, cols) = (t.d.head_dim, at.cols);
     let q = t.q.at(at.b, at.h, at.i0);
     #[cfg(target_arch = "x86_64")]
-    if t.panels {
-        use crate::{conv::Act, gemm_f32::x86::strided, panel::Store, panel::MR};
+    if t.products != Products::GemmCrate {
+        use crate::gemm_bf16::{register_tile, to_pairs, x86::interleave_rows};
+        use crate::{gemm_f32::x86::strided, panel::MR};
         // Per panel of NR keys, per dimension, the keys' values side by side (zero past the last):
         // blocks of 16 keys x 16 dimensions transposed in registers.
         let kp = &mut packed[..cols.next_multiple_of(NR) * hd];
@@ -274,23 +362,42 @@ unsafe fn scores(t: &Tiles, at: At, rows: usize, s: &mut [f32], packed: &mut [f3
                 x86::transpose_block(&rows, p0, &mut panel[p0 * NR + j0 % NR..], NR);
             }
         }
-        let q_rs = t.q.strides.row;
-        for (pi, panel) in kp.chunks_exact(hd * NR).enumerate() {
+        let (q_rs, hp) = (t.q.strides.row, hd / 2);
+        let bf16 = t.products == Products::Bf16;
+        if bf16 {
+            for r in 0..rows {
+                let row = std::slice::from_raw_parts(q.add(r * q_rs), hd);
+                to_pairs(row, &mut q_pairs[r * hp..][..hp], true);
+            }
+            // Each panel's dimensions 2p and 2p + 1 interleaved: [d / 2, NR] pairs.
+            for (f, b) in kp
+                .chunks_exact(hd * NR)
+                .zip(panels.chunks_exact_mut(hp * NR))
+            {
+                for p in 0..hp {
+                    let (lo, hi) = (f[2 * p * NR..].as_ptr(), f[(2 * p + 1) * NR..].as_ptr());
+                    interleave_rows(lo, hi, NR, b[p * NR..].as_mut_ptr());
+                }
+            }
+        }
+        for pi in 0..cols.div_ceil(NR) {
             for r0 in (0..rows).step_by(MR) {
-                let out = Store {
-                    c: s.as_mut_ptr().add(r0 * cols + pi * NR),
-                    ldc: cols,
-                    bias: std::ptr::null(),
-                    residual: std::ptr::null(),
-                    act: Act::None,
-                };
+                let out = store(s.as_mut_ptr().add(r0 * cols + pi * NR), cols, false);
                 let (mr, pc) = (MR.min(rows - r0), NR.min(cols - pi * NR));
-                strided(q.add(r0 * q_rs), q_rs, hd, panel.as_ptr(), NR, mr, pc, out);
+                if bf16 {
+                    let panel = panels[pi * hp * NR..].as_ptr().cast::<u16>();
+                    let panel = std::slice::from_raw_parts(panel, hp * NR * 2);
+                    let a = &q_pairs[r0 * hp..(r0 + mr) * hp];
+                    register_tile(true, a, hp, panel, mr, pc, out);
+                } else {
+                    let panel = kp[pi * hd * NR..].as_ptr();
+                    strided(q.add(r0 * q_rs), q_rs, hd, panel, NR, mr, pc, out);
+                }
             }
         }
         return;
     }
-    let _ = packed;
+    let _ = (packed, q_pairs, panels);
     // K^T is [d x cols] with (row, col) strides (col, row) of K.
     tile_gemm(
         (rows, cols, hd),
@@ -304,35 +411,66 @@ unsafe fn scores(t: &Tiles, at: At, rows: usize, s: &mut [f32], packed: &mut [f3
     );
 }
 
-/// `O (+)= P V` for `rows` queries: `s` holds the tile's probabilities, `o` the output rows.
+/// `O (+)= P V` for `rows` queries: `s` holds the tile's probabilities, `o` the output rows;
+/// `p_pairs` and `panels` are scratch for the bf16 operands.
 ///
 /// # Safety
 /// As [`query_tile`].
-unsafe fn mix_values(t: &Tiles, at: At, rows: usize, s: &[f32], o: *mut f32) {
+unsafe fn mix_values(
+    t: &Tiles,
+    at: At,
+    rows: usize,
+    s: &[f32],
+    o: *mut f32,
+    p_pairs: &mut [u32],
+    panels: &mut [u32],
+) {
     let (hd, cols) = (t.d.head_dim, at.cols);
     let out_rs = t.d.heads * hd;
     let v = t.v.at(at.b, at.h, at.j0);
     #[cfg(target_arch = "x86_64")]
-    if t.panels {
-        use crate::{conv::Act, gemm_f32::x86::strided, panel::Store, panel::MR};
-        // The values' rows are the right-hand side as they lie: per key, the head's dimensions.
+    if t.products != Products::GemmCrate {
+        use crate::gemm_bf16::{register_tile, to_pairs, x86::interleave_rows};
+        use crate::{gemm_f32::x86::strided, panel::MR};
+        let (cp, v_rs) = (cols.div_ceil(2), t.v.strides.row);
+        let bf16 = t.products == Products::Bf16;
+        if bf16 {
+            for r in 0..rows {
+                to_pairs(&s[r * cols..][..cols], &mut p_pairs[r * cp..][..cp], true);
+            }
+        }
         for c0 in (0..hd).step_by(NR) {
+            let n = NR.min(hd - c0);
+            // bf16: per panel of NR dimensions, keys 2p and 2p + 1 interleaved ([cols / 2, NR]
+            // pairs); f32: the values' rows as they lie (per key, the head's dimensions).
+            let at_panel = (c0 / NR * cp * NR).min(panels.len());
+            let vb = &mut panels[at_panel..];
+            if bf16 {
+                for p in 0..cp {
+                    let hi = if 2 * p + 1 < cols {
+                        v.add((2 * p + 1) * v_rs + c0)
+                    } else {
+                        std::ptr::null()
+                    };
+                    interleave_rows(v.add(2 * p * v_rs + c0), hi, n, vb[p * NR..].as_mut_ptr());
+                }
+            }
             for r0 in (0..rows).step_by(MR) {
-                let c = o.add(r0 * out_rs + c0);
-                let out = Store {
-                    c,
-                    ldc: out_rs,
-                    bias: std::ptr::null(),
-                    residual: if at.first { std::ptr::null() } else { c },
-                    act: Act::None,
-                };
-                let (mr, pc) = (MR.min(rows - r0), NR.min(hd - c0));
-                let p = s.as_ptr().add(r0 * cols);
-                strided(p, cols, cols, v.add(c0), t.v.strides.row, mr, pc, out);
+                let out = store(o.add(r0 * out_rs + c0), out_rs, !at.first);
+                let mr = MR.min(rows - r0);
+                if bf16 {
+                    let panel = std::slice::from_raw_parts(vb.as_ptr().cast::<u16>(), cp * NR * 2);
+                    let a = &p_pairs[r0 * cp..(r0 + mr) * cp];
+                    register_tile(true, a, cp, panel, mr, n, out);
+                } else {
+                    let p = s.as_ptr().add(r0 * cols);
+                    strided(p, cols, cols, v.add(c0), v_rs, mr, n, out);
+                }
             }
         }
         return;
     }
+    let _ = (p_pairs, panels);
     tile_gemm(
         (rows, hd, cols),
         o,
@@ -486,6 +624,11 @@ mod tests {
 
     /// Absolute tolerance against the f64 reference (outputs are averages of values in [-1, 1]).
     const ATOL: f64 = 2e-5;
+    /// The same in bf16 products (8 significant bits): q and k rounded by up to 2^-9 each put the
+    /// scores off by ~2e-3 here (0.2 x sqrt(d) products of values up to 1), which moves each
+    /// probability by that fraction; rounded probabilities and values add 2^-9 of each term. The
+    /// outputs (|y| <= 1) came out within 6e-4; the bound leaves a factor of 5.
+    const ATOL_BF16: f64 = 3e-3;
 
     fn contiguous(rows: usize, hd: usize, heads: usize) -> Strides {
         Strides {
@@ -541,10 +684,14 @@ mod tests {
     }
 
     fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        assert_within(got, want, ATOL, what);
+    }
+
+    fn assert_within(got: &[f32], want: &[f64], atol: f64, what: &str) {
         assert_eq!(got.len(), want.len());
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             assert!(
-                (g as f64 - w).abs() <= ATOL,
+                (g as f64 - w).abs() <= atol,
                 "{what}: element {i}: {g} vs {w}"
             );
         }
@@ -582,7 +729,7 @@ mod tests {
                 strides: contiguous(m, hd, heads),
             };
             let scale = 1.0 / (hd as f32).sqrt();
-            let got = attention(d, q, k, v, None, scale).unwrap();
+            let got = attention(d, q, k, v, None, scale, Precision::F32).unwrap();
             assert_close(&got, &naive(d, q, k, v, None, scale as f64), "no bias");
 
             // Bias [1, 1, N, M] broadcast over batch and heads: -inf on some keys, and on every key
@@ -603,7 +750,7 @@ mod tests {
                     col: 1,
                 },
             };
-            let got = attention(d, q, k, v, Some(bias), scale).unwrap();
+            let got = attention(d, q, k, v, Some(bias), scale, Precision::F32).unwrap();
             let want = naive(d, q, k, v, Some(bias), scale as f64);
             assert_close(&got, &want, "bias");
             let last = &got[((batch - 1) * n + n - 1) * heads * hd..];
@@ -617,11 +764,13 @@ mod tests {
     #[test]
     fn matches_naive_fused_qkv_layout() {
         for hd in [24, 64, 80] {
-            fused_qkv_layout(hd);
+            for precision in [Precision::F32, Precision::Bf16] {
+                fused_qkv_layout(hd, precision);
+            }
         }
     }
 
-    fn fused_qkv_layout(hd: usize) {
+    fn fused_qkv_layout(hd: usize, precision: Precision) {
         let (batch, heads, n) = (2usize, 4usize, 197usize);
         let d = Dims {
             batch,
@@ -660,12 +809,18 @@ mod tests {
                 col: 1,
             },
         };
-        let got = attention(d, part(0), part(1), part(2), Some(bias), 0.2).unwrap();
-        assert_close(
-            &got,
-            &naive(d, part(0), part(1), part(2), Some(bias), 0.2),
-            &format!("fused, head size {hd}"),
-        );
+        let run = |p| attention(d, part(0), part(1), part(2), Some(bias), 0.2, p).unwrap();
+        let got = run(precision);
+        let want = naive(d, part(0), part(1), part(2), Some(bias), 0.2);
+        let what = format!("fused, head size {hd}, {precision}");
+        let atol = match precision {
+            Precision::Bf16 => ATOL_BF16,
+            _ => ATOL,
+        };
+        assert_within(&got, &want, atol, &what);
+        if precision == Precision::Bf16 && hd % 16 == 0 && crate::cpu::features().avx512bf16 {
+            assert_ne!(got, run(Precision::F32), "{what}: the bf16 products ran");
+        }
     }
 
     #[test]
@@ -682,7 +837,7 @@ mod tests {
             data: &data,
             strides: contiguous(3, 4, 1),
         };
-        let err = attention(d, op, op, op, None, 1.0).unwrap_err();
+        let err = attention(d, op, op, op, None, 1.0, Precision::F32).unwrap_err();
         assert!(err.to_string().contains("q reads index 11 of 10"), "{err}");
     }
 }

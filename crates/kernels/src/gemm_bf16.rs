@@ -212,7 +212,7 @@ unsafe fn portable_tile(a: &[u32], pairs: usize, b: &[u16], mr: usize, cols: usi
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -227,12 +227,45 @@ mod x86 {
             // SAFETY: 16 floats at 16 i are in `src`; 16 bf16 (8 pairs) at 16 i are in `dst`.
             unsafe {
                 let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
-                let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                let h = bf16_bits(v);
                 _mm256_storeu_si256(out.add(16 * i) as *mut __m256i, h);
             }
         }
         for (p, d) in dst.iter_mut().enumerate().skip(full * 8) {
             *d = pair(src, p);
+        }
+    }
+
+    /// 16 floats rounded to bf16, as 16-bit integers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    fn bf16_bits(v: __m512) -> __m256i {
+        // SAFETY: same size; every bit pattern is a valid integer vector.
+        unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v)) }
+    }
+
+    /// `dst[j]` = the bf16 pair (`a[j]`, `b[j]`) for `j < n` (a multiple of 16; `b` null: zeros),
+    /// two rows of a product's right-hand side interleaved as the packed panels hold them.
+    ///
+    /// # Safety
+    /// AVX512-BF16 is present; `a`, a non-null `b` and `dst` hold `n` values.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(crate) unsafe fn interleave_rows(a: *const f32, b: *const f32, n: usize, dst: *mut u32) {
+        for j in (0..n).step_by(16) {
+            // SAFETY: j + 16 <= n values at each pointer (caller).
+            unsafe {
+                let lo = bf16_bits(_mm512_loadu_ps(a.add(j)));
+                let hi = if b.is_null() {
+                    _mm256_setzero_si256()
+                } else {
+                    bf16_bits(_mm512_loadu_ps(b.add(j)))
+                };
+                let v = _mm512_or_si512(
+                    _mm512_cvtepu16_epi32(lo),
+                    _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(hi)),
+                );
+                _mm512_storeu_si512(dst.add(j).cast(), v);
+            }
         }
     }
 

@@ -3,6 +3,7 @@
 //! stay exactly the reference's state-dict keys.
 
 use candle_core::{DType, Module, Tensor, D};
+use visenc_kernels::Precision;
 use visenc_weights::Scope;
 
 use crate::error::{config_err, Result};
@@ -311,7 +312,12 @@ impl Attention {
             None => qkv.clone(),
         };
         let (q, k, v) = (part(&qkv, 0)?, part(&kv, 1)?, part(&kv, 2)?);
-        let y = match ops::attention(&q, &k, &v, bias, scale as f32)? {
+        // bf16 layers multiply the attention's operands in bf16 too (as PyTorch's autocast does).
+        let precision = self
+            .qkv
+            .packed()
+            .map_or(Precision::F32, |(w, _)| w.precision());
+        let y = match ops::attention(&q, &k, &v, bias, scale as f32, precision)? {
             Some(y) => y.reshape((b, n, d))?,
             None => {
                 let q = (q.contiguous()? * scale)?;
@@ -334,7 +340,7 @@ const MAX_SCORES: usize = 1 << 26;
 /// On CPU `f32` the fused kernel runs instead (tiles with an online softmax: no size limit) and the
 /// result is a [B, H, N, d] view of a [B, N, H, d] buffer.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    match ops::attention(q, k, v, bias, 1.0)? {
+    match ops::attention(q, k, v, bias, 1.0, Precision::F32)? {
         Some(y) => Ok(y.transpose(1, 2)?),
         None => attention_in_blocks(q, k, v, bias, MAX_SCORES),
     }

@@ -11,7 +11,7 @@
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, DType, InplaceOp1, Layout, Shape, Storage, Tensor,
 };
-use visenc_kernels::{activation, attention as fused, norm};
+use visenc_kernels::{activation, attention as fused, norm, Precision};
 
 use candle_core::Result;
 
@@ -168,13 +168,15 @@ fn op<'a>(s: &'a Storage, l: &Layout) -> Result<fused::Operand<'a>> {
 
 /// `softmax(scale q k^T + bias) v` by the fused kernel for `q` [B, H, N, d], `k`, `v` [B, H, M, d]
 /// (any strides; views into one fused projection are read in place) and `bias` broadcastable to
-/// [B, H, N, M]. The result is [B, N, H, d] (heads merged). `None` where the kernel does not apply.
+/// [B, H, N, M]. The result is [B, N, H, d] (heads merged); the products in `precision` (bf16 as the
+/// kernel does it, else f32). `None` where the kernel does not apply.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: Option<&Tensor>,
     scale: f32,
+    precision: Precision,
 ) -> Result<Option<Tensor>> {
     if ![q, k, v].into_iter().chain(bias).all(cpu_f32) {
         return Ok(None);
@@ -213,8 +215,16 @@ pub fn attention(
         }
         None => None,
     };
-    let out = fused::attention(d, op(&qs, ql)?, op(&ks, kl)?, op(&vs, vl)?, bias_op, scale)
-        .map_err(candle_core::Error::wrap)?;
+    let out = fused::attention(
+        d,
+        op(&qs, ql)?,
+        op(&ks, kl)?,
+        op(&vs, vl)?,
+        bias_op,
+        scale,
+        precision,
+    )
+    .map_err(candle_core::Error::wrap)?;
     Ok(Some(Tensor::from_vec(
         out,
         (batch, queries, heads, head_dim),
@@ -313,7 +323,9 @@ mod tests {
         };
         let (q, k, v) = (part(0), part(1), part(2));
         let bias = Tensor::randn(0f32, 1., (1, 1, n, n), &dev).unwrap();
-        let got = attention(&q, &k, &v, Some(&bias), 0.3).unwrap().unwrap();
+        let got = attention(&q, &k, &v, Some(&bias), 0.3, Precision::F32)
+            .unwrap()
+            .unwrap();
         let s = (q.contiguous().unwrap() * 0.3)
             .unwrap()
             .matmul(&k.contiguous().unwrap().t().unwrap())

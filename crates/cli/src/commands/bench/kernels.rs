@@ -265,7 +265,8 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
         format!("b{b}, {h} heads, {t} tokens, head dim {hd}"),
         g,
         &mut || {
-            let y = visenc::models::ops::attention(&q, &kt, &v, None, 0.125)?;
+            let y =
+                visenc::models::ops::attention(&q, &kt, &v, None, 0.125, visenc::Precision::F32)?;
             y.context("the fused attention kernel did not apply")
         },
     )?;
@@ -366,7 +367,14 @@ fn vit_block_breakdown(plan: &Plan) -> Result<Value> {
             1,
             att_g,
             Box::new(|| {
-                let y = visenc::models::ops::attention(&q, &k, &v, None, 0.125)?;
+                let y = visenc::models::ops::attention(
+                    &q,
+                    &k,
+                    &v,
+                    None,
+                    0.125,
+                    visenc::Precision::F32,
+                )?;
                 Ok(y.context("the fused attention kernel did not apply")?
                     .reshape((b, t, d))?)
             }),
