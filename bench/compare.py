@@ -781,7 +781,8 @@ def report(res):
         L += ["### Low precision: throughput (img/s, median; min–max) and agreement with PyTorch f32", "",
               "bf16: bf16 products with f32 sums (visenc `--precision bf16`, PyTorch autocast). int8: int8 weights per "
               "output channel, uint8 activations quantised at run time (visenc `--precision int8`: per row; ORT "
-              "`quantize_dynamic(per_channel=True)`: per tensor). Attention, norms and activations stay f32 in visenc.",
+              "`quantize_dynamic(per_channel=True)`: per tensor). In visenc norms, activations and the softmax "
+              "stay f32; in bf16 its attention products are bf16 too (as autocast's).",
               "", "| workload | batch | visenc bf16 | PyTorch bf16 autocast | visenc bf16/PyTorch bf16 | visenc int8 | "
               "ORT int8 | visenc int8/ORT int8 | cos visenc int8 | cos ORT int8 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for w in W:
