@@ -212,13 +212,12 @@ impl Scratch {
     fn new(t: &Tiles) -> Self {
         let (hd, qt, kt) = (t.d.head_dim, t.q_tile, t.k_tile);
         let keys = kt.next_multiple_of(NR) * hd;
-        let f32s = qt * kt
-            + 2 * qt
-            + if t.products == Products::GemmCrate {
-                0
-            } else {
-                keys
-            };
+        let packed_keys = if t.products == Products::GemmCrate {
+            0
+        } else {
+            keys
+        };
+        let f32s = qt * kt + 2 * qt + packed_keys;
         let pairs = if t.products == Products::Bf16 {
             let panels = (keys / 2).max(hd.next_multiple_of(NR) * kt.div_ceil(2));
             qt * hd / 2 + qt * kt.div_ceil(2) + panels
@@ -287,11 +286,16 @@ unsafe fn query_tile(
     let (s, rest) = scratch.f32s.split_at_mut(t.q_tile * t.k_tile);
     let (m_run, rest) = rest.split_at_mut(t.q_tile);
     let (l_run, packed) = rest.split_at_mut(t.q_tile);
-    let (q_pairs, rest) = scratch
-        .pairs
-        .split_at_mut(t.q_tile * d.head_dim / 2 * usize::from(t.products == Products::Bf16));
-    let (p_pairs, panels) = rest
-        .split_at_mut(t.q_tile * t.k_tile.div_ceil(2) * usize::from(t.products == Products::Bf16));
+    let bf16 = t.products == Products::Bf16;
+    let (q_pairs, rest) =
+        scratch
+            .pairs
+            .split_at_mut(if bf16 { t.q_tile * d.head_dim / 2 } else { 0 });
+    let (p_pairs, panels) = rest.split_at_mut(if bf16 {
+        t.q_tile * t.k_tile.div_ceil(2)
+    } else {
+        0
+    });
     let mut j0 = 0;
     while j0 < d.keys {
         let cols = t.k_tile.min(d.keys - j0);
