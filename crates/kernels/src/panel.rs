@@ -125,7 +125,7 @@ pub(crate) fn for_each_tile(
     if m * n * k < SERIAL_MACS || crate::cpu::threads() == 1 || SERIAL.get() {
         (0..blocks * panels).for_each(run);
     } else {
-        (0..blocks * panels).into_par_iter().for_each(run);
+        crate::cpu::tasks(blocks * panels).for_each(run);
     }
 }
 
@@ -173,6 +173,7 @@ pub(crate) fn by_row_blocks(
     let n = c.len() / m;
     c.par_chunks_mut(rows * n)
         .zip(a.par_chunks(rows * k))
+        .with_max_len(1) // block by block, as `cpu::tasks`
         .enumerate()
         .for_each(|(i, (c, a))| {
             let r = c.len() / n;

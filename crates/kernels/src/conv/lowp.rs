@@ -179,7 +179,7 @@ pub fn conv2d_bf16(
         });
     };
     if jobs >= 2 && threads > 1 {
-        (0..jobs).into_par_iter().for_each(job);
+        crate::cpu::tasks(jobs).for_each(job);
     } else {
         (0..jobs).for_each(job);
     }

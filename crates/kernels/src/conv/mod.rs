@@ -244,7 +244,7 @@ fn dense(x: &[f32], weight: &[f32], s: &ConvShape, e: Epilogue, out: &mut [f32])
         }
     };
     if outer {
-        (0..jobs).into_par_iter().for_each(job);
+        crate::cpu::tasks(jobs).for_each(job);
     } else {
         (0..jobs).for_each(job);
     }

@@ -238,9 +238,7 @@ fn bands(rows: usize) -> impl IndexedParallelIterator<Item = Range<usize>> {
     let band = rows
         .div_ceil(crate::cpu::threads() * TASKS_PER_THREAD)
         .max(1);
-    (0..rows.div_ceil(band))
-        .into_par_iter()
-        .map(move |t| t * band..rows.min((t + 1) * band))
+    crate::cpu::tasks(rows.div_ceil(band)).map(move |t| t * band..rows.min((t + 1) * band))
 }
 
 /// The operands of one [`depthwise`] call.

@@ -238,7 +238,7 @@ pub fn winograd(x: &[f32], s: &ConvShape, w: &WinogradWeight, e: Epilogue, out: 
         .min(total.div_ceil(crate::cpu::threads()))
         .max(1);
     let dst = OutPtr(out.as_mut_ptr());
-    (0..total.div_ceil(chunk)).into_par_iter().for_each(|i| {
+    crate::cpu::tasks(total.div_ceil(chunk)).for_each(|i| {
         let t0 = i * chunk;
         let n = chunk.min(total - t0);
         let chunk = Chunk { first: t0, n };
