@@ -63,7 +63,7 @@ pub fn threads() -> usize {
 /// `0..n` as parallel tasks split down to single items. rayon otherwise splits a range only a few
 /// times (log2 of the threads, again when a part is stolen), so a thread that runs out of work waits
 /// while another finishes a run of tasks: 1-5 ms at a time, ~3 % of a ViT-B/16 forward in its GEMMs.
-pub fn tasks(n: usize) -> rayon::iter::MaxLen<rayon::range::Iter<usize>> {
+pub(crate) fn tasks(n: usize) -> rayon::iter::MaxLen<rayon::range::Iter<usize>> {
     use rayon::prelude::*;
     (0..n).into_par_iter().with_max_len(1)
 }

@@ -70,8 +70,9 @@ pub(crate) fn as_uninit(c: &mut [f32]) -> &mut [MaybeUninit<f32>] {
 }
 
 /// Calls `tile` for every register tile of the `m` x `n` output `c`, which writes
-/// `act(a · wᵀ + bias + residual)` there (so every element of `c` is written) (`e`; the whole epilogue in registers): tasks of up to
-/// [`MC`] rows x one panel, in parallel when the product (`k` deep) is large enough.
+/// `act(a · wᵀ + bias + residual)` there (`e`; the whole epilogue in registers), so every element of
+/// `c` is written: tasks of up to [`MC`] rows x one panel, in parallel when the product (`k` deep) is
+/// large enough.
 pub(crate) fn for_each_tile(
     c: &mut [MaybeUninit<f32>],
     m: usize,
