@@ -21,7 +21,11 @@ fn lite0() -> String {
 /// Stripes of period `period` in two shades of `base`.
 fn stripes(base: [u8; 3], period: u32) -> Vec<u8> {
     png(48, 40, move |x, y| {
-        let k = if (x + y) / period % 2 == 0 { 0 } else { 60 };
+        let k = if ((x + y) / period).is_multiple_of(2) {
+            0
+        } else {
+            60
+        };
         base.map(|c| c.saturating_sub(k))
     })
 }

@@ -1,7 +1,7 @@
 //! Query latency and build time of the search paths on random unit vectors: the exhaustive scan,
 //! the embedded index's graph (`visenc_index::Ann`: usearch HNSW over int8, candidates re-ranked
 //! exactly) and, when `VISENC_TEST_POSTGRES` names a server (`scripts/start-postgres.sh`), PostgreSQL
-//! + pgvector's HNSW index in a scratch database, filled through the same `Index` API as
+//! with pgvector's HNSW index in a scratch database, filled through the same `Index` API as
 //! `visenc index --db postgres://...`. Prints one Markdown table row per path and size; recall@10 is
 //! against the exhaustive scan.
 //!

@@ -15,8 +15,7 @@ use rayon::prelude::*;
 use crate::conv::Epilogue;
 use crate::cpu::Features;
 use crate::panel::{
-    by_row_blocks, check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, Store,
-    MR, NR,
+    by_row_blocks, check_shapes, convert_rows, for_each_tile, with_scratch, Store, MR, NR,
 };
 
 /// Rounds to bf16 like `vcvtneps2bf16`: round to nearest even, subnormals to signed zero, NaN stays a
@@ -216,7 +215,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::store_tile;
+    use crate::panel::{dispatch_tile, store_tile};
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) fn to_pairs(src: &[f32], dst: &mut [u32]) {

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
-use crate::panel::{check_shapes, dispatch_tile, for_each_tile, NR};
+use crate::panel::{check_shapes, NR};
 
 /// A weight matrix [n, k] packed for [`gemm_f32`].
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ pub fn gemm_f32(
     }
     #[cfg(target_arch = "x86_64")]
     if features.avx512f {
-        for_each_tile(c, m, n, k, &e, |t| {
+        crate::panel::for_each_tile(c, m, n, k, &e, |t| {
             let a = &a[t.row * k..(t.row + t.rows) * k];
             // SAFETY: AVX-512F is present; the tile's rows x columns of `c` (and of the residual)
             // are this task's alone.
@@ -159,7 +159,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::{store_tile, Store};
+    use crate::panel::{dispatch_tile, store_tile, Store};
 
     /// `out = act(Σ_p a[r][p] · b[p][j] + bias[j] + residual)` for `mr` (<= 6) rows of `a` ([mr, k])
     /// and the first `cols` (<= 64) columns of one packed panel `b` ([k, 64]).

@@ -22,9 +22,7 @@ use rayon::prelude::*;
 
 use crate::conv::{Act, Epilogue};
 use crate::cpu::Features;
-use crate::panel::{
-    by_row_blocks, check_shapes, convert_rows, dispatch_tile, for_each_tile, with_scratch, NR,
-};
+use crate::panel::{by_row_blocks, check_shapes, convert_rows, for_each_tile, with_scratch, NR};
 
 /// Largest magnitude of a quantised weight (symmetric, so -128 is unused).
 const QMAX_W: f32 = 127.0;
@@ -278,6 +276,7 @@ mod x86 {
 
     use super::*;
     use crate::math::F32x16;
+    use crate::panel::dispatch_tile;
     use crate::panel::lane_mask;
 
     #[target_feature(enable = "avx512f,avx512bw")]

@@ -272,6 +272,7 @@ pub(crate) unsafe fn store_tile<const MR: usize, const NV: usize>(
 
 /// Calls `$kernel::<MR, NV>($args)` for run-time `$mr` in 1..=6 and `$nv` in 1..=4 (the register tile
 /// is a compile-time shape so its accumulators live in registers).
+#[cfg(target_arch = "x86_64")]
 macro_rules! dispatch_tile {
     ($kernel:ident, $mr:expr, $nv:expr, $($args:expr),* $(,)?) => {
         match ($mr, $nv) {
@@ -291,6 +292,7 @@ macro_rules! dispatch_tile {
         }
     };
 }
+#[cfg(target_arch = "x86_64")]
 pub(crate) use dispatch_tile;
 
 /// Shapes (m, n, k) the GEMM tests run: single values, partial register tiles and panels, `k` tails

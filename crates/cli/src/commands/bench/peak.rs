@@ -1,7 +1,5 @@
 //! The FMA (f32) and `vdpbf16ps` (bf16) peaks of this machine, the yardstick of the kernel rows.
 
-use std::time::Instant;
-
 /// Peak f32 FMA throughput (GFLOP/s) of `threads` threads, and the instruction set used.
 pub(super) fn fma_peak(threads: usize, seconds: f64) -> (String, f64) {
     #[cfg(target_arch = "x86_64")]
@@ -64,6 +62,7 @@ pub(super) fn bf16_peak(threads: usize, seconds: f64) -> Option<f64> {
 }
 
 /// Runs `run(n)` on `threads` threads at once; the best of a few rounds, in GFLOP/s.
+#[cfg(target_arch = "x86_64")]
 fn peak_threads(
     threads: usize,
     seconds: f64,
@@ -73,7 +72,7 @@ fn peak_threads(
     // Calibrate n so one round takes ~seconds/5 on one thread.
     let mut n: u64 = 1 << 16;
     loop {
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         std::hint::black_box(run(n));
         let e = t.elapsed().as_secs_f64();
         if e > 0.02 {
@@ -84,7 +83,7 @@ fn peak_threads(
     }
     let mut best = 0f64;
     for _ in 0..5 {
-        let t = Instant::now();
+        let t = std::time::Instant::now();
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| std::hint::black_box(run(n)));
