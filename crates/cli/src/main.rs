@@ -32,9 +32,9 @@ pub struct ModelArgs {
     /// Largest image accepted, in pixels (decompression-bomb guard).
     #[arg(long, default_value_t = visenc::image::Limits::default().max_pixels)]
     pub max_pixels: u64,
-    /// What linear layers and dense convolutions (in bf16 also attention's products) compute in: f32,
-    /// bf16 (bf16 products, f32 sums) or int8 (int8 weights per channel, uint8 activations per row);
-    /// depthwise convolutions stay f32.
+    /// What linear layers and dense convolutions compute in: f32, bf16 (bf16 products, f32 sums) or
+    /// int8 (int8 weights per channel, uint8 activations per row); attention's products are bf16 in
+    /// both where the CPU has AVX512-BF16; depthwise convolutions stay f32.
     #[arg(long, default_value_t = visenc::Precision::F32)]
     pub precision: visenc::Precision,
 }

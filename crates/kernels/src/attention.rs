@@ -92,9 +92,11 @@ impl Operand<'_> {
 
 /// `softmax(scale q k^T + bias) v` for `q` [B, H, N, d], `k` and `v` [B, H, M, d] and an optional
 /// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
-/// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row. In bf16 `precision`
-/// the two products round their operands to bf16 where the CPU multiplies bf16 natively
-/// (AVX512-BF16), as PyTorch's bf16 autocast does; the softmax stays f32. Int8 models run them in f32.
+/// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row. In bf16 and int8
+/// `precision` the two products round their operands to bf16 where the CPU multiplies bf16 natively
+/// (AVX512-BF16), as PyTorch's bf16 autocast does (int8 models have no weights to quantise here, and
+/// bf16 keeps 8 significant bits where the uint8 activations of their linear layers keep ~7); the
+/// softmax stays f32.
 pub fn attention(
     d: Dims,
     q: Operand,
@@ -190,7 +192,7 @@ impl Products {
             && d.head_dim.is_multiple_of(16))
         {
             Self::GemmCrate
-        } else if precision == Precision::Bf16 && f.avx512bf16 {
+        } else if precision != Precision::F32 && f.avx512bf16 {
             Self::Bf16
         } else {
             Self::F32
@@ -768,7 +770,7 @@ mod tests {
     #[test]
     fn matches_naive_fused_qkv_layout() {
         for hd in [24, 64, 80] {
-            for precision in [Precision::F32, Precision::Bf16] {
+            for precision in [Precision::F32, Precision::Bf16, Precision::Int8] {
                 fused_qkv_layout(hd, precision);
             }
         }
@@ -818,13 +820,11 @@ mod tests {
         let want = naive(d, part(0), part(1), part(2), Some(bias), 0.2);
         let what = format!("fused, head size {hd}, {precision}");
         let atol = match precision {
-            Precision::Bf16 => ATOL_BF16,
-            _ => ATOL,
+            Precision::F32 => ATOL,
+            Precision::Bf16 | Precision::Int8 => ATOL_BF16,
         };
         assert_within(&got, &want, atol, &what);
-        if precision == Precision::Bf16
-            && hd.is_multiple_of(16)
-            && crate::cpu::features().avx512bf16
+        if precision != Precision::F32 && hd.is_multiple_of(16) && crate::cpu::features().avx512bf16
         {
             assert_ne!(got, run(Precision::F32), "{what}: the bf16 products ran");
         }

@@ -14,7 +14,8 @@ pub enum Precision {
     /// ([`crate::gemm_bf16`]).
     Bf16,
     /// Weights quantised to int8 per output channel once, activations to uint8 per row per product,
-    /// i32 accumulation ([`crate::gemm_int8`]).
+    /// i32 accumulation ([`crate::gemm_int8`]); attention's products as in `Bf16`
+    /// ([`crate::attention`]).
     Int8,
 }
 

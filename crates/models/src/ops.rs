@@ -168,8 +168,8 @@ fn op<'a>(s: &'a Storage, l: &Layout) -> Result<fused::Operand<'a>> {
 
 /// `softmax(scale q k^T + bias) v` by the fused kernel for `q` [B, H, N, d], `k`, `v` [B, H, M, d]
 /// (any strides; views into one fused projection are read in place) and `bias` broadcastable to
-/// [B, H, N, M]. The result is [B, N, H, d] (heads merged); the products in `precision` (bf16 as the
-/// kernel does it, else f32). `None` where the kernel does not apply.
+/// [B, H, N, M]. The result is [B, N, H, d] (heads merged); the products in `precision` (bf16 and
+/// int8 as bf16, as the kernel does it). `None` where the kernel does not apply.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
