@@ -9,7 +9,9 @@ use visenc_weights::{Scope, Weights};
 use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo, Scoring};
 use crate::error::{config_err, ModelError, Result};
 use crate::interpolate::PosInterp;
-use crate::nn::{layer_norm, linear, Activation, BlockConfig, BlockKeys, Projection, QkvKeys};
+use crate::nn::{
+    layer_norm, linear, Activation, BlockConfig, BlockKeys, Last, Projection, QkvKeys,
+};
 use crate::text_transformer::{TextConfig, TextKeys, TextPool, TextTransformer};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
@@ -95,7 +97,13 @@ pub struct ClipVision {
 impl ImageEncoder for ClipVision {
     // Reference: https://github.com/huggingface/transformers/blob/v4.46.0/src/transformers/models/clip/modeling_clip.py#L1080
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
-        let out = self.trunk.forward(pixels, opts, true)?;
+        // The pooled output reads the class token alone: without tokens, the last block runs for it.
+        let last = if opts.tokens {
+            Last::All
+        } else {
+            Last::First(1)
+        };
+        let out = self.trunk.forward(pixels, opts, last)?;
         let pooled = self.post_norm.forward(&out.last.i((.., 0))?)?;
         let projected = self
             .projection

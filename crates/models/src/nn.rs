@@ -295,6 +295,19 @@ impl Attention {
         bias: Option<&Tensor>,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_first(x, kv, bias, residual, x.dim(1)?)
+    }
+
+    /// [`Self::forward_residual`] for the first `rows` queries of `x` only (keys and values from
+    /// every token): [B, rows, D], the residual [B, rows, D].
+    pub fn forward_first(
+        &self,
+        x: &Tensor,
+        kv: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        rows: usize,
+    ) -> Result<Tensor> {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let scale = (hd as f64).powf(-0.5);
@@ -311,19 +324,28 @@ impl Attention {
             Some(kv) => self.qkv.forward(kv)?,
             None => qkv.clone(),
         };
-        let (q, k, v) = (part(&qkv, 0)?, part(&kv, 1)?, part(&kv, 2)?);
+        let q = part(&qkv, 0)?.narrow(2, 0, rows)?;
+        let (k, v) = (part(&kv, 1)?, part(&kv, 2)?);
+        // A bias with a row per query keeps the rows of the queries computed.
+        let bias = match bias {
+            Some(t) if t.rank() >= 2 && rows < n && t.dim(t.rank() - 2)? == n => {
+                Some(t.narrow(t.rank() - 2, 0, rows)?)
+            }
+            other => other.cloned(),
+        };
+        let bias = bias.as_ref();
         // bf16 layers multiply the attention's operands in bf16 too (as PyTorch's autocast does).
         let precision = self
             .qkv
             .packed()
             .map_or(Precision::F32, |(w, _)| w.precision());
         let y = match ops::attention(&q, &k, &v, bias, scale as f32, precision)? {
-            Some(y) => y.reshape((b, n, d))?,
+            Some(y) => y.reshape((b, rows, d))?,
             None => {
                 let q = (q.contiguous()? * scale)?;
                 attention(&q, &k.contiguous()?, &v.contiguous()?, bias)?
                     .transpose(1, 2)?
-                    .reshape((b, n, d))?
+                    .reshape((b, rows, d))?
             }
         };
         self.out.forward_with(&y, residual, None)
@@ -456,10 +478,26 @@ impl Block {
     /// Without LayerScale the residual adds run in the epilogues of the output projection and of
     /// `fc2`; with it, after the scaling.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_first(x, mask, x.dim(1)?)
+    }
+
+    /// [`Self::forward`] of the first `rows` tokens only ([B, rows, D]): what a last block owes a
+    /// pooled output that reads the class token. The other tokens still give their keys and values.
+    pub fn forward_first(&self, x: &Tensor, mask: Option<&Tensor>, rows: usize) -> Result<Tensor> {
         let h = self.norm1.forward(x)?;
+        let first = if rows < x.dim(1)? {
+            x.narrow(1, 0, rows)?.contiguous()?
+        } else {
+            x.clone()
+        };
         let x = match &self.ls1 {
-            None => self.attn.forward_residual(&h, None, mask, Some(x))?,
-            Some(g) => (x + self.attn.forward(&h, None, mask)?.broadcast_mul(g)?)?,
+            None => self
+                .attn
+                .forward_first(&h, None, mask, Some(&first), rows)?,
+            Some(g) => {
+                let y = self.attn.forward_first(&h, None, mask, None, rows)?;
+                (first + y.broadcast_mul(g)?)?
+            }
         };
         let h = self.norm2.forward(&x)?;
         Ok(match &self.ls2 {
@@ -467,6 +505,19 @@ impl Block {
             Some(g) => (&x + self.mlp.forward(&h)?.broadcast_mul(g)?)?,
         })
     }
+}
+
+/// What a caller needs of an [`Encoder`]'s last output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Last {
+    /// Every token.
+    All,
+    /// The first tokens only (a pooled output that reads the class token): the last block runs
+    /// its attention, projection and MLP for those rows alone (keys and values still come from
+    /// every token), unless its output is a kept hidden state.
+    First(usize),
+    /// Nothing: the blocks after the deepest kept hidden state are skipped.
+    Skip,
 }
 
 /// A stack of blocks that can hand out the hidden state after any block.
@@ -499,19 +550,24 @@ impl Encoder {
     }
 
     /// Runs the blocks. `keep` lists hidden-state indices in HF's convention (0 = the encoder input,
-    /// i = output of block i); those states are returned in the order asked. Blocks after the last
-    /// state needed are skipped when `need_last` is false.
+    /// i = output of block i); those states are returned in the order asked. `last` says what the
+    /// caller needs of the last block's output (see [`Last`]).
     pub fn forward(
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
         keep: &[usize],
-        need_last: bool,
+        last: Last,
     ) -> Result<(Tensor, Vec<Tensor>)> {
-        let stop = if need_last {
-            self.blocks.len()
-        } else {
-            keep.iter().copied().max().unwrap_or(0)
+        let n = self.blocks.len();
+        let stop = match last {
+            Last::Skip => keep.iter().copied().max().unwrap_or(0),
+            Last::All | Last::First(_) => n,
+        };
+        // The last block computes only the first tokens when its full output is not kept.
+        let first = match last {
+            Last::First(rows) if !keep.contains(&n) => Some(rows),
+            _ => None,
         };
         let mut states: Vec<Option<Tensor>> = vec![None; self.blocks.len() + 1];
         let mut x = x.clone();
@@ -519,7 +575,10 @@ impl Encoder {
             states[0] = Some(x.clone());
         }
         for (i, block) in self.blocks.iter().take(stop).enumerate() {
-            x = block.forward(&x, mask)?;
+            x = match first {
+                Some(rows) if i + 1 == n => block.forward_first(&x, mask, rows)?,
+                _ => block.forward(&x, mask)?,
+            };
             if keep.contains(&(i + 1)) {
                 states[i + 1] = Some(x.clone());
             }

@@ -10,7 +10,9 @@ use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo, Scoring}
 use crate::clip::scalar;
 use crate::error::Result;
 use crate::interpolate::PosInterp;
-use crate::nn::{layer_norm, linear, Attention, BlockConfig, BlockKeys, Mlp, Projection, QkvKeys};
+use crate::nn::{
+    layer_norm, linear, Attention, BlockConfig, BlockKeys, Last, Mlp, Projection, QkvKeys,
+};
 use crate::text_transformer::{TextConfig, TextKeys, TextPool, TextTransformer};
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
@@ -72,7 +74,7 @@ pub struct SiglipVision {
 
 impl ImageEncoder for SiglipVision {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
-        let out = self.trunk.forward(pixels, opts, true)?;
+        let out = self.trunk.forward(pixels, opts, Last::All)?;
         let pooled = match &self.head {
             Some(h) => h.forward(&out.last)?,
             // Without the head the reference returns no pooler output; the mean token is timm's 'avg'.

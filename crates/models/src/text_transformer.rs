@@ -6,7 +6,7 @@ use visenc_weights::Scope;
 
 use crate::api::{TextEncoder, TextFeatures};
 use crate::error::{ModelError, Result};
-use crate::nn::{causal_mask, layer_norm, BlockConfig, BlockKeys, Encoder, Projection};
+use crate::nn::{causal_mask, layer_norm, BlockConfig, BlockKeys, Encoder, Last, Projection};
 
 /// State-dict keys of a text tower.
 #[derive(Debug, Clone, Copy)]
@@ -101,7 +101,7 @@ impl TextEncoder for TextTransformer {
         } else {
             None
         };
-        let (x, _) = self.encoder.forward(&x, mask.as_ref(), &[], true)?;
+        let (x, _) = self.encoder.forward(&x, mask.as_ref(), &[], Last::All)?;
         let x = self.final_norm.forward(&x)?;
         let pos: Vec<usize> = ids_v
             .iter()

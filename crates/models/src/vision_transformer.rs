@@ -8,7 +8,7 @@ use visenc_weights::Scope;
 use crate::api::EncodeOptions;
 use crate::error::{config_err, ModelError, Result};
 use crate::interpolate::{resample_pos_embed, PosInterp};
-use crate::nn::{layer_norm, resolve_layers, BlockConfig, BlockKeys, Encoder};
+use crate::nn::{layer_norm, resolve_layers, BlockConfig, BlockKeys, Encoder, Last};
 
 /// State-dict keys of a ViT trunk, relative to the vision tower.
 #[derive(Debug, Clone, Copy)]
@@ -202,19 +202,20 @@ impl VisionTransformer {
         Ok((x, grid))
     }
 
-    /// Runs the trunk. `need_last` false lets it stop after the deepest requested hidden state.
+    /// Runs the trunk; `last` says what the caller needs of the final sequence (with
+    /// [`Last::First`], `TrunkOutput::last` holds only those tokens).
     pub fn forward(
         &self,
         pixels: &Tensor,
         opts: &EncodeOptions,
-        need_last: bool,
+        last: Last,
     ) -> Result<TrunkOutput> {
         let (x, grid) = self.embed(pixels)?;
         let keep = resolve_layers(&opts.layers, self.encoder.len())?;
-        let (last, states) = self.encoder.forward(&x, None, &keep, need_last)?;
+        let (out, states) = self.encoder.forward(&x, None, &keep, last)?;
         let last = match &self.final_norm {
-            Some(n) if need_last => n.forward(&last)?,
-            _ => last,
+            Some(n) if last != Last::Skip => n.forward(&out)?,
+            _ => out,
         };
         Ok(TrunkOutput {
             last,

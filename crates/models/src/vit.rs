@@ -10,7 +10,7 @@ use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, ModelInfo};
 use crate::error::{config_err, ModelError, Result};
 use crate::interpolate::PosInterp;
 use crate::nn::{
-    layer_norm, linear, optional_classifier, Activation, BlockConfig, BlockKeys, QkvKeys,
+    layer_norm, linear, optional_classifier, Activation, BlockConfig, BlockKeys, Last, QkvKeys,
 };
 use crate::vision_transformer::{TrunkConfig, TrunkKeys, VisionTransformer};
 use crate::{parse, LoadedModel};
@@ -45,7 +45,12 @@ pub struct ViT {
 impl ImageEncoder for ViT {
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.11/timm/models/vision_transformer.py#L826
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
-        let out = self.trunk.forward(pixels, opts, true)?;
+        // A pooled class token read alone: without tokens, the last block runs for it only.
+        let last = match (self.pool, self.head_input, opts.tokens) {
+            (Pool::Token, HeadInput::Pooled, false) => Last::First(1),
+            _ => Last::All,
+        };
+        let out = self.trunk.forward(pixels, opts, last)?;
         let (prefix, patches) = self.trunk.split_tokens(&out.last)?;
         let mut pooled = match self.pool {
             Pool::Token => out.last.i((.., 0))?,

@@ -21,8 +21,9 @@ fn fixture(name: &'static str) -> Fixture {
 }
 
 impl Fixture {
-    /// Pooled, projected, tokens, every hidden state, logits at the trained size; pooled, tokens and
-    /// logits at the alternative size; and batched == single.
+    /// Pooled, projected, tokens, every hidden state, logits at the trained size (pooled, projected
+    /// and logits again without tokens); pooled, tokens and logits at the alternative size; and
+    /// batched == single.
     fn check_vision(&self) {
         let layers: Vec<i64> = (0..)
             .take_while(|i| self.expected.contains_key(&format!("hidden_states.{i}")))
@@ -64,6 +65,19 @@ impl Fixture {
             )
             .unwrap();
         assert!(rel_err(&neg.hidden_states[0].1, &last) < BATCH_TOL);
+        // Without tokens or layers a class-token pooling runs the last block for that token alone.
+        let pooled_only = self
+            .model
+            .image
+            .encode(px, &EncodeOptions::default())
+            .unwrap();
+        self.check("pooled (no tokens)", &pooled_only.pooled, "pooled");
+        if let Some(p) = &pooled_only.projected {
+            self.check("projected (no tokens)", p, "image_embeds");
+        }
+        if let Some(l) = &pooled_only.logits {
+            self.check("logits (no tokens)", l, "logits");
+        }
 
         if let Some(alt) = self.expected.get("alt_pixel_values") {
             let g = self

@@ -20,6 +20,7 @@ use visenc_weights::Weights;
 use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures, MultimodalEncoder, VisualTokens};
 use crate::clip::{load_hf_vision_tower, ClipVision};
 use crate::error::{config_err, ModelError, Result};
+use crate::nn::Last;
 use crate::{parse, LoadedModel};
 
 /// `vision_feature_select_strategy`.
@@ -99,7 +100,7 @@ impl Llava {
             layers: self.layers.clone(),
             ..Default::default()
         };
-        let out = self.vision.trunk.forward(pixels, &opts, false)?;
+        let out = self.vision.trunk.forward(pixels, &opts, Last::Skip)?;
         let selected = out
             .hidden_states
             .iter()
