@@ -938,7 +938,9 @@ def report(res):
             tot = vb["block_ms"]
             L += ["### Where visenc's time goes: one ViT-B/16 block at batch 8, op by op", "",
                   f"Sum of one block's ops {tot:.0f} ms; x12 = {vb['trunk_estimate_ms'] / 1e3:.2f} s"
-                  + (f" vs the measured whole forward {fwd:.2f} s at batch 8." if fwd else "."), "",
+                  + (f" vs the measured whole forward {fwd:.2f} s at batch 8 (whose last block runs the "
+                     "attention, projection and MLP for the class token alone: the pooled output reads "
+                     "nothing else)." if fwd else "."), "",
                   "| op | per block | ms each | share of block | GFLOP/s |", "|---|---|---|---|---|"]
             for o in sorted(vb["ops"], key=lambda o: -o["median_ms"] * o["per_block"]):
                 share = o["median_ms"] * o["per_block"] / tot
