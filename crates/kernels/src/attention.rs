@@ -95,8 +95,7 @@ impl Operand<'_> {
 /// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row. In bf16 and int8
 /// `precision` the two products round their operands to bf16 where the CPU multiplies bf16 natively
 /// (AVX512-BF16), as PyTorch's bf16 autocast does (int8 models have no weights to quantise here, and
-/// bf16 keeps 8 significant bits where the uint8 activations of their linear layers keep ~7); the
-/// softmax stays f32.
+/// bf16 rounds finer than the uint8 activations of their linear layers); the softmax stays f32.
 pub fn attention(
     d: Dims,
     q: Operand,
