@@ -326,13 +326,7 @@ impl Attention {
         };
         let q = part(&qkv, 0)?.narrow(2, 0, rows)?;
         let (k, v) = (part(&kv, 1)?, part(&kv, 2)?);
-        // A bias with a row per query keeps the rows of the queries computed.
-        let bias = match bias {
-            Some(t) if t.rank() >= 2 && rows < n && t.dim(t.rank() - 2)? == n => {
-                Some(t.narrow(t.rank() - 2, 0, rows)?)
-            }
-            other => other.cloned(),
-        };
+        let bias = bias.map(|t| query_rows(t, n, 0, rows)).transpose()?;
         let bias = bias.as_ref();
         // bf16 layers multiply the attention's operands in bf16 too (as PyTorch's autocast does).
         let precision = self
@@ -368,6 +362,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> R
     }
 }
 
+/// The rows of an attention bias (broadcastable to [.., N, M]) for queries `start..start + len` of
+/// `n`: a bias with one row per query is cut to them; a broadcast row is kept.
+fn query_rows(bias: &Tensor, n: usize, start: usize, len: usize) -> Result<Tensor> {
+    let rows = bias
+        .dims()
+        .get(bias.rank().wrapping_sub(2))
+        .copied()
+        .unwrap_or(1);
+    Ok(if rows == n && len < n {
+        bias.narrow(bias.rank() - 2, start, len)?
+    } else {
+        bias.clone()
+    })
+}
+
 fn attention_in_blocks(
     q: &Tensor,
     k: &Tensor,
@@ -382,18 +391,7 @@ fn attention_in_blocks(
     let run = |start: usize, len: usize| -> Result<Tensor> {
         let mut att = q.narrow(2, start, len)?.matmul(&kt)?;
         if let Some(bias) = bias {
-            // A bias with one row per query is cut to the block; a broadcast row is kept.
-            let rows = bias
-                .dims()
-                .get(bias.rank().wrapping_sub(2))
-                .copied()
-                .unwrap_or(1);
-            let bias = if rows == n && len < n {
-                bias.narrow(bias.rank() - 2, start, len)?
-            } else {
-                bias.clone()
-            };
-            att = att.broadcast_add(&bias)?;
+            att = att.broadcast_add(&query_rows(bias, n, start, len)?)?;
         }
         Ok(ops::softmax_last_dim(&att)?.matmul(v)?)
     };
