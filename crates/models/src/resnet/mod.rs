@@ -1,18 +1,19 @@
 //! ResNet in the transformers layout (`ResNetModel`, `ResNetForImageClassification`) and the
 //! timm / torchvision layout (`conv1`, `layer1.0.conv1`, `downsample.0`, `fc`), which are the same
-//! keys. BatchNorms are folded into their convolutions at load time. On the CPU in f32 the trunk
-//! runs channels last ([`nhwc`]).
+//! keys. BatchNorms are folded into their convolutions at load time. With f32 weights on the CPU the
+//! trunk runs channels last ([`nhwc`]), for every input (pixels come to the CPU as f32), and the
+//! channels-first convolutions are dropped once the channels-last ones are made.
 
 mod nhwc;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use serde_json::Value;
 use visenc_kernels::Precision;
 use visenc_weights::{Scope, Weights};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
-use crate::conv::{global_avg_pool, is_cpu_f32, max_pool_3x3_s2_p1, Conv, ConvSpec};
+use crate::conv::{global_avg_pool, max_pool_3x3_s2_p1, Conv, ConvSpec};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{linear, optional_classifier, Activation};
 use crate::vit::{hf_labels, timm_labels};
@@ -56,29 +57,46 @@ enum Features {
 }
 
 pub struct ResNet {
-    stem: Conv,
-    stages: Vec<Vec<Block>>,
+    path: Path,
     act: Activation,
     head: Option<crate::linear::Linear>,
     features: Features,
-    /// The channels-last CPU path's prepared convolutions, when it applies ([`nhwc`]).
-    nhwc: Option<nhwc::NhwcWeights>,
+}
+
+/// The trunk's weights, in the one form its forward pass uses.
+enum Path {
+    /// candle's channels-first convolutions (other devices and dtypes).
+    Candle(Convs),
+    /// The channels-last CPU path's prepared convolutions ([`nhwc`]); the channels-first ones are
+    /// dropped when these are made, so the weights are held once.
+    ChannelsLast(nhwc::NhwcWeights),
+}
+
+/// The convolutions as loaded (BatchNorm folded).
+struct Convs {
+    stem: Conv,
+    stages: Vec<Vec<Block>>,
 }
 
 impl ImageEncoder for ResNet {
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("ResNet")?;
-        if let (Some(w), true) = (&self.nhwc, is_cpu_f32(pixels)) {
-            let t = w.trunk(pixels, opts.features.then_some(self.features))?;
-            let logits = self
-                .head
-                .as_ref()
-                .map(|h| h.forward(&t.pooled))
-                .transpose()?;
-            return ImageFeatures::from_map(t.pooled, logits, &t.last, t.maps, opts);
-        }
+        let convs = match &self.path {
+            Path::ChannelsLast(w) => {
+                // The weights are f32 or quantised on the CPU: pixels come there as f32.
+                let px = pixels.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let t = w.trunk(&px, opts.features.then_some(self.features))?;
+                let logits = self
+                    .head
+                    .as_ref()
+                    .map(|h| h.forward(&t.pooled))
+                    .transpose()?;
+                return ImageFeatures::from_map(t.pooled, logits, &t.last, t.maps, opts);
+            }
+            Path::Candle(c) => c,
+        };
         let mut maps = Vec::new();
-        let stem = self.stem.forward_with(pixels, None, Some(self.act))?;
+        let stem = convs.stem.forward_with(pixels, None, Some(self.act))?;
         if opts.features && self.features == Features::Timm {
             maps.push(FeatureMap {
                 reduction: 2,
@@ -87,7 +105,7 @@ impl ImageEncoder for ResNet {
         }
         let mut x = max_pool_3x3_s2_p1(&stem)?;
         let mut reduction = 4;
-        for (i, stage) in self.stages.iter().enumerate() {
+        for (i, stage) in convs.stages.iter().enumerate() {
             for b in stage {
                 x = b.forward(&x, self.act)?;
             }
@@ -226,24 +244,33 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
     };
     let act = Activation::from_name(&c.hidden_act)?;
     let model = ResNet {
-        stem,
-        stages,
+        path: Path::Candle(Convs { stem, stages }),
         act,
         head,
         features: Features::Hf,
-        nhwc: None,
     };
     finish(model, info, root.precision())
 }
 
 /// Prepares the channels-last convolutions (where the model qualifies) and wraps the loaded model.
-fn finish(mut model: ResNet, info: ModelInfo, precision: Precision) -> Result<LoadedModel> {
-    model.nhwc = nhwc::NhwcWeights::prepare(&model, precision)?;
+fn finish(model: ResNet, info: ModelInfo, precision: Precision) -> Result<LoadedModel> {
+    let model = channels_last(model, precision)?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,
         info,
     })
+}
+
+/// The model on the channels-last path where every convolution qualifies (its channels-first
+/// weights dropped), else as it is.
+fn channels_last(mut model: ResNet, precision: Precision) -> Result<ResNet> {
+    if let Path::Candle(c) = &model.path {
+        if let Some(w) = nhwc::NhwcWeights::prepare(c, model.act, precision)? {
+            model.path = Path::ChannelsLast(w);
+        }
+    }
+    Ok(model)
 }
 
 /// timm `ResNet` constructor arguments visenc honours (preset from the name, then `model_args`).
@@ -375,12 +402,10 @@ fn build_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<(ResNet, ModelInfo
         ..Default::default()
     };
     let model = ResNet {
-        stem,
-        stages,
+        path: Path::Candle(Convs { stem, stages }),
         act: Activation::Relu,
         head,
         features: Features::Timm,
-        nhwc: None,
     };
     Ok((model, info))
 }
@@ -409,10 +434,11 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(format!("{dir}/config.json")).unwrap())
                 .unwrap();
         let w = Weights::new(tensors, dir, DType::F32, &Device::Cpu);
-        let (mut model, _) = build_timm("resnet50", &cfg, &w).unwrap();
-        model.nhwc = nhwc::NhwcWeights::prepare(&model, Precision::F32).unwrap();
+        let (nchw, _) = build_timm("resnet50", &cfg, &w).unwrap();
+        let nhwc = channels_last(build_timm("resnet50", &cfg, &w).unwrap().0, Precision::F32);
+        let nhwc = nhwc.unwrap();
         assert!(
-            model.nhwc.is_some(),
+            matches!(nhwc.path, Path::ChannelsLast(_)),
             "an f32 CPU ResNet takes the NHWC path"
         );
         let opts = EncodeOptions {
@@ -421,10 +447,8 @@ mod tests {
         };
         for (b, h, wd) in [(2, 97, 75), (1, 33, 18)] {
             let px = Tensor::randn(0f32, 1.0, (b, 3, h, wd), &Device::Cpu).unwrap();
-            let fast = model.encode(&px, &opts).unwrap();
-            let nhwc = model.nhwc.take();
-            let slow = model.encode(&px, &opts).unwrap();
-            model.nhwc = nhwc;
+            let fast = nhwc.encode(&px, &opts).unwrap();
+            let slow = nchw.encode(&px, &opts).unwrap();
             assert_eq!(fast.feature_maps.len(), 5, "the stem and 4 stages");
             assert_paths_agree(&fast, &slow, &format!("{b}x3x{h}x{wd}"));
         }

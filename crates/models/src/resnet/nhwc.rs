@@ -11,11 +11,12 @@ use visenc_kernels::conv::{Act, Pad};
 use visenc_kernels::pool::{max_pool_nhwc, MaxPool};
 use visenc_kernels::Precision;
 
-use super::{Features, ResNet};
+use super::{Convs, Features};
 use crate::api::FeatureMap;
 use crate::conv::{fused_act, Conv};
 use crate::error::{ModelError, Result};
 use crate::nhwc::{Map, NhwcConv, Scratch};
+use crate::nn::Activation;
 
 /// A residual block prepared for the NHWC path.
 #[derive(Debug)]
@@ -36,8 +37,12 @@ impl NhwcWeights {
     /// `None` when the NHWC path does not apply: a convolution [`NhwcConv::prepare`] refuses
     /// (grouped ResNeXt ones, weights not f32 on the CPU). The products run in the precision the
     /// model was loaded for (f32, bf16 or int8: per-channel weights, activations per pixel).
-    pub(super) fn prepare(m: &ResNet, precision: Precision) -> Result<Option<Self>> {
-        let act = fused_act(Some(m.act));
+    pub(super) fn prepare(
+        m: &Convs,
+        act: Activation,
+        precision: Precision,
+    ) -> Result<Option<Self>> {
+        let act = fused_act(Some(act));
         let prep = |c: &Conv| NhwcConv::prepare(c, Pad::default(), precision);
         let Some(stem) = prep(&m.stem)? else {
             return Ok(None);
