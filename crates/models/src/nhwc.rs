@@ -180,22 +180,12 @@ impl NhwcConv {
     /// depthwise, non-square kernels, TF "SAME" padding with extra padding, weights not f32 on the
     /// CPU.
     pub(crate) fn prepare(c: &Conv, extra: Pad, precision: Precision) -> Result<Option<Self>> {
-        let (stride, padding, groups) = (c.stride(), c.padding(), c.groups());
+        let Some(pad) = Self::padding(c, extra)? else {
+            return Ok(None);
+        };
+        let (stride, groups) = (c.stride(), c.groups());
         let (cout, per_group, kh, kw) = c.weight().dims4()?;
         let depthwise = groups > 1 && per_group == 1 && cout == groups;
-        if (groups != 1 && !depthwise) || kh != kw || !is_cpu_f32(c.weight()) {
-            return Ok(None);
-        }
-        let pad = match padding {
-            Padding::Symmetric(p) => ConvPad::Fixed(Pad {
-                top: p + extra.top,
-                bottom: p + extra.bottom,
-                left: p + extra.left,
-                right: p + extra.right,
-            }),
-            Padding::TfSame if extra == Pad::default() => ConvPad::TfSame,
-            Padding::TfSame => return Ok(None),
-        };
         let kernel = if depthwise {
             Kernel::Depthwise(DepthwiseWeight::pack(
                 &c.weight().flatten_all()?.to_vec1()?,
@@ -224,6 +214,32 @@ impl NhwcConv {
             stride,
             pad,
         }))
+    }
+
+    /// Whether [`Self::prepare`] takes `c` (checked before any convolution of a trunk is prepared, so
+    /// a trunk can drop each channels-first convolution as soon as it is converted).
+    pub(crate) fn applies(c: &Conv, extra: Pad) -> Result<bool> {
+        Ok(Self::padding(c, extra)?.is_some())
+    }
+
+    /// The padding the NHWC kernels apply for `c` with `extra`, or `None` where the path does not
+    /// run `c` (see [`Self::prepare`]).
+    fn padding(c: &Conv, extra: Pad) -> Result<Option<ConvPad>> {
+        let (groups, (cout, per_group, kh, kw)) = (c.groups(), c.weight().dims4()?);
+        let depthwise = groups > 1 && per_group == 1 && cout == groups;
+        if (groups != 1 && !depthwise) || kh != kw || !is_cpu_f32(c.weight()) {
+            return Ok(None);
+        }
+        Ok(match c.padding() {
+            Padding::Symmetric(p) => Some(ConvPad::Fixed(Pad {
+                top: p + extra.top,
+                bottom: p + extra.bottom,
+                left: p + extra.left,
+                right: p + extra.right,
+            })),
+            Padding::TfSame if extra == Pad::default() => Some(ConvPad::TfSame),
+            Padding::TfSame => None,
+        })
     }
 
     /// Output channels.

@@ -264,13 +264,15 @@ fn finish(model: ResNet, info: ModelInfo, precision: Precision) -> Result<Loaded
 
 /// The model on the channels-last path where every convolution qualifies (its channels-first
 /// weights dropped), else as it is.
-fn channels_last(mut model: ResNet, precision: Precision) -> Result<ResNet> {
-    if let Path::Candle(c) = &model.path {
-        if let Some(w) = nhwc::NhwcWeights::prepare(c, model.act, precision)? {
-            model.path = Path::ChannelsLast(w);
-        }
-    }
-    Ok(model)
+fn channels_last(model: ResNet, precision: Precision) -> Result<ResNet> {
+    let path = match model.path {
+        Path::Candle(c) => match nhwc::NhwcWeights::prepare(c, model.act, precision)? {
+            Ok(w) => Path::ChannelsLast(w),
+            Err(c) => Path::Candle(c),
+        },
+        p => p,
+    };
+    Ok(ResNet { path, ..model })
 }
 
 /// timm `ResNet` constructor arguments visenc honours (preset from the name, then `model_args`).

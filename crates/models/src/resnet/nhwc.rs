@@ -34,35 +34,44 @@ pub(super) struct NhwcWeights {
 }
 
 impl NhwcWeights {
-    /// `None` when the NHWC path does not apply: a convolution [`NhwcConv::prepare`] refuses
-    /// (grouped ResNeXt ones, weights not f32 on the CPU). The products run in the precision the
-    /// model was loaded for (f32, bf16 or int8: per-channel weights, activations per pixel).
+    /// The channels-last form of `m`, or `m` back when the NHWC path does not apply: a convolution
+    /// [`NhwcConv::prepare`] refuses (grouped ResNeXt ones, weights not f32 on the CPU). Every
+    /// convolution is checked first, then each is converted and dropped in turn, so the weights are
+    /// never all held in both forms. The products run in the precision the model was loaded for
+    /// (f32, bf16 or int8: per-channel weights, activations per pixel).
     pub(super) fn prepare(
-        m: &Convs,
+        m: Convs,
         act: Activation,
         precision: Precision,
-    ) -> Result<Option<Self>> {
-        let act = fused_act(Some(act));
-        let prep = |c: &Conv| NhwcConv::prepare(c, Pad::default(), precision);
-        let Some(stem) = prep(&m.stem)? else {
-            return Ok(None);
+    ) -> Result<std::result::Result<Self, Convs>> {
+        let every = std::iter::once(&m.stem).chain(
+            m.stages
+                .iter()
+                .flatten()
+                .flat_map(|b| b.convs.iter().chain(&b.shortcut)),
+        );
+        for c in every {
+            if !NhwcConv::applies(c, Pad::default())? {
+                return Ok(Err(m));
+            }
+        }
+        let prep = |c: Conv| {
+            NhwcConv::prepare(&c, Pad::default(), precision)?
+                .ok_or_else(|| ModelError::Input("a checked convolution was refused".into()))
         };
+        let stem = prep(m.stem)?;
         let mut stages = Vec::new();
-        for stage in &m.stages {
+        for stage in m.stages {
             let mut blocks = Vec::new();
             for b in stage {
-                let Some(convs) = b.convs.iter().map(prep).collect::<Result<Option<_>>>()? else {
-                    return Ok(None);
-                };
-                let shortcut = match b.shortcut.as_ref().map(prep).transpose()? {
-                    Some(None) => return Ok(None),
-                    s => s.flatten(),
-                };
+                let convs = b.convs.into_iter().map(prep).collect::<Result<_>>()?;
+                let shortcut = b.shortcut.map(prep).transpose()?;
                 blocks.push(NhwcBlock { convs, shortcut });
             }
             stages.push(blocks);
         }
-        Ok(Some(Self { stem, stages, act }))
+        let act = fused_act(Some(act));
+        Ok(Ok(Self { stem, stages, act }))
     }
 }
 
