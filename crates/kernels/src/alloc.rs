@@ -24,6 +24,23 @@ pub const ALIGNED_FROM: usize = 4096;
 /// ```
 pub struct CacheLineAligned;
 
+/// Hands the free heap memory back to the kernel (glibc's `malloc_trim`; elsewhere nothing). glibc
+/// keeps freed memory for reuse, and the `visenc` binary tells it to keep even large buffers (the
+/// next layer's output reuses them), so memory freed once for good, such as weights copied into
+/// another form while a model loads, would stay resident for the process's life without this.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 /// Cache-line size, the alignment of large blocks.
 const LINE: usize = 64;
 

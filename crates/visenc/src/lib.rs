@@ -172,24 +172,6 @@ fn tokenizer_for(ckpt: &Checkpoint, context_length: usize) -> Result<TextTokeniz
     }
 }
 
-/// Hands the heap memory a load freed back to the kernel: the f32 copies of weights packed for
-/// bf16 or int8, the channels-first convolutions replaced by channels-last ones, the tensors read
-/// while loading. glibc keeps freed memory for reuse (and the `visenc` binary tells it to keep
-/// large buffers), so without this the process would hold them for its whole life.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_freed_memory() {
-    extern "C" {
-        fn malloc_trim(pad: usize) -> i32;
-    }
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it is thread-safe.
-    unsafe {
-        malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
-
 impl Encoder {
     /// Loads a local checkpoint directory or a Hugging Face hub id.
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
@@ -218,8 +200,9 @@ impl Encoder {
             Some(t) => Some(tokenizer_for(&ckpt, t.context_length())?),
             None => None,
         };
+        // The f32 copies of packed weights, the tensors read while loading: back to the kernel.
         drop(weights);
-        release_freed_memory();
+        visenc_kernels::alloc::release_freed_memory();
         Ok(Self {
             spec: spec.to_string(),
             model,
