@@ -107,15 +107,25 @@ fn run(
         let n = jobs.len();
         // A panic inside the model fails this batch's requests (their replies are dropped and they
         // answer "worker stopped") without taking the queue down.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(enc, jobs)));
+        let answers =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_batch(enc, jobs)));
+        // Counted before anyone is answered: a client that reads the metrics after its answer
+        // finds its batch there.
         metrics.batch(n, started.elapsed());
+        for (replies, result) in answers.unwrap_or_default() {
+            answer(replies, result);
+        }
     }
 }
 
 type Reply = oneshot::Sender<Result<Embedding, ApiError>>;
 
-/// Runs one batch: all texts in one pass, then images grouped by size.
-fn run_batch(enc: &Encoder, jobs: Vec<Job>) {
+/// Some requests' replies and what they get.
+type Answer = (Vec<Reply>, Result<Vec<Embedding>, ApiError>);
+
+/// Runs one batch: all texts in one pass, then images grouped by size; returns the answers.
+fn run_batch(enc: &Encoder, jobs: Vec<Job>) -> Vec<Answer> {
+    let mut answers = Vec::new();
     let mut texts: Vec<(String, Reply)> = Vec::new();
     let mut images: Vec<(Pixels, Reply)> = Vec::new();
     for j in jobs {
@@ -131,7 +141,7 @@ fn run_batch(enc: &Encoder, jobs: Vec<Job>) {
             .encode_texts(&strs)
             .map_err(ApiError::from)
             .and_then(|f| rows(&f.projected));
-        answer(replies, result);
+        answers.push((replies, result));
     }
     while let Some((first, _)) = images.first() {
         let size = (first.height, first.width);
@@ -144,8 +154,9 @@ fn run_batch(enc: &Encoder, jobs: Vec<Job>) {
             .encode_pixels(&pixels, &EncodeOptions::default())
             .map_err(ApiError::from)
             .and_then(|f| rows(f.embedding()));
-        answer(replies, result);
+        answers.push((replies, result));
     }
+    answers
 }
 
 fn rows(t: &candle_core::Tensor) -> Result<Vec<Embedding>, ApiError> {
