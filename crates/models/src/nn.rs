@@ -284,22 +284,11 @@ impl Attention {
         kv: Option<&Tensor>,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.forward_residual(x, kv, bias, None)
+        self.forward_first(x, kv, bias, None, x.dim(1)?)
     }
 
-    /// [`Self::forward`] plus `residual` [B, N, D], added in the output projection's epilogue.
-    pub fn forward_residual(
-        &self,
-        x: &Tensor,
-        kv: Option<&Tensor>,
-        bias: Option<&Tensor>,
-        residual: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        self.forward_first(x, kv, bias, residual, x.dim(1)?)
-    }
-
-    /// [`Self::forward_residual`] for the first `rows` queries of `x` only (keys and values from
-    /// every token): [B, rows, D], the residual [B, rows, D].
+    /// [`Self::forward`] for the first `rows` queries of `x` only (keys and values from every
+    /// token): [B, rows, D], plus `residual` [B, rows, D] added in the output projection's epilogue.
     pub fn forward_first(
         &self,
         x: &Tensor,
