@@ -304,7 +304,7 @@ pub fn load_hf(cfg: &Value, w: &Weights, architecture: &str) -> Result<LoadedMod
         labels: classifier.as_ref().and(hf_labels(cfg)),
         ..Default::default()
     };
-    let model = EfficientNet::new(stem, stages, head, pool, classifier, taps)?;
+    let model = EfficientNet::new(stem, stages, head, pool, classifier, taps).channels_last()?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,

@@ -381,7 +381,8 @@ pub fn load_lite(cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         default_preprocess: Some(tf_eval_preprocess(image_size.unwrap_or(res))),
         ..Default::default()
     };
-    let model = EfficientNet::new(stem, stages, head, Pool::Mean, classifier, vec![])?;
+    let model =
+        EfficientNet::new(stem, stages, head, Pool::Mean, classifier, vec![]).channels_last()?;
     Ok(LoadedModel {
         image: Box::new(model),
         text: None,

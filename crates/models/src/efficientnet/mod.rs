@@ -10,10 +10,10 @@ mod lite;
 mod nhwc;
 mod timm;
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures};
-use crate::conv::{global_avg_pool, is_cpu_f32, sigmoid_gate_planes, Conv};
+use crate::conv::{global_avg_pool, sigmoid_gate_planes, Conv};
 use crate::error::{ModelError, Result};
 use crate::nn::Activation;
 
@@ -135,18 +135,31 @@ struct Tap {
 }
 
 pub struct EfficientNet {
+    path: Path,
+    pool: Pool,
+    classifier: Option<crate::linear::Linear>,
+    taps: Vec<Tap>,
+}
+
+/// The trunk's weights, in the one form its forward pass uses.
+enum Path {
+    /// candle's channels-first convolutions (other devices and dtypes).
+    Candle(Convs),
+    /// The channels-last CPU path's prepared convolutions ([`nhwc`]); the channels-first ones are
+    /// dropped as these are made, so the weights are held once.
+    ChannelsLast(nhwc::NhwcWeights),
+}
+
+/// The convolutions as loaded (BatchNorm folded).
+struct Convs {
     stem: ConvBnAct,
     stages: Vec<Vec<Block>>,
     /// The 1x1 head convolution + BN + act (timm `conv_head`/`bn2`, HF `top_conv`/`top_bn`).
     head: ConvBnAct,
-    pool: Pool,
-    classifier: Option<crate::linear::Linear>,
-    taps: Vec<Tap>,
-    /// The channels-last path's prepared convolutions, where it applies (f32 weights on the CPU).
-    nhwc: Option<nhwc::NhwcWeights>,
 }
 
 impl EfficientNet {
+    /// The model on candle's channels-first convolutions (see [`Self::channels_last`]).
     fn new(
         stem: ConvBnAct,
         stages: Vec<Vec<Block>>,
@@ -154,18 +167,26 @@ impl EfficientNet {
         pool: Pool,
         classifier: Option<crate::linear::Linear>,
         taps: Vec<Tap>,
-    ) -> Result<Self> {
-        let mut model = Self {
-            stem,
-            stages,
-            head,
+    ) -> Self {
+        Self {
+            path: Path::Candle(Convs { stem, stages, head }),
             pool,
             classifier,
             taps,
-            nhwc: None,
+        }
+    }
+
+    /// The model on the channels-last path where every convolution qualifies (f32 weights on the
+    /// CPU; each channels-first convolution dropped once converted), else as it is.
+    fn channels_last(self) -> Result<Self> {
+        let path = match self.path {
+            Path::Candle(c) => match nhwc::NhwcWeights::prepare(c)? {
+                Ok(w) => Path::ChannelsLast(w),
+                Err(c) => Path::Candle(c),
+            },
+            p => p,
         };
-        model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
-        Ok(model)
+        Ok(Self { path, ..self })
     }
 }
 
@@ -184,25 +205,27 @@ impl ImageEncoder for EfficientNet {
             }
         };
         // The channels-last trunk also averages its last map (no pass over the NCHW view).
-        let (x, mean) = match (&self.nhwc, is_cpu_f32(pixels)) {
-            (Some(w), true) => {
-                let trunk = self.trunk_nhwc(w, pixels, opts.features && !self.taps.is_empty())?;
+        let (x, mean) = match &self.path {
+            Path::ChannelsLast(w) => {
+                // The weights are f32 or quantised on the CPU: pixels come there as f32.
+                let px = pixels.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let trunk = w.trunk(&px, opts.features && !self.taps.is_empty())?;
                 for (i, map) in trunk.maps.iter().enumerate() {
                     tap(i.checked_sub(1), map);
                 }
                 (trunk.last, trunk.mean)
             }
-            _ => {
-                let stem = self.stem.forward(pixels, None)?;
+            Path::Candle(c) => {
+                let stem = c.stem.forward(pixels, None)?;
                 tap(None, &stem);
                 let mut x = stem;
-                for (i, stage) in self.stages.iter().enumerate() {
+                for (i, stage) in c.stages.iter().enumerate() {
                     for b in stage {
                         x = b.forward(&x)?;
                     }
                     tap(Some(i), &x);
                 }
-                (self.head.forward(&x, None)?, None)
+                (c.head.forward(&x, None)?, None)
             }
         };
         let (h, w) = (x.dim(2)?, x.dim(3)?);
@@ -234,17 +257,12 @@ impl ImageEncoder for EfficientNet {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device};
     use visenc_weights::Weights;
 
     use super::*;
     use crate::nhwc::tests::assert_paths_agree;
 
-    /// The channels-last trunk and the candle NCHW path agree on the timm fixtures (expansion /
-    /// depthwise / SE blocks and the dense 3x3 convolutions of `cn` and `er` blocks; symmetric and TF
-    /// "SAME" padding) at odd sizes, feature maps included. The fixture tests check the NHWC path
-    /// against the reference; this keeps the NCHW one checked and shows the NHWC one is taken.
-    /// The timm fixture `name` (f32 on the CPU).
+    /// The timm fixture `name` (f32 on the CPU), on candle's channels-first convolutions.
     pub(super) fn timm_fixture(name: &str) -> EfficientNet {
         let dir = format!(
             "{}/../../fixtures/families/{name}",
@@ -261,12 +279,17 @@ mod tests {
         timm::build_timm(&arch, &cfg, &w).unwrap().0
     }
 
+    /// The channels-last trunk and the candle NCHW path agree on the timm fixtures (expansion /
+    /// depthwise / SE blocks and the dense 3x3 convolutions of `cn` and `er` blocks; symmetric and TF
+    /// "SAME" padding) at odd sizes, feature maps included. The fixture tests check the NHWC path
+    /// against the reference; this keeps the NCHW one checked and shows the NHWC one is taken.
     #[test]
     fn nhwc_and_nchw_paths_agree() {
         for name in ["efficientnet_timm", "efficientnet_timm_tf"] {
-            let mut model = timm_fixture(name);
+            let nchw = timm_fixture(name);
+            let nhwc = timm_fixture(name).channels_last().unwrap();
             assert!(
-                model.nhwc.is_some(),
+                matches!(nhwc.path, Path::ChannelsLast(_)),
                 "{name}: f32 on the CPU runs channels last"
             );
             let opts = EncodeOptions {
@@ -275,10 +298,8 @@ mod tests {
             };
             for (b, h, wd) in [(2, 47, 33), (1, 32, 32)] {
                 let px = Tensor::randn(0f32, 1.0, (b, 3, h, wd), &Device::Cpu).unwrap();
-                let fast = model.encode(&px, &opts).unwrap();
-                let nhwc = model.nhwc.take();
-                let slow = model.encode(&px, &opts).unwrap();
-                model.nhwc = nhwc;
+                let fast = nhwc.encode(&px, &opts).unwrap();
+                let slow = nchw.encode(&px, &opts).unwrap();
                 assert!(!fast.feature_maps.is_empty(), "{name}: feature maps");
                 assert_paths_agree(&fast, &slow, &format!("{name} {b}x3x{h}x{wd}"));
             }

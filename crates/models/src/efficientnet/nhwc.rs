@@ -1,16 +1,16 @@
-//! EfficientNet's blocks on the CPU channels last ([`crate::nhwc`]): every convolution after the stem
-//! is an [`NhwcConv`] (1x1 ones one GEMM over all pixels on weights packed at load, with the bias,
-//! the activation and the block's residual in its epilogue; depthwise ones vectorised across
-//! channels; dense ones im2col + GEMM), and the squeeze-excitation pools and gates rows of C values.
-//! The stem (a 3-channel convolution) stays channels first and its output is transposed once. The
-//! same network as the forward pass in `mod.rs`, only in another memory layout; at larger batches
-//! the first stages run image by image so their maps stay in the cache.
+//! EfficientNet on the CPU channels last ([`crate::nhwc`]): every convolution is an [`NhwcConv`]
+//! (1x1 ones one GEMM over all pixels on weights packed at load, with the bias, the activation and
+//! the block's residual in its epilogue; depthwise ones vectorised across channels; dense ones, the
+//! stem's included, im2col + GEMM), and the squeeze-excitation pools and gates rows of C values.
+//! The same network as the forward pass in `mod.rs`, only in another memory layout (the model keeps
+//! its weights in this form alone); at larger batches the first stages run image by image so their
+//! maps stay in the cache.
 
 use candle_core::Tensor;
 use visenc_kernels::conv::{Act, Pad};
 use visenc_kernels::pool::sigmoid_gate_rows;
 
-use super::{Block, ConvBnAct, EfficientNet};
+use super::{Block, ConvBnAct, Convs};
 use crate::conv::{fused_act, Conv};
 use crate::error::{ModelError, Result};
 use crate::nhwc::{per_image, Map, NhwcConv, Scratch};
@@ -24,25 +24,35 @@ struct Step {
 }
 
 impl Step {
-    /// `None` where [`NhwcConv`] does not run `c`.
-    fn prepare(c: &ConvBnAct) -> Result<Option<Self>> {
-        let extra = c.pad.map_or(Pad::default(), |p| Pad {
+    /// The zero padding `c` applies before its convolution.
+    fn extra(c: &ConvBnAct) -> Pad {
+        c.pad.map_or(Pad::default(), |p| Pad {
             top: p.top,
             bottom: p.bottom,
             left: p.left,
             right: p.right,
-        });
-        Self::of(&c.conv, extra, c.act)
+        })
+    }
+
+    /// Whether [`NhwcConv`] runs `c`.
+    fn applies(c: &ConvBnAct) -> Result<bool> {
+        NhwcConv::applies(&c.conv, Self::extra(c))
+    }
+
+    /// `c` prepared (checked with [`Self::applies`] first) and dropped.
+    fn prepare(c: ConvBnAct) -> Result<Self> {
+        let extra = Self::extra(&c);
+        Self::of(c.conv, extra, c.act)
     }
 
     /// Dense convolutions run in the precision the model was loaded for (depthwise ones in f32).
-    fn of(conv: &Conv, extra: Pad, act: Option<Activation>) -> Result<Option<Self>> {
-        Ok(
-            NhwcConv::prepare(conv, extra, conv.precision())?.map(|conv| Self {
-                conv,
-                act: fused_act(act),
-            }),
-        )
+    fn of(conv: Conv, extra: Pad, act: Option<Activation>) -> Result<Self> {
+        let conv = NhwcConv::prepare(&conv, extra, conv.precision())?
+            .ok_or_else(|| ModelError::Input("a checked convolution was refused".into()))?;
+        Ok(Self {
+            conv,
+            act: fused_act(act),
+        })
     }
 
     fn forward(&self, x: &Map, residual: Option<&[f32]>, s: &mut Scratch) -> Result<Map> {
@@ -68,58 +78,73 @@ pub(super) struct NhwcWeights {
 }
 
 impl NhwcWeights {
-    /// `None` when the path does not apply (weights not f32 on the CPU, a convolution
-    /// [`NhwcConv`] does not run).
-    pub(super) fn prepare(m: &EfficientNet) -> Result<Option<Self>> {
+    /// The channels-last form of `m`, or `m` back when the path does not apply (weights not f32
+    /// on the CPU, a convolution [`NhwcConv`] does not run). Every convolution is checked first,
+    /// then each is converted and dropped in turn, so the weights are never all held in both forms.
+    pub(super) fn prepare(m: Convs) -> Result<std::result::Result<Self, Convs>> {
+        if !applies(&m)? {
+            return Ok(Err(m));
+        }
+        // Last first, as ResNet's (`resnet::nhwc`): the load peaks at the converted weights plus
+        // the last one converted, the stem's.
+        let head = Step::prepare(m.head)?;
         let mut stages = Vec::new();
-        for stage in &m.stages {
-            let mut blocks = Vec::new();
-            for b in stage {
-                match prepare_block(b)? {
-                    Some(nb) => blocks.push(nb),
-                    None => return Ok(None),
-                }
-            }
+        for stage in m.stages.into_iter().rev() {
+            let mut blocks = stage
+                .into_iter()
+                .rev()
+                .map(prepare_block)
+                .collect::<Result<Vec<_>>>()?;
+            blocks.reverse();
             stages.push(blocks);
         }
-        Ok(match (Step::prepare(&m.stem)?, Step::prepare(&m.head)?) {
-            (Some(stem), Some(head)) => Some(Self { stem, stages, head }),
-            _ => None,
-        })
+        stages.reverse();
+        let stem = Step::prepare(m.stem)?;
+        Ok(Ok(Self { stem, stages, head }))
     }
 }
 
-fn prepare_block(b: &Block) -> Result<Option<NhwcBlock>> {
-    let mut steps = Vec::new();
-    for c in &b.convs {
-        match Step::prepare(c)? {
-            Some(s) => steps.push(s),
-            None => return Ok(None),
+/// Whether [`NhwcConv`] runs every convolution of `m`.
+fn applies(m: &Convs) -> Result<bool> {
+    let blocks = m.stages.iter().flatten();
+    let steps = blocks
+        .clone()
+        .flat_map(|b| b.convs.iter().chain(&b.project));
+    for c in std::iter::once(&m.stem).chain(steps).chain([&m.head]) {
+        if !Step::applies(c)? {
+            return Ok(false);
         }
     }
-    let se = match &b.se {
-        Some(se) => match (
-            Step::of(&se.reduce, Pad::default(), Some(se.act))?,
-            Step::of(&se.expand, Pad::default(), None)?,
-        ) {
-            (Some(r), Some(e)) => Some((r, e)),
-            _ => return Ok(None),
-        },
-        None => None,
-    };
-    let project = match &b.project {
-        Some(p) => match Step::prepare(p)? {
-            Some(p) => Some(p),
-            None => return Ok(None),
-        },
-        None => None,
-    };
-    Ok(Some(NhwcBlock {
+    for se in blocks.flat_map(|b| &b.se) {
+        for c in [&se.reduce, &se.expand] {
+            if !NhwcConv::applies(c, Pad::default())? {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+fn prepare_block(b: Block) -> Result<NhwcBlock> {
+    let steps = b
+        .convs
+        .into_iter()
+        .map(Step::prepare)
+        .collect::<Result<_>>()?;
+    let se =
+        b.se.map(|se| -> Result<_> {
+            Ok((
+                Step::of(se.reduce, Pad::default(), Some(se.act))?,
+                Step::of(se.expand, Pad::default(), None)?,
+            ))
+        })
+        .transpose()?;
+    Ok(NhwcBlock {
         steps,
         se,
-        project,
+        project: b.project.map(Step::prepare).transpose()?,
         residual: b.residual,
-    }))
+    })
 }
 
 impl NhwcBlock {
@@ -237,26 +262,21 @@ pub(super) struct Trunk {
     pub maps: Vec<Tensor>,
 }
 
-impl EfficientNet {
+impl NhwcWeights {
     /// The stem, the stages and the head on NHWC rows, from NCHW pixels (f32 on the CPU).
-    pub(super) fn trunk_nhwc(
-        &self,
-        w: &NhwcWeights,
-        pixels: &Tensor,
-        features: bool,
-    ) -> Result<Trunk> {
+    pub(super) fn trunk(&self, pixels: &Tensor, features: bool) -> Result<Trunk> {
         let mut s = Scratch::default();
         let input = Map::from_nchw(pixels, &mut s)?;
-        let mut x = w.stem.forward(&input, None, &mut s)?;
+        let mut x = self.stem.forward(&input, None, &mut s)?;
         s.give(input.data);
         let mut maps = Vec::new();
         let mut first = 0;
         if features {
             maps.push(x.to_nchw()?.contiguous()?);
         } else {
-            (x, first) = w.leading_stages_per_image(x, &mut s, STAGE_BYTES)?;
+            (x, first) = self.leading_stages_per_image(x, &mut s, STAGE_BYTES)?;
         }
-        for stage in &w.stages[first..] {
+        for stage in &self.stages[first..] {
             for b in stage {
                 x = b.forward(x, &mut s)?;
             }
@@ -264,7 +284,7 @@ impl EfficientNet {
                 maps.push(x.to_nchw()?.contiguous()?);
             }
         }
-        let head = w.head.forward(&x, None, &mut s)?;
+        let head = self.head.forward(&x, None, &mut s)?;
         let mean = (head.h * head.w > 0)
             .then(|| head.pixel_means())
             .transpose()?;
@@ -286,11 +306,12 @@ mod tests {
     /// (0: every stage per image).
     #[test]
     fn leading_stages_per_image_match_batched() {
-        let model = super::super::tests::timm_fixture("efficientnet_timm");
-        let w = model
-            .nhwc
-            .as_ref()
-            .expect("f32 on the CPU runs channels last");
+        let model = super::super::tests::timm_fixture("efficientnet_timm")
+            .channels_last()
+            .unwrap();
+        let super::super::Path::ChannelsLast(w) = &model.path else {
+            panic!("f32 on the CPU runs channels last");
+        };
         let px = Tensor::randn(0f32, 1.0, (3, 3, 40, 36), &Device::Cpu).unwrap();
         let run = |budget: usize| {
             let mut s = Scratch::default();

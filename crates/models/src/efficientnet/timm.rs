@@ -350,13 +350,13 @@ fn block(
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
     let (model, info) = build_timm(arch, cfg, w)?;
     Ok(LoadedModel {
-        image: Box::new(model),
+        image: Box::new(model.channels_last()?),
         text: None,
         info,
     })
 }
 
-/// The model [`load_timm`] wraps, and its info.
+/// The model [`load_timm`] wraps (channels first), and its info.
 pub(super) fn build_timm(
     arch: &str,
     cfg: &Value,
@@ -534,7 +534,7 @@ pub(super) fn build_timm(
         labels: classifier.as_ref().and(labels),
         ..Default::default()
     };
-    let model = EfficientNet::new(stem, stages, head, Pool::Mean, classifier, taps)?;
+    let model = EfficientNet::new(stem, stages, head, Pool::Mean, classifier, taps);
     Ok((model, info))
 }
 
