@@ -80,41 +80,13 @@ enum Command {
     Serve(commands::serve::ServeArgs),
 }
 
-/// Keeps freed activation buffers in glibc's heap for the next layer and the next batch instead of
-/// returning each one to the kernel: by default every buffer above 128 KiB is its own `mmap`, so
-/// each layer's output paid for fresh zeroed pages (page faults were ~5-10 % of a CNN forward).
-/// One heap (arena) for all threads: a forward pass runs on whichever rayon worker takes it, and
-/// with an arena per worker each kept its own copy of the buffers (ViT-B/16 batch 8: peak RSS
-/// 533 MiB with per-thread arenas, 444 MiB with one; the buffers are large and few, so the shared
-/// lock costs nothing measurable).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // glibc <malloc.h>.
-    const M_TRIM_THRESHOLD: i32 = -1;
-    const M_MMAP_THRESHOLD: i32 = -3;
-    const M_ARENA_MAX: i32 = -8;
-    extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    // SAFETY: mallopt only changes allocator thresholds; called before any thread starts.
-    unsafe {
-        // 32 MiB: the largest threshold glibc accepts on 64-bit targets.
-        mallopt(M_MMAP_THRESHOLD, 32 << 20);
-        mallopt(M_TRIM_THRESHOLD, i32::MAX);
-        mallopt(M_ARENA_MAX, 1);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 /// Large buffers aligned to cache lines, so the kernels' vector loads do not straddle two.
 #[global_allocator]
 static ALLOC: visenc::models::kernels::alloc::CacheLineAligned =
     visenc::models::kernels::alloc::CacheLineAligned;
 
 fn main() -> ExitCode {
-    keep_freed_memory();
+    visenc::models::kernels::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Embed(a) => commands::embed::run(a),

@@ -186,20 +186,24 @@ impl NhwcConv {
         let (stride, groups) = (c.stride(), c.groups());
         let (cout, per_group, kh, kw) = c.weight().dims4()?;
         let depthwise = groups > 1 && per_group == 1 && cout == groups;
+        // The weight as loaded ([cout, cin, kh, kw]; contiguous() copies only a strided one).
+        let loaded = c.weight().contiguous()?;
+        let loaded = view(&loaded);
         let kernel = if depthwise {
-            Kernel::Depthwise(DepthwiseWeight::pack(
-                &c.weight().flatten_all()?.to_vec1()?,
-                cout,
-                kh * kw,
-            ))
+            Kernel::Depthwise(DepthwiseWeight::pack(loaded.data()?, cout, kh * kw))
+        } else if let Some(tile) = WinogradTile::for_conv(kh, stride, per_group, cout, precision) {
+            let w = loaded.data()?;
+            Kernel::Winograd(WinogradWeight::pack(w, cout, per_group, tile, precision))
         } else {
-            let w: Vec<f32> = c.weight().permute((0, 2, 3, 1))?.flatten_all()?.to_vec1()?;
-            match WinogradTile::for_conv(kh, stride, per_group, cout, precision) {
-                Some(tile) => {
-                    Kernel::Winograd(WinogradWeight::pack(&w, cout, per_group, tile, precision))
-                }
-                None => Kernel::Dense(PackedWeight::pack(&w, cout, kh * kw * per_group, precision)),
-            }
+            // [cout, kh, kw, cin], the order im2col gathers in (no copy for a 1x1 convolution).
+            let w = c.weight().permute((0, 2, 3, 1))?.contiguous()?;
+            let w = view(&w);
+            Kernel::Dense(PackedWeight::pack(
+                w.data()?,
+                cout,
+                kh * kw * per_group,
+                precision,
+            ))
         };
         let bias = match c.bias_tensor() {
             Some(b) => b.to_vec1()?,

@@ -182,10 +182,14 @@ impl Encoder {
             )));
         }
         let ckpt = Checkpoint::open(spec)?;
-        let weights = ckpt
-            .load_weights(opts.dtype, &opts.device)?
-            .with_precision(opts.precision);
-        let (mut model, report) = visenc_models::load(&ckpt, &weights, opts.policy)?;
+        // What the load frees (the tensors as read, the f32 copies of packed weights) goes back
+        // to the kernel.
+        let (mut model, report) = visenc_kernels::alloc::loading(|| -> Result<_> {
+            let weights = ckpt
+                .load_weights(opts.dtype, &opts.device)?
+                .with_precision(opts.precision);
+            Ok(visenc_models::load(&ckpt, &weights, opts.policy)?)
+        })?;
         let preprocess = preprocess_for(&ckpt, &model.info)?;
         if model.info.image_size == (0, 0) {
             // Convolutional families take any size; report the one their preprocessing produces.
@@ -200,9 +204,6 @@ impl Encoder {
             Some(t) => Some(tokenizer_for(&ckpt, t.context_length())?),
             None => None,
         };
-        // The f32 copies of packed weights, the tensors read while loading: back to the kernel.
-        drop(weights);
-        visenc_kernels::alloc::release_freed_memory();
         Ok(Self {
             spec: spec.to_string(),
             model,

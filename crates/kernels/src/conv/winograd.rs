@@ -22,6 +22,14 @@ use crate::panel::{serially, with_scratch};
 use crate::OutPtr;
 use crate::Precision;
 
+/// The most channels (in or out) a convolution runs by Winograd's algorithm with. Wider 3x3
+/// layers sit deep in a network, on small maps (ResNet-50's last stage: 512 channels, 7x7 at 224
+/// pixels, so 16 tiles per image and 16 rows per image in each of the 16 GEMMs), where F(2x2)
+/// saved ~2 % of a batch-8 ResNet-50 forward at most (within this machine's noise in alternating
+/// runs) and nothing at batch 1, while its transformed filters, 16/9 of the largest weights, held
+/// 14 MiB more (ResNet-50's packed weights 1.29x its f32 weights with them, 1.15x without).
+pub const MAX_CHANNELS: usize = 256;
+
 /// The output tile of a Winograd convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WinogradTile {
@@ -33,8 +41,9 @@ pub enum WinogradTile {
 
 impl WinogradTile {
     /// The tile a dense `k x k` convolution at `stride` from `cin` to `cout` channels runs on, if
-    /// any: 3x3 stride-1 ones in f32 and bf16 (int8 keeps im2col: its per-row activation scales
-    /// would quantise the transformed tiles, whose range the transforms widen).
+    /// any: 3x3 stride-1 ones up to [`MAX_CHANNELS`] in f32 and bf16 (int8 keeps im2col: its
+    /// per-row activation scales would quantise the transformed tiles, whose range the transforms
+    /// widen).
     /// - f32: F(4x4, 3x3) up to 128 channels; F(2x2, 3x3) above, where F(4x4)'s transformed filter
     ///   (36/9 of the weight, to F(2x2)'s 16/9) costs more memory than its products save time:
     ///   ResNet-50's stages 3-4 hold 31 MB of f32 3x3 weights, 55 MB transformed for F(2x2), 123 MB
@@ -50,9 +59,11 @@ impl WinogradTile {
         cout: usize,
         precision: Precision,
     ) -> Option<Self> {
-        if k != 3 || stride != 1 || cin == 0 || cout == 0 || precision == Precision::Int8 {
+        let channels = cin.max(cout);
+        let dense_3x3 = k == 3 && stride == 1 && cin > 0 && cout > 0;
+        if !dense_3x3 || channels > MAX_CHANNELS || precision == Precision::Int8 {
             None
-        } else if cin.max(cout) <= 128 && precision == Precision::F32 {
+        } else if channels <= 128 && precision == Precision::F32 {
             Some(Self::F4)
         } else {
             Some(Self::F2)
@@ -129,8 +140,8 @@ pub struct WinogradWeight {
 }
 
 impl WinogradWeight {
-    /// Transforms `weight` [cout, 3, 3, cin] (the order the NHWC dense convolutions use) in f64
-    /// and packs each `U_ξ` for products in `precision`.
+    /// Transforms `weight` [cout, cin, 3, 3] (PyTorch's order, so a model's weight is read as
+    /// loaded, with no reordered copy) in f64 and packs each `U_ξ` for products in `precision`.
     pub fn pack(
         weight: &[f32],
         cout: usize,
@@ -141,7 +152,7 @@ impl WinogradWeight {
         assert_eq!(
             weight.len(),
             cout * 9 * cin,
-            "winograd weight: not {cout} x 3 x 3 x {cin}"
+            "winograd weight: not {cout} x {cin} x 3 x 3"
         );
         let a = tile.alpha();
         // One U_ξ at a time per thread, packed as soon as it is made (no copy of all of them).
@@ -155,7 +166,7 @@ impl WinogradWeight {
                         let mut s = 0.0;
                         for (ky, wy) in gi.iter().enumerate() {
                             for (kx, wx) in gj.iter().enumerate() {
-                                s += wy * weight[((o * 3 + ky) * 3 + kx) * cin + c] as f64 * wx;
+                                s += wy * weight[((o * cin + c) * 3 + ky) * 3 + kx] as f64 * wx;
                             }
                         }
                         *v = s as f32;
@@ -495,9 +506,7 @@ unsafe fn output_group<L: Lanes, const A: usize, const M: usize>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{
-        assert_close, naive_conv, rand_vec, taps_last, to_nhwc, CONV_REL_TOL,
-    };
+    use super::super::tests::{assert_close, naive_conv, rand_vec, to_nhwc, CONV_REL_TOL};
     use super::super::{Act, Pad};
     use super::*;
 
@@ -573,7 +582,6 @@ mod tests {
                 act: [Act::Relu, Act::None, Act::Silu, Act::Gelu][i % 4],
             };
             let reference = to_nhwc(&naive_conv(&x, &wt, &s, e), b, cout, oh * ow);
-            let wp = taps_last(&wt, cout, cin, 3);
             let res = to_nhwc(&residual, b, cout, oh * ow);
             let e = Epilogue {
                 residual: e.residual.map(|_| &res[..]),
@@ -585,7 +593,7 @@ mod tests {
                 (WinogradTile::F4, Precision::F32, F4_REL_TOL),
                 (WinogradTile::F2, Precision::Bf16, BF16_REL_TOL),
             ] {
-                let packed = WinogradWeight::pack(&wp, cout, cin, tile, precision);
+                let packed = WinogradWeight::pack(&wt, cout, cin, tile, precision);
                 assert_eq!(packed.tile(), tile);
                 let mut out = vec![f32::NAN; b * oh * ow * cout];
                 winograd(&xn, &s, &packed, e, &mut out);

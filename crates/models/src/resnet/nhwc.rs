@@ -59,17 +59,29 @@ impl NhwcWeights {
             NhwcConv::prepare(&c, Pad::default(), precision)?
                 .ok_or_else(|| ModelError::Input("a checked convolution was refused".into()))
         };
-        let stem = prep(m.stem)?;
+        // Last first: while a convolution is converted both its forms are held, so the load peaks
+        // at the converted weights plus the last one converted, here the stem's (in the network's
+        // order, a 3x3 of the last stage: 9 MiB for ResNet-50); the deep layers, converted first,
+        // have the earlier ones' growth (Winograd's larger kernels) still to come under that peak.
         let mut stages = Vec::new();
-        for stage in m.stages {
+        for stage in m.stages.into_iter().rev() {
             let mut blocks = Vec::new();
-            for b in stage {
-                let convs = b.convs.into_iter().map(prep).collect::<Result<_>>()?;
+            for b in stage.into_iter().rev() {
                 let shortcut = b.shortcut.map(prep).transpose()?;
+                let mut convs = b
+                    .convs
+                    .into_iter()
+                    .rev()
+                    .map(prep)
+                    .collect::<Result<Vec<_>>>()?;
+                convs.reverse();
                 blocks.push(NhwcBlock { convs, shortcut });
             }
+            blocks.reverse();
             stages.push(blocks);
         }
+        stages.reverse();
+        let stem = prep(m.stem)?;
         let act = fused_act(Some(act));
         Ok(Ok(Self { stem, stages, act }))
     }

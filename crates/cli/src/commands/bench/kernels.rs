@@ -58,7 +58,8 @@ fn nhwc_conv(
     let x = randn(seed, 8 * hw * hw * cin);
     let w = randn(seed + 1, cout * (cin / groups) * k * k);
     let bias = randn(seed + 2, cout);
-    // Dense weights as [cout, kh, kw, cin] (the order im2col gathers in), as at load.
+    // Random weights: their layout (dense [cout, kh, kw, cin], Winograd [cout, cin, 3, 3]) does
+    // not matter for timing.
     enum Weight {
         Dense(PackedWeight),
         Winograd(WinogradWeight),
