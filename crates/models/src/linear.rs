@@ -59,15 +59,14 @@ impl Linear {
             ));
         }
         let (n, k) = weight.dims2()?;
-        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        // Packed from the weight's own storage (no copy of it while the packed form is made).
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let packed = PackedWeight::pack(crate::nhwc::view(&weight).data()?, n, k, precision);
         let bias = bias
             .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
             .transpose()?;
         Ok(Self {
-            kind: Kind::Packed {
-                packed: PackedWeight::pack(&w, n, k, precision),
-                bias,
-            },
+            kind: Kind::Packed { packed, bias },
         })
     }
 

@@ -475,10 +475,32 @@ impl Scratch {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use candle_core::Tensor;
+    use candle_core::{DType, Device, Tensor};
+    use visenc_weights::Weights;
 
     use super::{Scratch, SMALL};
     use crate::api::ImageFeatures;
+
+    /// The family fixture `name` (`fixtures/families/<name>`): its f32 CPU weights, its
+    /// `config.json` and the architecture named there.
+    pub(crate) fn family_fixture(name: &str) -> (Weights, serde_json::Value, String) {
+        let dir = format!(
+            "{}/../../fixtures/families/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let tensors =
+            candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/config.json")).unwrap())
+                .unwrap();
+        let arch = cfg["architecture"].as_str().unwrap_or_default().to_string();
+        (
+            Weights::new(tensors, &dir, DType::F32, &Device::Cpu),
+            cfg,
+            arch,
+        )
+    }
 
     /// Buffers come back for requests of their size class only: a small map never takes a large
     /// buffer, a large one reuses the large buffer given back, and each keeps its values' room.

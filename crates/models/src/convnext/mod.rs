@@ -10,13 +10,13 @@
 //!   GRN (V2 only), Linear back, layer scale (V1 only), residual;
 //! - head: global average, LayerNorm over channels (`pooled`, timm `pre_logits`), classifier.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use serde::Deserialize;
 use serde_json::Value;
 use visenc_weights::{Scope, Weights};
 
 use crate::api::{EncodeOptions, FeatureMap, ImageEncoder, ImageFeatures, ModelInfo};
-use crate::conv::{global_avg_pool, is_cpu_f32, layer_norm_2d, Conv, ConvSpec, Padding};
+use crate::conv::{global_avg_pool, layer_norm_2d, Conv, ConvSpec, Padding};
 use crate::error::{config_err, ModelError, Result};
 use crate::nn::{layer_norm, linear, optional_classifier, Activation};
 use crate::vit::hf_labels;
@@ -145,8 +145,8 @@ impl Grn {
 
 // Reference: https://github.com/huggingface/transformers/blob/v5.24.0/src/transformers/models/convnext/modeling_convnext.py#L142
 // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/convnext.py#L203
+/// A block after its depthwise convolution (kept with the other convolutions, [`Convs`]).
 struct Block {
-    dwconv: Conv,
     norm: crate::nn::LayerNorm,
     fc1: crate::linear::Linear,
     act: Activation,
@@ -156,7 +156,14 @@ struct Block {
 }
 
 impl Block {
-    fn load(s: &Scope, k: &Keys, c: &TrunkConfig, dim: usize, kernel: usize) -> Result<Self> {
+    /// The block and its depthwise convolution.
+    fn load(
+        s: &Scope,
+        k: &Keys,
+        c: &TrunkConfig,
+        dim: usize,
+        kernel: usize,
+    ) -> Result<(Self, Conv)> {
         let hidden = 4 * dim;
         let dw = ConvSpec::new(dim, dim, kernel, 1)
             .groups(dim)
@@ -177,21 +184,22 @@ impl Block {
             None
         };
         let gamma = c.layer_scale.then(|| s.get(dim, k.gamma)).transpose()?;
-        Ok(Self {
-            dwconv: Conv::load(s, k.dwconv, dw)?,
+        let dwconv = Conv::load(s, k.dwconv, dw)?;
+        let block = Self {
             norm: layer_norm(s, k.norm, dim, c.eps)?,
             fc1: pointwise(s, k.fc1, dim, hidden, c.conv_mlp, None)?,
             act: c.act,
             grn,
             fc2: pointwise(s, k.fc2, hidden, dim, c.conv_mlp, gamma.as_ref())?,
-        })
+        };
+        Ok((block, dwconv))
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x + block(dwconv(x))`.
+    fn forward(&self, x: &Tensor, dwconv: &Conv) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         // Channels last, one row per pixel: [B, H*W, C].
-        let y = self
-            .dwconv
+        let y = dwconv
             .forward(x)?
             .permute((0, 2, 3, 1))?
             .reshape((b, h * w, c))?;
@@ -225,19 +233,42 @@ fn pointwise(
     };
     let b = s.get(cout, "bias")?;
     let (w, b) = match scale {
-        Some(g) => (w.broadcast_mul(&g.reshape((cout, 1))?)?, (b * g)?),
+        Some(g) => {
+            let scaled = w.broadcast_mul(&g.reshape((cout, 1))?)?;
+            // The weight as read, freed before the scaled one is packed.
+            drop(w);
+            (scaled, (b * g)?)
+        }
         None => (w, b),
     };
     crate::linear::Linear::load(&s, w, Some(b))
 }
 
 struct Stage {
-    downsample: Option<(Norm2d, Conv)>,
+    /// The norm before the stage's downsampling convolution, if it has one.
+    downsample: Option<Norm2d>,
     blocks: Vec<Block>,
 }
 
-pub struct ConvNeXt {
+/// The convolutions, in the one form the forward pass uses (norms and Linear layers serve both).
+enum Convs {
+    /// candle's channels-first convolutions (other devices and dtypes, ConvNeXt-V2).
+    Candle(CandleConvs),
+    /// The channels-last CPU path's prepared convolutions ([`nhwc`]); the channels-first ones are
+    /// dropped as these are made, so the weights are held once.
+    ChannelsLast(nhwc::NhwcWeights),
+}
+
+/// The convolutions as loaded: the patchify stem, each stage's downsampling, each block's
+/// depthwise one.
+struct CandleConvs {
     stem: Conv,
+    downsample: Vec<Option<Conv>>,
+    dwconv: Vec<Vec<Conv>>,
+}
+
+pub struct ConvNeXt {
+    convs: Convs,
     stem_norm: Norm2d,
     patch: usize,
     stages: Vec<Stage>,
@@ -246,12 +277,14 @@ pub struct ConvNeXt {
     /// The LayerNorm on the pooled vector (HF `layernorm`, timm `head.norm`).
     head_norm: Option<crate::nn::LayerNorm>,
     head: Option<crate::linear::Linear>,
-    /// The channels-last CPU path's extra weights, when it applies ([`nhwc`]).
-    nhwc: Option<nhwc::NhwcWeights>,
 }
 
 impl ConvNeXt {
-    fn load_trunk(s: &Scope, k: &Keys, c: &TrunkConfig) -> Result<(Conv, Norm2d, Vec<Stage>)> {
+    fn load_trunk(
+        s: &Scope,
+        k: &Keys,
+        c: &TrunkConfig,
+    ) -> Result<(CandleConvs, Norm2d, Vec<Stage>)> {
         let n = c.dims.len();
         if n == 0 || c.depths.len() != n || c.kernels.len() != n {
             return Err(config_err(
@@ -276,6 +309,7 @@ impl ConvNeXt {
         let stem = Conv::load(s, k.stem_conv, stem_spec)?;
         let stem_norm = Norm2d::load(s, k.stem_norm, c.dims[0], c.eps)?;
         let mut stages = Vec::with_capacity(n);
+        let (mut downsample_convs, mut dwconv) = (Vec::new(), Vec::new());
         let mut cin = c.dims[0];
         for (i, (&dim, &depth)) in c.dims.iter().zip(&c.depths).enumerate() {
             let ss = s.pp(k.stages).pp(i);
@@ -291,13 +325,34 @@ impl ConvNeXt {
             } else {
                 None
             };
-            let blocks = (0..depth)
+            let (downsample, conv) = downsample.unzip();
+            downsample_convs.push(conv);
+            let (blocks, dws) = (0..depth)
                 .map(|j| Block::load(&ss.pp(k.blocks).pp(j), k, c, dim, c.kernels[i]))
-                .collect::<Result<_>>()?;
+                .collect::<Result<(Vec<_>, Vec<_>)>>()?;
+            dwconv.push(dws);
             stages.push(Stage { downsample, blocks });
             cin = dim;
         }
-        Ok((stem, stem_norm, stages))
+        let convs = CandleConvs {
+            stem,
+            downsample: downsample_convs,
+            dwconv,
+        };
+        Ok((convs, stem_norm, stages))
+    }
+
+    /// The model on the channels-last path where it applies (see [`nhwc::NhwcWeights::prepare`];
+    /// each channels-first convolution dropped once converted), else as it is.
+    fn channels_last(self) -> Result<Self> {
+        let convs = match self.convs {
+            Convs::Candle(c) => match nhwc::NhwcWeights::prepare(&self.stages, c)? {
+                Ok(w) => Convs::ChannelsLast(w),
+                Err(c) => Convs::Candle(c),
+            },
+            c => c,
+        };
+        Ok(Self { convs, ..self })
     }
 }
 
@@ -306,25 +361,30 @@ impl ImageEncoder for ConvNeXt {
     // Reference: https://github.com/huggingface/pytorch-image-models/blob/v1.0.31/timm/models/convnext.py#L619
     fn encode(&self, pixels: &Tensor, opts: &EncodeOptions) -> Result<ImageFeatures> {
         opts.refuse_layers("ConvNeXt")?;
-        if let (Some(w), true) = (&self.nhwc, is_cpu_f32(pixels)) {
-            let t = self.trunk_nhwc(w, pixels, opts.features)?;
-            let pooled = match &self.head_norm {
-                Some(n) => n.forward(&t.pooled)?,
-                None => t.pooled,
-            };
-            let logits = self.head.as_ref().map(|h| h.forward(&pooled)).transpose()?;
-            return ImageFeatures::from_map(pooled, logits, &t.last, t.maps, opts);
-        }
-        let mut x = self.stem_norm.forward(&self.stem.forward(pixels)?)?;
+        let c = match &self.convs {
+            Convs::ChannelsLast(w) => {
+                // The weights are f32 or bf16 on the CPU: pixels come there as f32.
+                let px = pixels.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let t = self.trunk_nhwc(w, &px, opts.features)?;
+                let pooled = match &self.head_norm {
+                    Some(n) => n.forward(&t.pooled)?,
+                    None => t.pooled,
+                };
+                let logits = self.head.as_ref().map(|h| h.forward(&pooled)).transpose()?;
+                return ImageFeatures::from_map(pooled, logits, &t.last, t.maps, opts);
+            }
+            Convs::Candle(c) => c,
+        };
+        let mut x = self.stem_norm.forward(&c.stem.forward(pixels)?)?;
         let mut reduction = self.patch;
         let mut maps = Vec::new();
-        for stage in &self.stages {
-            if let Some((norm, conv)) = &stage.downsample {
+        for ((stage, down), dws) in self.stages.iter().zip(&c.downsample).zip(&c.dwconv) {
+            if let (Some(norm), Some(conv)) = (&stage.downsample, down) {
                 x = conv.forward(&norm.forward(&x)?)?;
                 reduction *= 2;
             }
-            for b in &stage.blocks {
-                x = b.forward(&x)?;
+            for (b, dw) in stage.blocks.iter().zip(dws) {
+                x = b.forward(&x, dw)?;
             }
             if opts.features {
                 maps.push(FeatureMap {
@@ -426,7 +486,7 @@ fn load_hf_generation(
     } else {
         root.clone()
     };
-    let (stem, stem_norm, stages) = ConvNeXt::load_trunk(&s, &HF_KEYS, &trunk_cfg)?;
+    let (convs, stem_norm, stages) = ConvNeXt::load_trunk(&s, &HF_KEYS, &trunk_cfg)?;
     let width = trunk_cfg.dims[n - 1];
     let head_norm = Some(layer_norm(&s, "layernorm", width, c.layer_norm_eps)?);
     let head = optional_classifier(&root, "classifier", width)?;
@@ -441,14 +501,13 @@ fn load_hf_generation(
         ..Default::default()
     };
     let model = ConvNeXt {
-        stem,
+        convs: Convs::Candle(convs),
         stem_norm,
         patch: c.patch_size,
         stages,
         norm_pre: None,
         head_norm,
         head,
-        nhwc: None,
     };
     finish(model, info)
 }
@@ -543,10 +602,9 @@ fn timm_preset(arch: &str) -> Result<serde_json::Map<String, Value>> {
 }
 
 /// Prepares the channels-last weights (where the model qualifies) and wraps the loaded model.
-fn finish(mut model: ConvNeXt, info: ModelInfo) -> Result<LoadedModel> {
-    model.nhwc = nhwc::NhwcWeights::prepare(&model)?;
+fn finish(model: ConvNeXt, info: ModelInfo) -> Result<LoadedModel> {
     Ok(LoadedModel {
-        image: Box::new(model),
+        image: Box::new(model.channels_last()?),
         text: None,
         info,
     })
@@ -554,6 +612,12 @@ fn finish(mut model: ConvNeXt, info: ModelInfo) -> Result<LoadedModel> {
 
 /// Loads a timm ConvNeXt / ConvNeXt-V2 saved in timm's hub layout.
 pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
+    let (model, info) = build_timm(arch, cfg, w)?;
+    finish(model, info)
+}
+
+/// The model [`load_timm`] wraps (on candle's convolutions), and its info.
+fn build_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<(ConvNeXt, ModelInfo)> {
     let args = crate::timm_args(timm_preset(arch)?, cfg);
     let a: TimmArgs = serde_json::from_value(Value::Object(args))
         .map_err(|e| config_err("model_args", e.to_string()))?;
@@ -617,7 +681,7 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         eps,
     };
     let root = w.root();
-    let (stem, stem_norm, stages) = ConvNeXt::load_trunk(&root, &TIMM_KEYS, &trunk_cfg)?;
+    let (convs, stem_norm, stages) = ConvNeXt::load_trunk(&root, &TIMM_KEYS, &trunk_cfg)?;
     let width = trunk_cfg.dims[3];
     // head_norm_first: `norm_pre` normalises the map, the head only pools and classifies.
     let (norm_pre, head_norm) = if a.head_norm_first {
@@ -655,20 +719,52 @@ pub fn load_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<LoadedModel> {
         ..Default::default()
     };
     let model = ConvNeXt {
-        stem,
+        convs: Convs::Candle(convs),
         stem_norm,
         patch: a.patch_size,
         stages,
         norm_pre,
         head_norm,
         head,
-        nhwc: None,
     };
-    finish(model, info)
+    Ok((model, info))
 }
 
 /// The trained (height, width) from timm's `pretrained_cfg.input_size` ([C, H, W]).
 fn timm_input_size(cfg: &Value) -> Option<(usize, usize)> {
     let s = cfg.pointer("/pretrained_cfg/input_size")?.as_array()?;
     Some((s.get(1)?.as_u64()? as usize, s.get(2)?.as_u64()? as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nhwc::tests::{assert_paths_agree, family_fixture};
+
+    /// The channels-last trunk and the candle NCHW path agree on the timm fixture (pooled, logits,
+    /// every stage's map) at odd sizes, where the patchify stem and the 2x2 downsampling drop a
+    /// row or column. The fixture tests check the NHWC path against the reference; this keeps the
+    /// NCHW one (other devices and dtypes) checked and shows the NHWC one is taken on the CPU.
+    #[test]
+    fn nhwc_and_nchw_paths_agree() {
+        let (w, cfg, arch) = family_fixture("convnext_timm");
+        let (nchw, _) = build_timm(&arch, &cfg, &w).unwrap();
+        let nhwc = build_timm(&arch, &cfg, &w).unwrap().0.channels_last();
+        let nhwc = nhwc.unwrap();
+        assert!(
+            matches!(nhwc.convs, Convs::ChannelsLast(_)),
+            "an f32 CPU ConvNeXt takes the NHWC path"
+        );
+        let opts = EncodeOptions {
+            features: true,
+            ..Default::default()
+        };
+        for (b, h, wd) in [(2, 71, 45), (1, 32, 39)] {
+            let px = Tensor::randn(0f32, 1.0, (b, 3, h, wd), &Device::Cpu).unwrap();
+            let fast = nhwc.encode(&px, &opts).unwrap();
+            let slow = nchw.encode(&px, &opts).unwrap();
+            assert_eq!(fast.feature_maps.len(), 4, "every stage");
+            assert_paths_agree(&fast, &slow, &format!("{b}x3x{h}x{wd}"));
+        }
+    }
 }

@@ -12,70 +12,107 @@ use visenc_kernels::gemm::{gemm, PackedWeight};
 use visenc_kernels::norm::layer_norm;
 use visenc_kernels::Precision;
 
-use super::{Block, ConvNeXt, Norm2d};
+use super::{Block, CandleConvs, ConvNeXt, Norm2d, Stage};
 use crate::api::FeatureMap;
 use crate::conv::{is_cpu_f32, Conv};
 use crate::error::{ModelError, Result};
 use crate::nhwc::{view, Buffer, Map, Scratch as Buffers};
 use crate::nn::Activation;
 
-/// The weights the NHWC path needs beyond the model's own: the patch convolutions' weights
-/// permuted to [cout, ky, kx, cin] (the order `im2col` gathers in) and packed for [`dense`], and the
-/// blocks' depthwise weights tap-major.
+/// A patch convolution (the stem, a downsampling) prepared for [`dense`]: its weight permuted to
+/// [cout, ky, kx, cin] (the order `im2col` gathers in) and packed, and its bias.
+#[derive(Debug)]
+struct PatchConv {
+    weight: PackedWeight,
+    bias: Option<Vec<f32>>,
+}
+
+/// A block's depthwise convolution prepared for [`depthwise`]: its weight tap-major, its bias and
+/// kernel size.
+#[derive(Debug)]
+pub(super) struct DepthwiseConv {
+    weight: DepthwiseWeight,
+    bias: Option<Vec<f32>>,
+    k: usize,
+}
+
+/// The convolutions of the NHWC path (its norms and Linear layers are the model's own).
 #[derive(Debug)]
 pub(super) struct NhwcWeights {
-    stem: PackedWeight,
+    stem: PatchConv,
     /// One per stage with downsampling.
-    downsample: Vec<Option<PackedWeight>>,
-    /// Each block's depthwise weight, tap-major, per stage.
-    dwconv: Vec<Vec<DepthwiseWeight>>,
+    downsample: Vec<Option<PatchConv>>,
+    /// Each block's depthwise convolution, per stage.
+    dwconv: Vec<Vec<DepthwiseConv>>,
 }
 
 impl NhwcWeights {
-    /// `None` when the NHWC path does not apply: weights not on the CPU (or not f32 there), Linear
-    /// layers on candle's product, GRN (ConvNeXt-V2) or an activation other than GELU. The patch
-    /// convolutions run in bf16 when the Linear layers do, else in f32 (as the NCHW path's
-    /// convolutions, [`crate::conv_lowp`]).
-    pub(super) fn prepare(m: &ConvNeXt) -> Result<Option<Self>> {
+    /// The channels-last form of `c`, or `c` back when the NHWC path does not apply: weights not on
+    /// the CPU (or not f32 there), Linear layers on candle's product, GRN (ConvNeXt-V2) or an
+    /// activation other than GELU in `stages`. The patch convolutions run in bf16 when the Linear
+    /// layers do, else in f32 (as the NCHW path's convolutions, [`crate::conv_lowp`]). Each
+    /// convolution is dropped once converted.
+    pub(super) fn prepare(
+        stages: &[Stage],
+        c: CandleConvs,
+    ) -> Result<std::result::Result<Self, CandleConvs>> {
         let linears = || {
-            m.stages
+            stages
                 .iter()
                 .flat_map(|s| &s.blocks)
                 .flat_map(|b| [&b.fc1, &b.fc2])
         };
-        let blocks_ok =
-            m.stages.iter().flat_map(|s| &s.blocks).all(|b| {
-                b.grn.is_none() && b.act == Activation::Gelu && is_cpu_f32(b.dwconv.weight())
-            });
-        if !blocks_ok || !is_cpu_f32(m.stem.weight()) || linears().any(|l| l.packed().is_none()) {
-            return Ok(None);
+        let blocks_ok = stages
+            .iter()
+            .flat_map(|s| &s.blocks)
+            .all(|b| b.grn.is_none() && b.act == Activation::Gelu);
+        let mut convs = c
+            .dwconv
+            .iter()
+            .flatten()
+            .chain(c.downsample.iter().flatten());
+        let convs_ok = is_cpu_f32(c.stem.weight()) && convs.all(|c| is_cpu_f32(c.weight()));
+        if !blocks_ok || !convs_ok || linears().any(|l| l.packed().is_none()) {
+            return Ok(Err(c));
         }
         let precision = match linears().next().and_then(|l| l.packed()) {
             Some((w, _)) if w.precision() == Precision::Bf16 => Precision::Bf16,
             _ => Precision::F32,
         };
-        let pack = |c: &Conv| -> Result<PackedWeight> {
+        let bias = |c: &Conv| c.bias_tensor().map(|b| b.to_vec1()).transpose();
+        let patch = |c: Conv| -> Result<PatchConv> {
             let w = c.weight().permute((0, 2, 3, 1))?.contiguous()?;
             let (n, k) = (w.dim(0)?, w.elem_count() / w.dim(0)?.max(1));
-            let packed = PackedWeight::pack(view(&w).data()?, n, k, precision);
-            Ok(packed)
+            let weight = PackedWeight::pack(view(&w).data()?, n, k, precision);
+            Ok(PatchConv {
+                weight,
+                bias: bias(&c)?,
+            })
         };
-        let dw = |c: &Conv| -> Result<DepthwiseWeight> {
+        let dw = |c: Conv| -> Result<DepthwiseConv> {
             let (ch, _, kh, kw) = c.weight().dims4()?;
-            Ok(DepthwiseWeight::pack(view(c.weight()).data()?, ch, kh * kw))
+            let w = c.weight().contiguous()?;
+            let weight = DepthwiseWeight::pack(view(&w).data()?, ch, kh * kw);
+            Ok(DepthwiseConv {
+                weight,
+                bias: bias(&c)?,
+                k: kh,
+            })
         };
-        Ok(Some(Self {
-            stem: pack(&m.stem)?,
-            dwconv: m
-                .stages
-                .iter()
-                .map(|s| s.blocks.iter().map(|b| dw(&b.dwconv)).collect())
-                .collect::<Result<_>>()?,
-            downsample: m
-                .stages
-                .iter()
-                .map(|s| s.downsample.as_ref().map(|(_, c)| pack(c)).transpose())
-                .collect::<Result<_>>()?,
+        // The largest (the deepest downsampling) first, the stem last: the load peaks at the
+        // converted weights plus the one being converted (see `resnet::nhwc`).
+        let mut downsample = (c.downsample.into_iter().rev())
+            .map(|d| d.map(patch).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        downsample.reverse();
+        let dwconv = (c.dwconv.into_iter())
+            .map(|s| s.into_iter().map(dw).collect())
+            .collect::<Result<_>>()?;
+        let stem = patch(c.stem)?;
+        Ok(Ok(Self {
+            stem,
+            downsample,
+            dwconv,
         }))
     }
 }
@@ -96,13 +133,7 @@ fn norm_rows(x: &Map, weight: &Tensor, bias: &Tensor, eps: f64, out: &mut Buffer
 
 /// A `k x k` stride-`k` convolution (`weight` packed from [cout, ky, kx, cin]) on an NHWC map,
 /// floor-cropping sizes that are not a multiple of `k`.
-fn patch_conv(
-    x: &Map,
-    k: usize,
-    weight: &PackedWeight,
-    bias: Option<&Tensor>,
-    pool: &mut Buffers,
-) -> Result<Map> {
+fn patch_conv(x: &Map, k: usize, conv: &PatchConv, pool: &mut Buffers) -> Result<Map> {
     let (oh, ow) = (x.h / k, x.w / k);
     if oh == 0 || ow == 0 {
         return Err(ModelError::Input(format!(
@@ -110,7 +141,7 @@ fn patch_conv(
             x.h, x.w
         )));
     }
-    let cout = weight.n();
+    let cout = conv.weight.n();
     let shape = ConvShape {
         batch: x.batch,
         cin: x.c,
@@ -124,13 +155,12 @@ fn patch_conv(
         depthwise: false,
     };
     let m = x.batch * oh * ow;
-    let bv = bias.map(view);
     let e = Epilogue {
-        bias: bv.as_ref().map(|v| v.data()).transpose()?,
+        bias: conv.bias.as_deref(),
         ..Default::default()
     };
     let mut out = pool.take(m * cout);
-    dense(&x.data, &shape, weight, e, &mut out);
+    dense(&x.data, &shape, &conv.weight, e, &mut out);
     Ok(Map {
         data: out,
         batch: x.batch,
@@ -168,11 +198,9 @@ impl Scratch {
 }
 
 impl Block {
-    /// `x + fc2(gelu(fc1(norm(dwconv(x)))))` on NHWC rows, into `x` (`dw`: the depthwise weight
-    /// prepared from `self.dwconv`).
-    fn forward_nhwc(&self, x: &mut Map, dw: &DepthwiseWeight, s: &mut Scratch) -> Result<()> {
-        let (m, c) = (x.rows(), x.c);
-        let k = self.dwconv.weight().dim(2)?;
+    /// `x + fc2(gelu(fc1(norm(dw(x)))))` on NHWC rows, into `x`.
+    fn forward_nhwc(&self, x: &mut Map, dw: &DepthwiseConv, s: &mut Scratch) -> Result<()> {
+        let (m, c, k) = (x.rows(), x.c, dw.k);
         let shape = ConvShape {
             batch: x.batch,
             cin: c,
@@ -185,13 +213,12 @@ impl Block {
             pad: Pad::same((k - 1) / 2),
             depthwise: true,
         };
-        let dw_b = self.dwconv.bias_tensor().map(view);
         s.dw.resize(m * c);
         let e = Epilogue {
-            bias: dw_b.as_ref().map(|v| v.data()).transpose()?,
+            bias: dw.bias.as_deref(),
             ..Default::default()
         };
-        depthwise(&x.data, dw, &shape, e, &mut s.dw);
+        depthwise(&x.data, &dw.weight, &shape, e, &mut s.dw);
         let (g, b, eps) = self.norm.parts();
         let (g, b) = (view(g), view(b));
         s.normed.resize(m * c);
@@ -234,13 +261,7 @@ impl ConvNeXt {
     ) -> Result<Trunk> {
         let mut pool = Buffers::default();
         let input = Map::from_nchw(pixels, &mut pool)?;
-        let mut x = patch_conv(
-            &input,
-            self.patch,
-            &w.stem,
-            self.stem.bias_tensor(),
-            &mut pool,
-        )?;
+        let mut x = patch_conv(&input, self.patch, &w.stem, &mut pool)?;
         pool.give(input.data);
         let mut buf = pool.take(x.data.len());
         let mut normed = |x: &mut Map, n: &Norm2d| -> Result<()> {
@@ -257,9 +278,9 @@ impl ConvNeXt {
             .map_or(0, |(w, _)| w.n());
         let mut scratch = Scratch::take(&mut pool, x.data.len(), x.rows() * hidden);
         for ((stage, down), dws) in self.stages.iter().zip(&w.downsample).zip(&w.dwconv) {
-            if let (Some((norm, conv)), Some(dw)) = (&stage.downsample, down) {
+            if let (Some(norm), Some(conv)) = (&stage.downsample, down) {
                 normed(&mut x, norm)?;
-                let y = patch_conv(&x, 2, dw, conv.bias_tensor(), &mut pool)?;
+                let y = patch_conv(&x, 2, conv, &mut pool)?;
                 pool.give(std::mem::replace(&mut x, y).data);
                 reduction *= 2;
             }

@@ -257,25 +257,13 @@ impl ImageEncoder for EfficientNet {
 
 #[cfg(test)]
 mod tests {
-    use visenc_weights::Weights;
 
     use super::*;
-    use crate::nhwc::tests::assert_paths_agree;
+    use crate::nhwc::tests::{assert_paths_agree, family_fixture};
 
     /// The timm fixture `name` (f32 on the CPU), on candle's channels-first convolutions.
     pub(super) fn timm_fixture(name: &str) -> EfficientNet {
-        let dir = format!(
-            "{}/../../fixtures/families/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let tensors =
-            candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
-                .unwrap();
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/config.json")).unwrap())
-                .unwrap();
-        let arch = cfg["architecture"].as_str().unwrap().to_string();
-        let w = Weights::new(tensors, &dir, DType::F32, &Device::Cpu);
+        let (w, cfg, arch) = family_fixture(name);
         timm::build_timm(&arch, &cfg, &w).unwrap().0
     }
 

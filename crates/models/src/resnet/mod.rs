@@ -414,10 +414,10 @@ fn build_timm(arch: &str, cfg: &Value, w: &Weights) -> Result<(ResNet, ModelInfo
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::nhwc::tests::assert_paths_agree;
+    use crate::nhwc::tests::{assert_paths_agree, family_fixture};
 
     /// The channels-last trunk and the candle NCHW path (other devices) agree on the timm fixture
     /// (pooled, logits, the stem and stage maps) at odd input sizes where padding and stride
@@ -425,17 +425,7 @@ mod tests {
     /// the NCHW one checked too, and shows the NHWC path is the one taken on the CPU.
     #[test]
     fn nhwc_and_nchw_paths_agree() {
-        let dir = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../fixtures/families/resnet_timm"
-        );
-        let tensors =
-            candle_core::safetensors::load(format!("{dir}/model.safetensors"), &Device::Cpu)
-                .unwrap();
-        let cfg: Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/config.json")).unwrap())
-                .unwrap();
-        let w = Weights::new(tensors, dir, DType::F32, &Device::Cpu);
+        let (w, cfg, _) = family_fixture("resnet_timm");
         let (nchw, _) = build_timm("resnet50", &cfg, &w).unwrap();
         let nhwc = channels_last(build_timm("resnet50", &cfg, &w).unwrap().0, Precision::F32);
         let nhwc = nhwc.unwrap();
