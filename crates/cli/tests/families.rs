@@ -126,3 +126,45 @@ fn vq_codes_export_to_npy_as_uint32_token_grids() {
         vec![1, 4, 24, 32]
     );
 }
+
+/// `visenc bench --json` times a CNN family and reports its memory consistently: the start, the
+/// load's peak, the RSS after loading and the whole run's peak in order, and the file-backed part.
+#[test]
+fn bench_reports_speed_and_memory() {
+    for name in ["resnet_timm", "efficientnet_timm", "convnext_timm"] {
+        let m = family(name);
+        let args = [
+            "bench", "--json", "-m", &m, "--batch", "2", "--size", "40x36",
+        ];
+        let run = visenc(&[&args[..], &["--iters", "2", "--warmup", "0"]].concat());
+        run.expect_code(0);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        let f = |k: &str| {
+            v[k].as_f64()
+                .unwrap_or_else(|| panic!("{name}: no {k}: {}", run.stdout))
+        };
+        assert_eq!(v["latency_s"]["n"], 2, "{name}");
+        assert_eq!(
+            (v["batch"].as_u64(), &v["size"]),
+            (Some(2), &serde_json::json!([40, 36]))
+        );
+        assert!(
+            f("img_per_s") > 0.0 && v["parameters"].as_u64() > Some(0),
+            "{name}"
+        );
+        let (start, load_peak) = (f("rss_start_mib"), f("load_peak_rss_mib"));
+        let (loaded, peak, file) = (
+            f("rss_after_load_mib"),
+            f("peak_rss_mib"),
+            f("rss_file_mib"),
+        );
+        assert!(
+            0.0 < start && start <= load_peak && loaded <= load_peak && load_peak <= peak,
+            "{name}: start {start}, load peak {load_peak}, after load {loaded}, peak {peak}"
+        );
+        assert!(
+            0.0 < file && file < peak,
+            "{name}: file-backed {file} of {peak}"
+        );
+    }
+}

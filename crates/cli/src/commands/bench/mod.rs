@@ -162,7 +162,8 @@ impl Plan {
     }
 }
 
-/// `VmHWM` / `VmRSS` of this process in MiB (Linux), 0 elsewhere.
+/// A size field of this process's `/proc/self/status` (`VmHWM`, `VmRSS`, `RssFile`) in MiB (Linux),
+/// 0 elsewhere.
 fn proc_status_mib(key: &str) -> f64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
         return 0.0;

@@ -26,7 +26,7 @@ pub(super) fn model(a: &BenchArgs) -> Result<Value> {
         precision: a.precision,
     })?;
     let load_s = t.elapsed().as_secs_f64();
-    let rss_loaded = proc_status_mib("VmRSS");
+    let (rss_loaded, load_peak) = (proc_status_mib("VmRSS"), proc_status_mib("VmHWM"));
     let info = enc.info().clone();
     let (h, w) = match &a.size {
         Some(s) => parse_size(s)?,
@@ -101,6 +101,10 @@ pub(super) fn model(a: &BenchArgs) -> Result<Value> {
         "peak_rss_mib": proc_status_mib("VmHWM"),
         "rss_start_mib": rss_start,
         "rss_after_load_mib": rss_loaded,
+        "load_peak_rss_mib": load_peak,
+        // File-backed pages (the program's own code, mostly): in RSS, but neither weights nor
+        // activations.
+        "rss_file_mib": proc_status_mib("RssFile"),
         "load_s": load_s,
         "check": check,
     }))
@@ -134,10 +138,13 @@ pub(super) fn print_model(out: &mut impl Write, r: &Value) -> Result<()> {
         ms(&l["median"]), ms(&l["p90"]), ms(&l["min"]), ms(&l["max"]), l["n"], r["warmup"])?;
     writeln!(
         out,
-        "peak RSS       {:.0} MiB (after load {:.0} MiB; load {:.2} s)",
+        "peak RSS       {:.0} MiB (load: peak {:.0} MiB, after {:.0} MiB, {:.2} s; start {:.0} MiB; file-backed {:.0} MiB)",
         r["peak_rss_mib"].as_f64().unwrap_or(0.0),
+        r["load_peak_rss_mib"].as_f64().unwrap_or(0.0),
         r["rss_after_load_mib"].as_f64().unwrap_or(0.0),
-        r["load_s"].as_f64().unwrap_or(0.0)
+        r["load_s"].as_f64().unwrap_or(0.0),
+        r["rss_start_mib"].as_f64().unwrap_or(0.0),
+        r["rss_file_mib"].as_f64().unwrap_or(0.0)
     )?;
     Ok(())
 }
