@@ -96,8 +96,17 @@ pub(crate) fn for_each_tile(
         .max(1);
     let mc = m.div_ceil(want).next_multiple_of(MR).max(MR);
     let blocks = m.div_ceil(mc);
+    // Consecutive tasks (the ones a thread runs in turn: rayon splits the range in halves) share
+    // the smaller operand's block and stream the larger one's past it once: with more output
+    // columns than rows (a wide layer at batch 1) a panel of weights serves every row block in
+    // turn, else a block of rows serves every panel.
+    let panel_major = n > m;
     let run = |t: usize| {
-        let (block, panel) = (t / panels, t % panels);
+        let (block, panel) = if panel_major {
+            (t % blocks, t / blocks)
+        } else {
+            (t / panels, t % panels)
+        };
         let row0 = block * mc;
         let end = m.min(row0 + mc);
         let cols = panel_cols(n, panel);
