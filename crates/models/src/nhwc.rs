@@ -32,6 +32,31 @@ impl<G: Deref<Target = Storage>> View<'_, G> {
     }
 }
 
+/// A CNN trunk's convolutions in the one form its forward pass uses: candle's channels-first ones
+/// (other devices and dtypes) or the channels-last CPU path's prepared ones, made from those while
+/// dropping each as it is converted, so the weights are held once.
+pub(crate) enum Form<C, W> {
+    Candle(C),
+    ChannelsLast(W),
+}
+
+impl<C, W> Form<C, W> {
+    /// The channels-last form where `prepare` makes one (it gives the channels-first form back where
+    /// the path does not apply), else the form as it is.
+    pub(crate) fn channels_last(
+        self,
+        prepare: impl FnOnce(C) -> Result<std::result::Result<W, C>>,
+    ) -> Result<Self> {
+        Ok(match self {
+            Self::Candle(c) => match prepare(c)? {
+                Ok(w) => Self::ChannelsLast(w),
+                Err(c) => Self::Candle(c),
+            },
+            w => w,
+        })
+    }
+}
+
 /// An NHWC map: `data` holds [batch, h, w, c].
 pub(crate) struct Map {
     pub data: Buffer,

@@ -250,14 +250,9 @@ struct Stage {
     blocks: Vec<Block>,
 }
 
-/// The convolutions, in the one form the forward pass uses (norms and Linear layers serve both).
-enum Convs {
-    /// candle's channels-first convolutions (other devices and dtypes, ConvNeXt-V2).
-    Candle(CandleConvs),
-    /// The channels-last CPU path's prepared convolutions ([`nhwc`]); the channels-first ones are
-    /// dropped as these are made, so the weights are held once.
-    ChannelsLast(nhwc::NhwcWeights),
-}
+/// The convolutions, in the one form the forward pass uses ([`nhwc`] for channels last; candle's for
+/// other devices and dtypes and ConvNeXt-V2). Norms and Linear layers serve both.
+type Convs = crate::nhwc::Form<CandleConvs, nhwc::NhwcWeights>;
 
 /// The convolutions as loaded: the patchify stem, each stage's downsampling, each block's
 /// depthwise one.
@@ -345,13 +340,8 @@ impl ConvNeXt {
     /// The model on the channels-last path where it applies (see [`nhwc::NhwcWeights::prepare`];
     /// each channels-first convolution dropped once converted), else as it is.
     fn channels_last(self) -> Result<Self> {
-        let convs = match self.convs {
-            Convs::Candle(c) => match nhwc::NhwcWeights::prepare(&self.stages, c)? {
-                Ok(w) => Convs::ChannelsLast(w),
-                Err(c) => Convs::Candle(c),
-            },
-            c => c,
-        };
+        let stages = &self.stages;
+        let convs = (self.convs).channels_last(|c| nhwc::NhwcWeights::prepare(stages, c))?;
         Ok(Self { convs, ..self })
     }
 }

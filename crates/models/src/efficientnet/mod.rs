@@ -141,14 +141,8 @@ pub struct EfficientNet {
     taps: Vec<Tap>,
 }
 
-/// The trunk's weights, in the one form its forward pass uses.
-enum Path {
-    /// candle's channels-first convolutions (other devices and dtypes).
-    Candle(Convs),
-    /// The channels-last CPU path's prepared convolutions ([`nhwc`]); the channels-first ones are
-    /// dropped as these are made, so the weights are held once.
-    ChannelsLast(nhwc::NhwcWeights),
-}
+/// The trunk's convolutions, in the one form its forward pass uses ([`nhwc`] for channels last).
+type Path = crate::nhwc::Form<Convs, nhwc::NhwcWeights>;
 
 /// The convolutions as loaded (BatchNorm folded).
 struct Convs {
@@ -179,13 +173,7 @@ impl EfficientNet {
     /// The model on the channels-last path where every convolution qualifies (f32 weights on the
     /// CPU; each channels-first convolution dropped once converted), else as it is.
     fn channels_last(self) -> Result<Self> {
-        let path = match self.path {
-            Path::Candle(c) => match nhwc::NhwcWeights::prepare(c)? {
-                Ok(w) => Path::ChannelsLast(w),
-                Err(c) => Path::Candle(c),
-            },
-            p => p,
-        };
+        let path = self.path.channels_last(nhwc::NhwcWeights::prepare)?;
         Ok(Self { path, ..self })
     }
 }

@@ -63,14 +63,8 @@ pub struct ResNet {
     features: Features,
 }
 
-/// The trunk's weights, in the one form its forward pass uses.
-enum Path {
-    /// candle's channels-first convolutions (other devices and dtypes).
-    Candle(Convs),
-    /// The channels-last CPU path's prepared convolutions ([`nhwc`]); the channels-first ones are
-    /// dropped when these are made, so the weights are held once.
-    ChannelsLast(nhwc::NhwcWeights),
-}
+/// The trunk's convolutions, in the one form its forward pass uses ([`nhwc`] for channels last).
+type Path = crate::nhwc::Form<Convs, nhwc::NhwcWeights>;
 
 /// The convolutions as loaded (BatchNorm folded).
 struct Convs {
@@ -265,13 +259,8 @@ fn finish(model: ResNet, info: ModelInfo, precision: Precision) -> Result<Loaded
 /// The model on the channels-last path where every convolution qualifies (its channels-first
 /// weights dropped), else as it is.
 fn channels_last(model: ResNet, precision: Precision) -> Result<ResNet> {
-    let path = match model.path {
-        Path::Candle(c) => match nhwc::NhwcWeights::prepare(c, model.act, precision)? {
-            Ok(w) => Path::ChannelsLast(w),
-            Err(c) => Path::Candle(c),
-        },
-        p => p,
-    };
+    let act = model.act;
+    let path = (model.path).channels_last(|c| nhwc::NhwcWeights::prepare(c, act, precision))?;
     Ok(ResNet { path, ..model })
 }
 
