@@ -504,7 +504,7 @@ pub(crate) mod tests {
     use visenc_weights::Weights;
 
     use super::{Scratch, SMALL};
-    use crate::api::ImageFeatures;
+    use crate::api::{EncodeOptions, ImageEncoder, ImageFeatures};
 
     /// The family fixture `name` (`fixtures/families/<name>`): its f32 CPU weights, its
     /// `config.json` and the architecture named there.
@@ -559,9 +559,31 @@ pub(crate) mod tests {
         max((a - b).unwrap()) / max(b.clone()).max(1e-12)
     }
 
-    /// A trunk's channels-last and NCHW runs of one input agree (`at` names it): pooled, logits and
-    /// every feature map, within f32 summation-order differences.
-    pub(crate) fn assert_paths_agree(fast: &ImageFeatures, slow: &ImageFeatures, at: &str) {
+    /// A model on the channels-last path (`fast`) and the same on candle's NCHW one (`slow`) agree
+    /// on random pixels of every `(batch, height, width)` in `sizes` (`what` names the model):
+    /// pooled, logits and the `maps` feature maps, within f32 summation-order differences.
+    pub(crate) fn assert_paths_agree(
+        fast: &dyn ImageEncoder,
+        slow: &dyn ImageEncoder,
+        sizes: &[(usize, usize, usize)],
+        maps: usize,
+        what: &str,
+    ) {
+        let opts = EncodeOptions {
+            features: true,
+            ..Default::default()
+        };
+        for &(b, h, w) in sizes {
+            let px = Tensor::randn(0f32, 1.0, (b, 3, h, w), &Device::Cpu).unwrap();
+            let (f, s) = (fast.encode(&px, &opts), slow.encode(&px, &opts));
+            let at = format!("{what} {b}x3x{h}x{w}");
+            assert_eq!(f.as_ref().unwrap().feature_maps.len(), maps, "{at}: maps");
+            assert_features_agree(&f.unwrap(), &s.unwrap(), &at);
+        }
+    }
+
+    /// Two runs of one input agree (`at` names it): pooled, logits and every feature map.
+    fn assert_features_agree(fast: &ImageFeatures, slow: &ImageFeatures, at: &str) {
         assert!(rel(&fast.pooled, &slow.pooled) < 1e-4, "{at}: pooled");
         match (&fast.logits, &slow.logits) {
             (Some(f), Some(s)) => assert!(rel(f, s) < 1e-4, "{at}: logits"),
