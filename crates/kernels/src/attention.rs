@@ -94,7 +94,7 @@ impl Operand<'_> {
 /// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
 /// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row. In bf16 and int8
 /// `precision` the two products round their operands to bf16 where the CPU multiplies bf16 natively
-/// (AVX512-BF16), as PyTorch's bf16 autocast does (int8 models have no weights to quantise here, and
+/// and fast ([`crate::cpu::Features::bf16_dot`]), as PyTorch's bf16 autocast does (int8 models have no weights to quantise here, and
 /// bf16 rounds finer than the uint8 activations of their linear layers); the softmax stays f32.
 pub fn attention(
     d: Dims,
@@ -191,7 +191,7 @@ impl Products {
             && d.head_dim.is_multiple_of(16))
         {
             Self::GemmCrate
-        } else if precision != Precision::F32 && f.avx512bf16 {
+        } else if precision != Precision::F32 && f.bf16_dot {
             Self::Bf16
         } else {
             Self::F32
@@ -823,8 +823,7 @@ mod tests {
             Precision::Bf16 | Precision::Int8 => ATOL_BF16,
         };
         assert_within(&got, &want, atol, &what);
-        if precision != Precision::F32 && hd.is_multiple_of(16) && crate::cpu::features().avx512bf16
-        {
+        if precision != Precision::F32 && hd.is_multiple_of(16) && crate::cpu::features().bf16_dot {
             assert_ne!(got, run(Precision::F32), "{what}: the bf16 products ran");
         }
     }

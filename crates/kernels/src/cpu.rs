@@ -7,8 +7,12 @@ use std::sync::OnceLock;
 pub struct Features {
     /// AVX-512 Foundation (16-lane f32 FMA).
     pub avx512f: bool,
-    /// AVX512-BF16 (`vdpbf16ps`: bf16 pair dot products accumulated in f32).
+    /// AVX512-BF16 (`vdpbf16ps`: bf16 pair dot products accumulated in f32; `vcvtneps2bf16`).
     pub avx512bf16: bool,
+    /// AVX512-BF16 whose `vdpbf16ps` multiplies at least [`BF16_DOT_PAYS`] times as fast as f32
+    /// FMAs do (timed once at detection; AMD Zen 4/5: 2x, Intel Xeons with two FMA ports: 0.5x).
+    /// Where it does not, the bf16 GEMM widens its bf16 operands to f32 and runs on FMAs.
+    pub bf16_dot: bool,
     /// AVX512-VNNI (`vpdpbusd`: u8 x i8 quadruple dot products accumulated in i32).
     pub avx512vnni: bool,
     /// AVX2 + FMA (8-lane f32).
@@ -20,6 +24,7 @@ impl Features {
     pub const PORTABLE: Self = Self {
         avx512f: false,
         avx512bf16: false,
+        bf16_dot: false,
         avx512vnni: false,
         avx2_fma: false,
     };
@@ -30,10 +35,13 @@ impl Features {
         }
         #[cfg(target_arch = "x86_64")]
         {
+            let avx512bf16 =
+                is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16");
             Self {
                 avx512f: is_x86_feature_detected!("avx512f"),
-                avx512bf16: is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512bf16"),
+                avx512bf16,
+                // SAFETY: AVX512-BF16 (and so AVX-512F) was detected.
+                bf16_dot: avx512bf16 && unsafe { x86::bf16_dot_speed() } >= BF16_DOT_PAYS,
                 avx512vnni: is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni"),
@@ -46,6 +54,10 @@ impl Features {
         }
     }
 }
+
+/// How fast, relative to f32 FMAs, `vdpbf16ps` must multiply for the bf16 GEMM to use it: the widening
+/// kernel (two integer operations per 16 weight pairs, then FMAs) runs at ~0.85x the f32 FMA rate.
+pub const BF16_DOT_PAYS: f64 = 0.8;
 
 /// The features of this machine, detected once. `VISENC_KERNELS=portable` in the environment forces
 /// the portable paths (to test them, or to compare against them).
@@ -118,6 +130,47 @@ pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// `spin_loop` hints between two looks for work of a worker waiting on an [`in_pool`] pass.
 const SPINS: usize = 32;
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::time::Instant;
+
+    /// Multiply-adds per second of `vdpbf16ps` (two per lane) over those of `vfmadd231ps`, each
+    /// timed as 12 independent chains on this thread, best of 5 interleaved tries (~1 ms in all).
+    ///
+    /// # Safety
+    /// AVX512-BF16 is present.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn bf16_dot_speed() -> f64 {
+        const STEPS: usize = 2048;
+        let (mut fma, mut dot) = (f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut acc = [_mm512_set1_ps(1.0); 12];
+            let (a, b) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1e-3));
+            for _ in 0..STEPS {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(a, b, *x);
+                }
+            }
+            std::hint::black_box(acc);
+            fma = fma.min(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let mut acc = [_mm512_set1_ps(1.0); 12];
+            let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(0.5), _mm512_set1_ps(0.25));
+            let b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(-1e-3));
+            for _ in 0..STEPS {
+                for x in acc.iter_mut() {
+                    *x = _mm512_dpbf16_ps(*x, a, b);
+                }
+            }
+            std::hint::black_box(acc);
+            dot = dot.min(t.elapsed().as_secs_f64());
+        }
+        2.0 * fma / dot.max(1e-9)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +226,7 @@ mod tests {
         let f = features();
         // The extensions built on AVX-512F imply it.
         assert!(!f.avx512bf16 || f.avx512f);
+        assert!(!f.bf16_dot || f.avx512bf16);
         assert!(!f.avx512vnni || f.avx512f);
         assert_eq!(f, features());
     }

@@ -5,8 +5,12 @@
 //! bf16 pairs and adds both products to an f32 lane (Intel SDM, VDPBF16PS), so the packed layout keeps
 //! consecutive `k` pairs of one output column together: per `k` pair, 64 columns x 2 values — one
 //! 512-bit load feeds 16 columns, and one 32-bit broadcast of an activation pair feeds them all.
-//! Elsewhere a portable loop computes the same products (both operands are the same bf16 values; only
-//! the order of the f32 additions differs).
+//! Where `vdpbf16ps` is slower than f32 FMAs ([`Features::bf16_dot`] false: Intel Xeons with two FMA
+//! ports run it at half their FMA rate) or absent, AVX-512F CPUs widen the packed bf16 weights to f32 in
+//! registers (a shift or a mask per 16 pairs) and multiply them with the bf16-rounded activations on
+//! FMAs, at ~0.85x the f32 rate with half its weight traffic. Elsewhere a portable loop computes the
+//! same products (every path multiplies the same bf16 values; only the order of the f32 additions
+//! differs).
 
 use std::mem::MaybeUninit;
 
@@ -86,6 +90,7 @@ impl PackedBf16 {
 
 thread_local! {
     static A_BF16: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static A_ROUNDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `c[m, n] = act(bf16(a[m, k]) · bf16(w)ᵀ + bias + residual)` (`e`), on the fastest path `features`
@@ -108,8 +113,27 @@ pub fn gemm_bf16(
     }) {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if features.avx512f && !features.bf16_dot {
+        with_scratch(&A_ROUNDED, m * k, |ar| {
+            // The activations rounded to bf16, kept as f32 (the broadcast unit of the FMAs).
+            let rows = convert_rows(k);
+            ar.par_chunks_mut(k.max(1) * rows)
+                .zip(a.par_chunks(k.max(1) * rows))
+                // SAFETY: AVX-512F is present.
+                .for_each(|(dst, src)| unsafe { x86::round_to_bf16(src, dst) });
+            let ar: &[f32] = ar;
+            for_each_tile(c, m, n, k, &e, |t| {
+                let a = &ar[t.row * k..(t.row + t.rows) * k];
+                // SAFETY: AVX-512F is present; the tile's rows x columns of `c` (and of the
+                // residual) are this task's alone.
+                unsafe { x86::widened_tile(a, k, w.panel(t.panel), t.rows, t.cols, t.out) };
+            });
+        });
+        return;
+    }
     // Only x86-64 has the native kernels (and only there can detection report the feature).
-    let native = features.avx512bf16;
+    let native = features.bf16_dot;
     with_scratch(&A_BF16, m * pairs, |a16| {
         // Activations as bf16 pairs, one u32 per pair (the broadcast unit), the odd tail zero.
         let rows = convert_rows(k);
@@ -282,6 +306,113 @@ pub(crate) mod x86 {
         unsafe { dispatch_tile!(kernel, mr, nv, a.as_ptr(), pairs, b.as_ptr(), cols, out) }
     }
 
+    /// `dst[i]` = `src[i]` rounded to bf16 as [`f32_to_bf16`] does, kept as an f32.
+    ///
+    /// # Safety
+    /// AVX-512F is present.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        let (exp, sign, high) = (
+            _mm512_set1_epi32(0x7f80_0000),
+            _mm512_set1_epi32(i32::MIN),
+            _mm512_set1_epi32(0xffff_0000_u32 as i32),
+        );
+        let mut i = 0;
+        while i + 16 <= src.len() {
+            // SAFETY: 16 values at i are in both slices.
+            unsafe {
+                let b = _mm512_loadu_si512(src.as_ptr().add(i).cast());
+                // Round to nearest even: add 0x7fff + the lowest kept bit, drop the low half.
+                let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+                let bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd);
+                let r = _mm512_and_si512(_mm512_add_epi32(b, bias), high);
+                // Zeros and subnormals to signed zero; NaN stays a quiet NaN.
+                let tiny = _mm512_testn_epi32_mask(b, exp);
+                let r = _mm512_mask_and_epi32(r, tiny, b, sign);
+                let v = _mm512_castsi512_ps(b);
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let quiet = _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000));
+                let r = _mm512_mask_and_epi32(r, nan, quiet, high);
+                _mm512_storeu_si512(dst.as_mut_ptr().add(i).cast(), r);
+            }
+            i += 16;
+        }
+        for (d, &x) in dst[i..].iter_mut().zip(&src[i..]) {
+            *d = bf16_to_f32(f32_to_bf16(x));
+        }
+    }
+
+    /// [`tile`] on FMAs: `mr` rows of bf16-rounded f32 activations `a` ([mr, k]) times the first
+    /// `cols` columns of one packed panel `b`, widened to f32 in registers.
+    ///
+    /// # Safety
+    /// AVX-512F is present; `out` as in [`tile`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widened_tile(
+        a: &[f32],
+        k: usize,
+        b: &[u16],
+        mr: usize,
+        cols: usize,
+        out: Store,
+    ) {
+        assert!(a.len() >= mr * k && b.len() >= k.div_ceil(2) * NR * 2 && cols <= NR);
+        let nv = cols.div_ceil(16);
+        // SAFETY: forwarded from the caller; the slices cover the tile.
+        unsafe { dispatch_tile!(widened, mr, nv, a.as_ptr(), k, b.as_ptr(), cols, out) }
+    }
+
+    /// `MR` rows x `16 NV` columns: per `k` pair, NV panel loads widened twice (the even `k`: the
+    /// low halves shifted up; the odd: the high halves masked), 2 MR broadcasts, 2 MR x NV FMAs.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widened<const MR: usize, const NV: usize>(
+        a: *const f32,
+        k: usize,
+        b: *const u16,
+        cols: usize,
+        out: Store,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        /// `acc += a[r][at] · w` for the NV widened vectors `w`.
+        #[inline(always)]
+        unsafe fn fma_rows<const MR: usize, const NV: usize>(
+            acc: &mut [[__m512; NV]; MR],
+            a: *const f32,
+            k: usize,
+            at: usize,
+            w: [__m512; NV],
+        ) {
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller's: `at < k`, row r of `a`.
+                let av = _mm512_set1_ps(unsafe { *a.add(r * k + at) });
+                for (x, &w) in row.iter_mut().zip(&w) {
+                    *x = _mm512_fmadd_ps(av, w, *x);
+                }
+            }
+        }
+        let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+        // SAFETY: `a` holds MR rows of `k` values; `b` holds ⌈k / 2⌉ x NR x 2 values; pair p reads
+        // `k` 2p and (when < k) 2p + 1.
+        unsafe {
+            for p in 0..k.div_ceil(2) {
+                let bp = b.add(p * NR * 2);
+                let load = |v: usize| _mm512_loadu_si512(bp.add(32 * v).cast());
+                let even =
+                    std::array::from_fn(|v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(load(v))));
+                fma_rows(&mut acc, a, k, 2 * p, even);
+                if 2 * p + 1 < k {
+                    let odd = std::array::from_fn(|v| {
+                        _mm512_castsi512_ps(_mm512_and_si512(load(v), high))
+                    });
+                    fma_rows(&mut acc, a, k, 2 * p + 1, odd);
+                }
+            }
+            store_tile(&acc, cols, out);
+        }
+    }
+
     /// `MR` rows x `16 NV` columns: per `k` pair, NV panel loads, MR broadcasts, MR x NV `vdpbf16ps`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -364,6 +495,19 @@ mod tests {
         }
     }
 
+    /// The FMA path of CPUs whose `vdpbf16ps` is slow or absent, on any AVX-512F CPU.
+    #[test]
+    fn widened_path_matches_reference() {
+        let f = Features {
+            bf16_dot: false,
+            ..crate::cpu::features()
+        };
+        for (m, n, k) in TEST_SHAPES {
+            check(m, n, k, true, f);
+            check(m, n, k, false, f);
+        }
+    }
+
     #[test]
     fn portable_path_matches_reference() {
         for (m, n, k) in TEST_SHAPES {
@@ -385,10 +529,17 @@ mod tests {
             residual: Some(&residual),
             act: crate::conv::Act::Gelu,
         };
-        gemm_bf16(&a, m, &w, e, as_uninit(&mut x), crate::cpu::features());
         gemm_bf16(&a, m, &w, e, as_uninit(&mut y), Features::PORTABLE);
-        for (x, y) in x.iter().zip(&y) {
-            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
+        let detected = crate::cpu::features();
+        for bf16_dot in [true, false] {
+            let f = Features {
+                bf16_dot: bf16_dot && detected.bf16_dot,
+                ..detected
+            };
+            gemm_bf16(&a, m, &w, e, as_uninit(&mut x), f);
+            for (x, y) in x.iter().zip(&y) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{f:?}: {x} vs {y}");
+            }
         }
     }
 
@@ -413,5 +564,25 @@ mod tests {
         to_pairs(&src, &mut x, crate::cpu::features().avx512bf16);
         to_pairs(&src, &mut y, false);
         assert_eq!(x, y);
+        // So does the AVX-512F rounding of the widened path, on the edge cases too.
+        #[cfg(target_arch = "x86_64")]
+        if crate::cpu::features().avx512f {
+            let mut src = src;
+            src.extend([
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                -2.5,
+                f32::from_bits(1),
+            ]);
+            src.extend([-f32::from_bits(1), f32::NAN, f32::INFINITY, -0.0, f32::MAX]);
+            src.extend([f32::from_bits(0x7fff_ffff), 3.0e38, -1.0e-39]);
+            let mut got = vec![0f32; src.len()];
+            // SAFETY: AVX-512F is present.
+            unsafe { x86::round_to_bf16(&src, &mut got) };
+            for (x, g) in src.iter().zip(&got) {
+                let want = bf16_to_f32(f32_to_bf16(*x));
+                assert!(g.to_bits() == want.to_bits(), "{x:e}: {g:e} vs {want:e}");
+            }
+        }
     }
 }
