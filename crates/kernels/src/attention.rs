@@ -94,8 +94,9 @@ impl Operand<'_> {
 /// additive `bias` [B, H, N, M] (any dimension may broadcast with stride 0; keys contiguous), into a
 /// new `[B, N, H, d]` buffer. A query whose keys are all -inf gets a zero row. In bf16 and int8
 /// `precision` the two products round their operands to bf16 where the CPU multiplies bf16 natively
-/// and fast ([`crate::cpu::Features::bf16_dot`]), as PyTorch's bf16 autocast does (int8 models have no weights to quantise here, and
-/// bf16 rounds finer than the uint8 activations of their linear layers); the softmax stays f32.
+/// and fast ([`crate::cpu::Features::bf16_dot`]), as PyTorch's bf16 autocast does (int8 models have
+/// no weights to quantise here, and bf16 rounds finer than the uint8 activations of their linear
+/// layers); the softmax stays f32.
 pub fn attention(
     d: Dims,
     q: Operand,

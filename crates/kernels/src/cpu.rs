@@ -55,8 +55,9 @@ impl Features {
     }
 }
 
-/// How fast, relative to f32 FMAs, `vdpbf16ps` must multiply for the bf16 GEMM to use it: the widening
-/// kernel (two integer operations per 16 weight pairs, then FMAs) runs at ~0.85x the f32 FMA rate.
+/// How fast, relative to f32 FMAs, `vdpbf16ps` must multiply for the bf16 GEMM to use it: the
+/// widening kernel (two integer operations per 16 weight pairs, then FMAs) runs at ~0.85x the f32 FMA
+/// rate.
 pub const BF16_DOT_PAYS: f64 = 0.8;
 
 /// The features of this machine, detected once. `VISENC_KERNELS=portable` in the environment forces

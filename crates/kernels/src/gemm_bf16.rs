@@ -5,12 +5,12 @@
 //! bf16 pairs and adds both products to an f32 lane (Intel SDM, VDPBF16PS), so the packed layout keeps
 //! consecutive `k` pairs of one output column together: per `k` pair, 64 columns x 2 values — one
 //! 512-bit load feeds 16 columns, and one 32-bit broadcast of an activation pair feeds them all.
-//! Where `vdpbf16ps` is slower than f32 FMAs ([`Features::bf16_dot`] false: Intel Xeons with two FMA
-//! ports run it at half their FMA rate) or absent, AVX-512F CPUs widen the packed bf16 weights to f32 in
-//! registers (a shift or a mask per 16 pairs) and multiply them with the bf16-rounded activations on
-//! FMAs, at ~0.85x the f32 rate with half its weight traffic. Elsewhere a portable loop computes the
-//! same products (every path multiplies the same bf16 values; only the order of the f32 additions
-//! differs).
+//! Where `vdpbf16ps` is slower than f32 FMAs ([`Features::bf16_dot`] false: Intel Xeons with two
+//! FMA ports run it at half their FMA rate) or absent, AVX-512F CPUs widen the packed bf16 weights to
+//! f32 in registers (a shift or a mask per 16 pairs) and multiply them with the bf16-rounded
+//! activations on FMAs, at ~0.85x the f32 rate with half its weight traffic. Elsewhere a portable
+//! loop computes the same products (every path multiplies the same bf16 values; only the order of the
+//! f32 additions differs).
 
 use std::mem::MaybeUninit;
 
