@@ -326,18 +326,8 @@ unsafe fn query_tile(
         };
         scores(t, at, rows, s, packed, q_pairs, panels);
         softmax_tile(t, at, &mut s[..rows * cols], m_run, l_run, o);
-        if t.products == Products::F32 && scratch.values_of != Some((b, h, j0)) {
-            for (r, dst) in scratch
-                .values
-                .chunks_exact_mut(d.head_dim)
-                .take(cols)
-                .enumerate()
-            {
-                dst.copy_from_slice(std::slice::from_raw_parts(t.v.at(b, h, j0 + r), d.head_dim));
-            }
-            scratch.values_of = Some((b, h, j0));
-        }
-        mix_values(t, at, rows, s, o, &scratch.values, p_pairs, panels);
+        let values = (&mut scratch.values[..], &mut scratch.values_of);
+        mix_values(t, at, rows, s, o, values, p_pairs, panels);
         j0 += cols;
     }
     finish_rows(o, out_rs, d.head_dim, &l_run[..rows]);
@@ -442,9 +432,9 @@ unsafe fn scores(
     );
 }
 
-/// `O (+)= P V` for `rows` queries: `s` holds the tile's probabilities, `o` the output rows,
-/// `values` the tile's values packed [cols, d] (f32 products; the others read them in place);
-/// `p_pairs` and `panels` are scratch for the bf16 operands.
+/// `O (+)= P V` for `rows` queries: `s` holds the tile's probabilities, `o` the output rows;
+/// `values` is scratch for the tile's values packed [cols, d] (f32 products; the others read them in
+/// place), with the tile it holds, `p_pairs` and `panels` for the bf16 operands.
 ///
 /// # Safety
 /// As [`query_tile`].
@@ -455,13 +445,20 @@ unsafe fn mix_values(
     rows: usize,
     s: &[f32],
     o: *mut f32,
-    values: &[f32],
+    (values, values_of): (&mut [f32], &mut Option<(usize, usize, usize)>),
     p_pairs: &mut [u32],
     panels: &mut [u32],
 ) {
     let (hd, cols) = (t.d.head_dim, at.cols);
     let out_rs = t.d.heads * hd;
     let v = t.v.at(at.b, at.h, at.j0);
+    let tile = Some((at.b, at.h, at.j0));
+    if t.products == Products::F32 && *values_of != tile {
+        for (r, dst) in values.chunks_exact_mut(hd).take(cols).enumerate() {
+            dst.copy_from_slice(std::slice::from_raw_parts(v.add(r * t.v.strides.row), hd));
+        }
+        *values_of = tile;
+    }
     #[cfg(target_arch = "x86_64")]
     if t.products != Products::GemmCrate {
         use crate::gemm_bf16::{register_tile, to_pairs, x86::interleave_rows};
@@ -504,7 +501,7 @@ unsafe fn mix_values(
         }
         return;
     }
-    let _ = (values, p_pairs, panels);
+    let _ = (p_pairs, panels);
     tile_gemm(
         (rows, hd, cols),
         o,
