@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::conv::Epilogue;
 use crate::cpu::Features;
-use crate::panel::{check_shapes, NR};
+use crate::panel::{check_output, check_shapes, NR};
 
 /// A weight matrix [n, k] packed for [`gemm_f32`].
 #[derive(Debug, Clone)]
@@ -101,6 +101,68 @@ pub fn gemm_f32(
     by_gemm_crate(a, m, w, e, c);
 }
 
+/// The rows of A a convolution reads in place, for [`gemm_f32_windows`]: row `i` is `runs` runs of
+/// `len` values, `stride` apart, the first at `x[start(i)]` (an output pixel's window on a padded
+/// NHWC map: one run of `kw * cin` values per filter row).
+pub struct Windows<'a, F> {
+    pub x: &'a [f32],
+    pub runs: usize,
+    pub len: usize,
+    pub stride: usize,
+    pub start: F,
+}
+
+/// [`gemm_f32`] with row `i` of A read from `a`'s windows (an implicit-GEMM convolution: no im2col
+/// copy), `runs * len = k`. Needs AVX-512F: returns false, having done nothing, without it.
+///
+/// # Panics
+/// When a window reaches past `a.x`, `runs * len` is not `w.k()`, or `c`, the bias or the residual
+/// does not match (as [`gemm_f32`]).
+pub fn gemm_f32_windows<F: Fn(usize) -> usize + Sync>(
+    a: &Windows<'_, F>,
+    m: usize,
+    w: &PackedF32,
+    e: Epilogue,
+    c: &mut [MaybeUninit<f32>],
+    features: Features,
+) -> bool {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(
+        a.runs * a.len,
+        k,
+        "gemm_f32_windows: windows are not {k} long"
+    );
+    check_output("gemm_f32_windows", m, n, &e, c);
+    #[cfg(target_arch = "x86_64")]
+    if features.avx512f {
+        crate::panel::for_each_tile(c, m, n, k, &e, |t| {
+            let mut first = [a.x.as_ptr(); crate::panel::MR];
+            for (r, p) in first.iter_mut().take(t.rows).enumerate() {
+                let at = (a.start)(t.row + r);
+                let end = at + a.runs.saturating_sub(1) * a.stride + a.len;
+                assert!(
+                    end <= a.x.len(),
+                    "gemm_f32_windows: window {} out of bounds",
+                    t.row + r
+                );
+                *p = a.x[at..].as_ptr();
+            }
+            let rows = x86::Runs {
+                first,
+                runs: a.runs,
+                len: a.len,
+                stride: a.stride,
+            };
+            // SAFETY: AVX-512F is present; the tile's windows are inside `a.x` (checked above);
+            // its rows x columns of `c` (and of the residual) are this task's alone.
+            unsafe { x86::runs(&rows, w.panel(t.panel).as_ptr(), NR, t.rows, t.cols, t.out) };
+        });
+        return true;
+    }
+    let _ = (a, features);
+    false
+}
+
 /// The product through the `gemm` crate, one packed panel at a time: `c` starts as bias + residual
 /// and accumulates, then the activation runs over it.
 fn by_gemm_crate(a: &[f32], m: usize, w: &PackedF32, e: Epilogue, c: &mut [MaybeUninit<f32>]) {
@@ -159,7 +221,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::{dispatch_tile, store_tile, Store};
+    use crate::panel::{dispatch_tile, store_tile, Store, MR};
 
     /// `out = act(Σ_p a[r][p] · b[p][j] + bias[j] + residual)` for `mr` (<= 6) rows of `a` ([mr, k])
     /// and the first `cols` (<= 64) columns of one packed panel `b` ([k, 64]).
@@ -169,7 +231,7 @@ pub(crate) mod x86 {
     /// else accesses meanwhile.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn tile(a: &[f32], k: usize, b: &[f32], mr: usize, cols: usize, out: Store) {
-        assert!(a.len() >= mr * k && b.len() >= k * NR && mr <= crate::panel::MR && cols <= NR);
+        assert!(a.len() >= mr * k && b.len() >= k * NR && mr <= MR && cols <= NR);
         // SAFETY: forwarded from the caller; the slices cover the tile.
         unsafe { strided(a.as_ptr(), k, k, b.as_ptr(), NR, mr, cols, out) }
     }
@@ -192,9 +254,44 @@ pub(crate) mod x86 {
         cols: usize,
         out: Store,
     ) {
+        let rows = Runs {
+            // SAFETY: row `r < mr` of `a` (caller); the pointers past `mr` are never read.
+            first: std::array::from_fn(|r| a.wrapping_add(r * lda)),
+            runs: 1,
+            len: k,
+            stride: 0,
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { runs(&rows, b, ldb, mr, cols, out) }
+    }
+
+    /// Where a register tile's rows of A are: row `r` is `runs` runs of `len` values, run `j` at
+    /// `first[r] + j * stride` (one run per filter row of a convolution window, or one run of `k`).
+    pub(crate) struct Runs {
+        pub first: [*const f32; MR],
+        pub runs: usize,
+        pub len: usize,
+        pub stride: usize,
+    }
+
+    /// The register tile of `mr` rows read as `rows` says times `runs * len` rows of the panel `b`
+    /// (`ldb` apart, each with its first `16 ⌈cols / 16⌉` values read).
+    ///
+    /// # Safety
+    /// AVX-512F is present; `mr <= MR`, `cols <= NR`; the first `mr` rows' runs and the panel hold
+    /// what is read; `out` as in [`tile`].
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn runs(
+        rows: &Runs,
+        b: *const f32,
+        ldb: usize,
+        mr: usize,
+        cols: usize,
+        out: Store,
+    ) {
         let nv = cols.div_ceil(16);
         // SAFETY: forwarded from the caller.
-        unsafe { dispatch_tile!(kernel, mr, nv, a, lda, k, b, ldb, cols, out) }
+        unsafe { dispatch_tile!(kernel, mr, nv, rows, b, ldb, cols, out) }
     }
 
     /// Steps of `k` per loop iteration, each row's pointer moved once per iteration: on the Xeon of
@@ -207,9 +304,7 @@ pub(crate) mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn kernel<const MR: usize, const NV: usize>(
-        a: *const f32,
-        lda: usize,
-        k: usize,
+        a: &Runs,
         b: *const f32,
         ldb: usize,
         cols: usize,
@@ -238,29 +333,30 @@ pub(crate) mod x86 {
                 }
             }
         }
-        // SAFETY: `a` holds MR rows of `k` values, `lda` apart; `b` holds `k` rows of 16 NV
-        // values, `ldb` apart; the loops read rows `p..p + UNROLL` (then `p`) with `p + UNROLL <= k`
-        // (`p < k`).
+        // SAFETY: each of the MR rows holds `a.runs` runs of `a.len` values, `a.stride` apart; `b`
+        // holds `a.runs * a.len` rows of 16 NV values, `ldb` apart; the loops read values
+        // `p..p + UNROLL` of a run (then `p`) with `p + UNROLL <= len` (`p < len`), and the panel
+        // row of each.
         unsafe {
-            let mut rows = [a; MR];
-            for (r, row) in rows.iter_mut().enumerate() {
-                *row = a.add(r * lda);
-            }
             let mut bp = b;
-            let mut p = 0;
-            while p + UNROLL <= k {
-                for u in 0..UNROLL {
-                    step(&mut acc, &rows, bp.add(u * ldb), u);
+            for j in 0..a.runs {
+                let mut rows: [*const f32; MR] =
+                    std::array::from_fn(|r| a.first[r].add(j * a.stride));
+                let mut p = 0;
+                while p + UNROLL <= a.len {
+                    for u in 0..UNROLL {
+                        step(&mut acc, &rows, bp.add(u * ldb), u);
+                    }
+                    rows = rows.map(|r| r.add(UNROLL));
+                    bp = bp.add(UNROLL * ldb);
+                    p += UNROLL;
                 }
-                rows = rows.map(|r| r.add(UNROLL));
-                bp = bp.add(UNROLL * ldb);
-                p += UNROLL;
-            }
-            while p < k {
-                step(&mut acc, &rows, bp, 0);
-                rows = rows.map(|r| r.add(1));
-                bp = bp.add(ldb);
-                p += 1;
+                while p < a.len {
+                    step(&mut acc, &rows, bp, 0);
+                    rows = rows.map(|r| r.add(1));
+                    bp = bp.add(ldb);
+                    p += 1;
+                }
             }
             store_tile(&acc, cols, out);
         }
@@ -322,6 +418,69 @@ mod tests {
         for (m, n, k) in TEST_SHAPES {
             check(m, n, k, false, Act::None, Features::PORTABLE);
             check(m, n, k, true, Act::Relu, Features::PORTABLE);
+        }
+    }
+
+    /// Rows read as windows in place give the bits of the same rows gathered first (the same
+    /// kernel, the same order of sums): 3 runs of 5 values 11 apart, windows 7 apart (overlapping),
+    /// 13 rows (a partial register tile) x 70 columns (a partial panel), with the full epilogue.
+    #[test]
+    fn windows_match_gathered_rows() {
+        let (runs, len, stride, step, m, n) = (3, 5, 11, 7, 13, 70);
+        let k = runs * len;
+        let x = test_values((m - 1) * step + (runs - 1) * stride + len, 5);
+        let gathered: Vec<f32> = (0..m)
+            .flat_map(|i| {
+                (0..runs).flat_map(move |j| i * step + j * stride..i * step + j * stride + len)
+            })
+            .map(|at| x[at])
+            .collect();
+        let w = PackedF32::pack(&test_values(n * k, 6), n, k);
+        let (bias, res) = (test_values(n, 7), test_values(m * n, 8));
+        let e = Epilogue {
+            bias: Some(&bias),
+            residual: Some(&res),
+            act: Act::Gelu,
+        };
+        let features = crate::cpu::features();
+        let mut want = vec![f32::NAN; m * n];
+        gemm_f32(&gathered, m, &w, e, as_uninit(&mut want), features);
+        let a = Windows {
+            x: &x,
+            runs,
+            len,
+            stride,
+            start: |i: usize| i * step,
+        };
+        let mut got = vec![f32::NAN; m * n];
+        if gemm_f32_windows(&a, m, &w, e, as_uninit(&mut got), features) {
+            assert_eq!(got, want);
+        } else {
+            assert!(!features.avx512f, "AVX-512F present but windows refused");
+        }
+    }
+
+    /// A window reaching past the input is a caller's bug, caught before any read (where the
+    /// kernel runs).
+    #[test]
+    fn windows_past_the_input_panic() {
+        let w = PackedF32::pack(&[1.0; 8], 2, 4);
+        let features = crate::cpu::features();
+        for (len, fits) in [(9, true), (8, false)] {
+            let x = vec![0.0; len];
+            let a = Windows {
+                x: &x,
+                runs: 2,
+                len: 2,
+                stride: 3,
+                start: |i: usize| 4 * i,
+            };
+            let mut c = vec![0.0; 4];
+            let run = std::panic::AssertUnwindSafe(|| {
+                gemm_f32_windows(&a, 2, &w, Epilogue::default(), as_uninit(&mut c), features)
+            });
+            let r = std::panic::catch_unwind(run);
+            assert_eq!(r.is_ok(), fits || !features.avx512f, "input of {len}");
         }
     }
 

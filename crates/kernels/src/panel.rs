@@ -52,6 +52,11 @@ pub(crate) fn check_shapes(
     c: &[MaybeUninit<f32>],
 ) {
     assert_eq!(a.len(), m * k, "{name}: activations are not {m} x {k}");
+    check_output(name, m, n, e, c);
+}
+
+/// Checks the output, bias and residual of an `m` x `n` product (as [`check_shapes`]).
+pub(crate) fn check_output(name: &str, m: usize, n: usize, e: &Epilogue, c: &[MaybeUninit<f32>]) {
     assert_eq!(c.len(), m * n, "{name}: output is not {m} x {n}");
     assert!(
         e.bias.is_none_or(|b| b.len() == n),

@@ -1,8 +1,9 @@
 //! Channels-last (NHWC) building blocks, for trunks that keep one row of C values per pixel
-//! (ConvNeXt, ResNet): the depthwise convolution vectorised across channels, and the im2col gather
-//! that turns any other dense convolution (patchify stems, 3x3 and 7x7 windows, strided 1x1) into
-//! one GEMM over all pixels ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers
-//! with the epilogue fused).
+//! (ConvNeXt, ResNet): the depthwise convolution vectorised across channels, and every other dense
+//! convolution (patchify stems, 3x3 and 7x7 windows, strided 1x1) as one GEMM over all pixels
+//! ([`crate::gemm`], which also runs the 1x1 convolutions / linear layers with the epilogue fused):
+//! in f32 with AVX-512 reading each pixel's window in place (implicit GEMM,
+//! [`crate::gemm_f32::gemm_f32_windows`]), otherwise on rows gathered by [`im2col`].
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -12,8 +13,9 @@ use rayon::prelude::*;
 use super::{ConvShape, Epilogue, Pad};
 use crate::dispatch::multiversion;
 use crate::gemm::{gemm, PackedWeight};
+use crate::gemm_f32::{gemm_f32_windows, PackedF32, Windows};
 use crate::math::Lanes;
-use crate::panel::with_scratch;
+use crate::panel::{as_uninit, with_scratch};
 use crate::OutPtr;
 
 /// Output rows of [`im2col`] per task.
@@ -82,7 +84,11 @@ thread_local! {
 /// A dense convolution on NHWC maps: `x` [batch, h, w, cin], `w` packed from the weight permuted to
 /// [cout, kh, kw, cin] ([`crate::gemm::PackedWeight`], any precision), `out` [batch, oh, ow, cout] =
 /// `act(conv + bias + residual)` (the residual NHWC too). A 1x1 stride-1 unpadded convolution is one
-/// GEMM over the pixels; any other gathers [`im2col`] rows in blocks of ~2 MiB, each one GEMM.
+/// GEMM over the pixels; any other, in f32 where AVX-512 runs, one GEMM over the pixels' windows
+/// read in place (from a zero-padded copy of `x` when `s` pads), else it gathers [`im2col`] rows
+/// in blocks of ~2 MiB, each one GEMM. On the Xeon of BENCHMARKS.md's session 13 reading in place
+/// made ResNet-50's 7x7 stem twice as fast and its stride-2 and 512-channel 3x3 convolutions
+/// 10-25 % faster than im2col's copies (the stem's 147 values per pixel: 59 MB at batch 8).
 ///
 /// # Panics
 /// When `s` is depthwise or the slices do not match it (as [`im2col`] and [`crate::gemm::gemm`]).
@@ -92,6 +98,11 @@ pub fn dense(x: &[f32], s: &ConvShape, w: &PackedWeight, e: Epilogue, out: &mut 
     assert_eq!(out.len(), m * n, "dense NHWC: output length");
     if s.kh == 1 && s.kw == 1 && s.stride == 1 && s.pad == Pad::default() {
         return gemm(x, m, w, e, out);
+    }
+    if let PackedWeight::F32(w) = w {
+        if in_place(x, s, w, e, out) {
+            return;
+        }
     }
     let row = s.kh * s.kw * s.cin;
     let block = (COLS_BUDGET / row.max(1)).max(1);
@@ -113,6 +124,69 @@ pub fn dense(x: &[f32], s: &ConvShape, w: &PackedWeight, e: Epilogue, out: &mut 
             );
         }
     });
+}
+
+thread_local! {
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`dense`] in f32 as one GEMM whose rows of A are the output pixels' windows read in place
+/// ([`gemm_f32_windows`]: `kh` runs of `kw * cin` values, one per filter row), on a zero-padded copy
+/// of `x` when `s` pads (one pass over the input instead of im2col's `kh * kw / stride²` copies
+/// and its blocks). False, having done nothing, where that kernel does not run (no AVX-512F).
+fn in_place(x: &[f32], s: &ConvShape, w: &PackedF32, e: Epilogue, out: &mut [f32]) -> bool {
+    let features = crate::cpu::features();
+    if !features.avx512f {
+        return false;
+    }
+    let (oh, ow) = s.out_hw();
+    let (hp, wp) = (
+        s.h + s.pad.top + s.pad.bottom,
+        s.w + s.pad.left + s.pad.right,
+    );
+    let c = s.cin;
+    let mut run = |x: &[f32]| {
+        let a = Windows {
+            x,
+            runs: s.kh,
+            len: s.kw * c,
+            stride: wp * c,
+            start: |i: usize| {
+                let (b, oy, ox) = (i / (oh * ow), i / ow % oh, i % ow);
+                ((b * hp + oy * s.stride) * wp + ox * s.stride) * c
+            },
+        };
+        let m = s.batch * oh * ow;
+        gemm_f32_windows(&a, m, w, e, as_uninit(out), features)
+    };
+    if s.pad == Pad::default() {
+        return run(x);
+    }
+    with_scratch(&PADDED, s.batch * hp * wp * c, |padded| {
+        pad(x, s, padded);
+        run(padded)
+    })
+}
+
+/// `out` [batch, h + top + bottom, w + left + right, c] = the NHWC map `x` ([batch, h, w, c] of
+/// `s`) inside a border of zeros `s.pad` wide.
+fn pad(x: &[f32], s: &ConvShape, out: &mut [f32]) {
+    let (c, p) = (s.cin, s.pad);
+    let (hp, wp) = (s.h + p.top + p.bottom, s.w + p.left + p.right);
+    out.par_chunks_mut((wp * c).max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (b, y) = (r / hp, r % hp);
+            if y < p.top || y >= p.top + s.h {
+                return row.fill(0.0);
+            }
+            let src = &x[(b * s.h + y - p.top) * s.w * c..][..s.w * c];
+            let (left, rest) = row.split_at_mut(p.left * c);
+            let (mid, right) = rest.split_at_mut(s.w * c);
+            left.fill(0.0);
+            mid.copy_from_slice(src);
+            right.fill(0.0);
+        });
 }
 
 /// Pixels per task of [`nchw_to_nhwc`].
@@ -694,7 +768,8 @@ mod tests {
 
     #[test]
     fn im2col_gemm_and_dense_match_naive_conv() {
-        // Dense convolutions NHWC through im2col + the packed GEMM against the NCHW reference: patchify
+        // Dense convolutions NHWC through im2col + the packed GEMM, and through `dense` (with
+        // AVX-512: the windows read in place), against the NCHW reference: patchify
         // (2x2 and 4x4 stride = kernel, odd sizes floor like the convolution), 1x1 at stride 1
         // and 2, ResNet's padded 3x3 (stride 1 and 2) and 7x7 stride-2 stem on odd sizes, a
         // window wider than the map, asymmetric padding; m from 1 row to several tasks.
