@@ -409,7 +409,7 @@ pub(crate) mod x86 {
                     fma_rows(&mut acc, a, k, 2 * p + 1, odd);
                 }
             }
-            store_tile(&acc, cols, out);
+            store_tile(acc, cols, out);
         }
     }
 
@@ -444,7 +444,7 @@ pub(crate) mod x86 {
                     }
                 }
             }
-            store_tile(&acc, cols, out);
+            store_tile(acc, cols, out);
         }
     }
 }

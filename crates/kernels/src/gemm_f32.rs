@@ -358,7 +358,7 @@ pub(crate) mod x86 {
                     p += 1;
                 }
             }
-            store_tile(&acc, cols, out);
+            store_tile(acc, cols, out);
         }
     }
 }
