@@ -343,6 +343,7 @@ fn store(c: *mut f32, ldc: usize, accumulate: bool) -> crate::panel::Store {
         bias: std::ptr::null(),
         residual: if accumulate { c } else { std::ptr::null() },
         act: crate::conv::Act::None,
+        cold: false,
     }
 }
 

@@ -239,7 +239,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::{dispatch_tile, store_tile};
+    use crate::panel::{dispatch_tile, prefetch_tile, store_tile};
 
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub(super) fn to_pairs(src: &[f32], dst: &mut [u32]) {
@@ -394,8 +394,9 @@ pub(crate) mod x86 {
         }
         let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
         // SAFETY: `a` holds MR rows of `k` values; `b` holds ⌈k / 2⌉ x NR x 2 values; pair p reads
-        // `k` 2p and (when < k) 2p + 1.
+        // `k` 2p and (when < k) 2p + 1; `out` covers the tile.
         unsafe {
+            prefetch_tile::<MR, NV>(&out);
             for p in 0..k.div_ceil(2) {
                 let bp = b.add(p * NR * 2);
                 let load = |v: usize| _mm512_loadu_si512(bp.add(32 * v).cast());
@@ -424,8 +425,10 @@ pub(crate) mod x86 {
         out: Store,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-        // SAFETY: `a` holds MR rows of `pairs` pairs; `b` holds `pairs` x NR x 2 values.
+        // SAFETY: `a` holds MR rows of `pairs` pairs; `b` holds `pairs` x NR x 2 values; `out`
+        // covers the tile.
         unsafe {
+            prefetch_tile::<MR, NV>(&out);
             for p in 0..pairs {
                 let bp = b.add(p * NR * 2);
                 let mut wv = [_mm512_setzero_si512(); NV];

@@ -221,7 +221,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
-    use crate::panel::{dispatch_tile, store_tile, Store, MR};
+    use crate::panel::{dispatch_tile, prefetch_tile, store_tile, Store, MR};
 
     /// `out = act(Σ_p a[r][p] · b[p][j] + bias[j] + residual)` for `mr` (<= 6) rows of `a` ([mr, k])
     /// and the first `cols` (<= 64) columns of one packed panel `b` ([k, 64]).
@@ -338,6 +338,7 @@ pub(crate) mod x86 {
         // `p..p + UNROLL` of a run (then `p`) with `p + UNROLL <= len` (`p < len`), and the panel
         // row of each.
         unsafe {
+            prefetch_tile::<MR, NV>(&out);
             let mut bp = b;
             for j in 0..a.runs {
                 let mut rows: [*const f32; MR] =

@@ -132,6 +132,7 @@ pub(crate) fn for_each_tile(
                         .residual
                         .map_or(std::ptr::null(), |r| r[row * n + panel * NR..].as_ptr()),
                     act: e.act,
+                    cold: m * n >= COLD_OUTPUT,
                 },
             };
             tile(t);
@@ -245,6 +246,38 @@ pub(crate) struct Store {
     pub bias: *const f32,
     pub residual: *const f32,
     pub act: Act,
+    /// The output is larger than the caches hold ([`COLD_OUTPUT`]): the kernel asks for the tile's
+    /// lines of `c` (and of the residual) before its products, so its stores do not wait on them.
+    pub cold: bool,
+}
+
+/// Output values from which a product's output counts as cold ([`Store::cold`]): 1 MiB, half the L2
+/// of the Xeon where it was measured (BENCHMARKS.md, session 13: ResNet-50's 1x1 convolutions from
+/// 64 channels, 6.4 M outputs for 64 products each, 10-13 % faster; Winograd's products, whose
+/// outputs stay in L2, 3 % slower with the prefetches).
+const COLD_OUTPUT: usize = 1 << 18;
+
+/// Prefetches the lines of `out.c` (and of the residual) an `MR` x `16 NV` tile covers, if `out.cold`.
+///
+/// # Safety
+/// AVX-512F is present (prefetches do not fault: any address is safe).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn prefetch_tile<const MR: usize, const NV: usize>(out: &Store) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    if !out.cold {
+        return;
+    }
+    for r in 0..MR {
+        for v in 0..NV {
+            let at = r * out.ldc + 16 * v;
+            _mm_prefetch::<_MM_HINT_T0>(out.c.wrapping_add(at) as *const i8);
+            if !out.residual.is_null() {
+                _mm_prefetch::<_MM_HINT_T0>(out.residual.wrapping_add(at) as *const i8);
+            }
+        }
+    }
 }
 
 /// Writes an `MR` x `16 NV` register tile of accumulators to `out`, the first `cols` columns only,

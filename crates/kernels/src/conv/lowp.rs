@@ -164,6 +164,7 @@ pub fn conv2d_bf16(
                                 bias: std::ptr::null(),
                                 residual: std::ptr::null(),
                                 act: Act::None,
+                                cold: false,
                             },
                         )
                     };
