@@ -18,7 +18,7 @@ use super::{ConvShape, Epilogue};
 use crate::dispatch::multiversion;
 use crate::gemm::{gemm, PackedWeight};
 use crate::math::Lanes;
-use crate::panel::{serially, with_scratch};
+use crate::panel::{serially, with_scratch, MR};
 use crate::OutPtr;
 use crate::Precision;
 
@@ -188,6 +188,13 @@ impl WinogradWeight {
 /// chunk's GEMMs read what its input transform just wrote, and its output transform what they
 /// wrote).
 const CHUNK_VALUES: usize = 1 << 17;
+/// Transformed weights (values, all ξ) from which a chunk's GEMMs read them from L3 rather than L2
+/// (twice the 2 MiB L2): the chunk then grows to [`STREAMED_CHUNK_VALUES`], so each weight read serves
+/// 4x the rows. On the Xeon of BENCHMARKS.md's session 13 ResNet-50's 256-channel 3x3 convolutions
+/// (4 MiB of transformed weights) ran ~10 % faster so; its 128-channel ones (2.3 MiB) no faster.
+const STREAMED_WEIGHTS: usize = 1 << 20;
+/// Transformed input and product values per task where the weights stream from L3 (2 MiB).
+const STREAMED_CHUNK_VALUES: usize = 1 << 19;
 /// The fewest tiles per task (two register tiles of rows per GEMM), even past the budget.
 const MIN_CHUNK: usize = 12;
 
@@ -244,8 +251,15 @@ pub fn winograd(x: &[f32], s: &ConvShape, w: &WinogradWeight, e: Epilogue, out: 
     };
     let total = s.batch * tiles.th * tiles.tw;
     let per_tile = a * a * (s.cin + s.cout);
-    let chunk = (CHUNK_VALUES / per_tile)
+    let budget = if a * a * s.cin * s.cout >= STREAMED_WEIGHTS {
+        STREAMED_CHUNK_VALUES
+    } else {
+        CHUNK_VALUES
+    };
+    // Whole register tiles of rows in each GEMM (14 tiles would make a 2-row tile: ~3 % slower).
+    let chunk = (budget / per_tile)
         .max(MIN_CHUNK)
+        .next_multiple_of(MR)
         .min(total.div_ceil(crate::cpu::threads()))
         .max(1);
     let dst = OutPtr(out.as_mut_ptr());
