@@ -38,6 +38,9 @@ pub(crate) struct Tile {
     /// Where the tile goes (rows `n` apart; only this tile's task writes there) with the epilogue's
     /// bias, residual and activation at the tile's first element.
     pub out: Store,
+    /// The first tile of its task: the panel comes from L3 or memory, not from L2 as for the next
+    /// tiles (see [`crate::gemm_f32`]'s prefetch).
+    pub first: bool,
 }
 
 /// Checks the operands of `c[m, n] = act(a[m, k] · wᵀ + bias + residual)` (`name` opens the panic
@@ -117,6 +120,7 @@ pub(crate) fn for_each_tile(
         let cols = panel_cols(n, panel);
         for row in (row0..end).step_by(MR) {
             let t = Tile {
+                first: row == row0,
                 row,
                 rows: MR.min(end - row),
                 panel,
