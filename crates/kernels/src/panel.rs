@@ -261,14 +261,11 @@ pub(crate) struct Store {
 /// outputs stay in L2, 3 % slower with the prefetches).
 const COLD_OUTPUT: usize = 1 << 18;
 
-/// Prefetches the lines of `out.c` (and of the residual) an `MR` x `16 NV` tile covers, if `out.cold`.
-///
-/// # Safety
-/// AVX-512F is present (prefetches do not fault: any address is safe).
+/// Prefetches the lines of `out.c` (and of the residual) an `MR` x `16 NV` tile covers, if `out.cold`
+/// (prefetches do not fault: any address is safe).
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn prefetch_tile<const MR: usize, const NV: usize>(out: &Store) {
+#[inline(always)]
+pub(crate) fn prefetch_tile<const MR: usize, const NV: usize>(out: &Store) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     if !out.cold {
         return;
@@ -276,9 +273,12 @@ pub(crate) unsafe fn prefetch_tile<const MR: usize, const NV: usize>(out: &Store
     for r in 0..MR {
         for v in 0..NV {
             let at = r * out.ldc + 16 * v;
-            _mm_prefetch::<_MM_HINT_T0>(out.c.wrapping_add(at) as *const i8);
-            if !out.residual.is_null() {
-                _mm_prefetch::<_MM_HINT_T0>(out.residual.wrapping_add(at) as *const i8);
+            // SAFETY: SSE is part of x86-64; a prefetch reads nothing.
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(out.c.wrapping_add(at) as *const i8);
+                if !out.residual.is_null() {
+                    _mm_prefetch::<_MM_HINT_T0>(out.residual.wrapping_add(at) as *const i8);
+                }
             }
         }
     }
@@ -286,15 +286,17 @@ pub(crate) unsafe fn prefetch_tile<const MR: usize, const NV: usize>(out: &Store
 
 /// Writes an `MR` x `16 NV` register tile of accumulators to `out`, the first `cols` columns only,
 /// with the whole epilogue applied in registers: the store of the f32 and bf16 kernels. The
-/// accumulators come by value: by reference, a kernel that did not inline this call kept them in
-/// memory through its whole loop (the f32 kernel of `f159ace` ran ViT-B/16 2.2x slower so).
+/// accumulators come by value and the store is always inlined (so it has no `target_feature` of its
+/// own, which `inline(always)` does not allow; its intrinsics inline once it is in the kernel): a
+/// kernel that called it kept its accumulators in memory through its whole loop (the f32 kernel of
+/// `f159ace`, accumulators by reference: ViT-B/16 2.2x slower; the bf16 widened kernel of
+/// `d40d1fe`, by value: ResNet-50 bf16 ~30 % slower).
 ///
 /// # Safety
 /// AVX-512F is present; `out.c` points to `MR` rows of at least `cols` writable values,
 /// `out.ldc` apart; a non-null bias holds `cols` values, a non-null residual `MR` rows like `c`.
 #[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
+#[inline(always)]
 pub(crate) unsafe fn store_tile<const MR: usize, const NV: usize>(
     acc: [[std::arch::x86_64::__m512; NV]; MR],
     cols: usize,
