@@ -39,7 +39,8 @@ pub(crate) struct Tile {
     /// bias, residual and activation at the tile's first element.
     pub out: Store,
     /// The first tile of its task: the panel comes from L3 or memory, not from L2 as for the next
-    /// tiles (see [`crate::gemm_f32`]'s prefetch).
+    /// tiles (see [`crate::gemm_f32`]'s prefetch). Read by the x86 kernels only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub first: bool,
 }
 
@@ -252,6 +253,8 @@ pub(crate) struct Store {
     pub act: Act,
     /// The output is larger than the caches hold ([`COLD_OUTPUT`]): the kernel asks for the tile's
     /// lines of `c` (and of the residual) before its products, so its stores do not wait on them.
+    /// Read by the x86 kernels only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub cold: bool,
 }
 
