@@ -241,13 +241,7 @@ pub(crate) mod x86 {
         cold_panel: bool,
     ) {
         assert!(a.len() >= mr * k && b.len() >= k * NR && mr <= MR && cols <= NR);
-        let rows = Runs {
-            first: std::array::from_fn(|r| a.as_ptr().wrapping_add(r * k)),
-            runs: 1,
-            len: k,
-            stride: 0,
-            cold_panel,
-        };
+        let rows = Runs::rows(a.as_ptr(), k, k, cold_panel);
         // SAFETY: forwarded from the caller; the slices cover the tile.
         unsafe { runs(&rows, b.as_ptr(), NR, mr, cols, out) }
     }
@@ -270,14 +264,7 @@ pub(crate) mod x86 {
         cols: usize,
         out: Store,
     ) {
-        let rows = Runs {
-            // SAFETY: row `r < mr` of `a` (caller); the pointers past `mr` are never read.
-            first: std::array::from_fn(|r| a.wrapping_add(r * lda)),
-            runs: 1,
-            len: k,
-            stride: 0,
-            cold_panel: false,
-        };
+        let rows = Runs::rows(a, lda, k, false);
         // SAFETY: forwarded from the caller.
         unsafe { runs(&rows, b, ldb, mr, cols, out) }
     }
@@ -292,6 +279,19 @@ pub(crate) mod x86 {
         /// The panel is not in L2 yet (the first tile of a task): the kernel prefetches it
         /// [`PANEL_AHEAD`] steps ahead.
         pub cold_panel: bool,
+    }
+
+    impl Runs {
+        /// Rows of `k` values, `lda` apart from `a` (a stored matrix: one run per row).
+        fn rows(a: *const f32, lda: usize, k: usize, cold_panel: bool) -> Self {
+            Self {
+                first: std::array::from_fn(|r| a.wrapping_add(r * lda)),
+                runs: 1,
+                len: k,
+                stride: 0,
+                cold_panel,
+            }
+        }
     }
 
     /// The register tile of `mr` rows read as `rows` says times `runs * len` rows of the panel `b`
