@@ -110,6 +110,7 @@ pub(crate) fn for_each_tile(
     // columns than rows (a wide layer at batch 1) a panel of weights serves every row block in
     // turn, else a block of rows serves every panel.
     let panel_major = n > m;
+    let cold = m * n >= COLD_OUTPUT;
     let run = |t: usize| {
         let (block, panel) = if panel_major {
             (t % blocks, t / blocks)
@@ -137,7 +138,7 @@ pub(crate) fn for_each_tile(
                         .residual
                         .map_or(std::ptr::null(), |r| r[row * n + panel * NR..].as_ptr()),
                     act: e.act,
-                    cold: m * n >= COLD_OUTPUT,
+                    cold,
                 },
             };
             tile(t);
