@@ -1,6 +1,8 @@
 //! LayerNorm over the rows of a matrix: mean, then the variance of the centred values (two passes,
 //! as PyTorch computes it), then `(x - mean) / sqrt(var + eps) * gamma + beta`.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::dispatch::multiversion;
@@ -21,7 +23,7 @@ fn sum<L: Lanes>(row: &[f32], f: impl Fn(L) -> L, tail: impl Fn(f32) -> f32) -> 
 }
 
 multiversion! {
-    fn norm_rows<L>(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    fn norm_rows<L>(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
         let dim = gamma.len();
         for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
             let mean = sum::<L>(row, |v| v, |v| v) / dim as f32;
@@ -35,12 +37,12 @@ multiversion! {
                 unsafe {
                     let v = L::load(row.as_ptr().add(i)).sub(ml).mul(rl);
                     let y = v.mul_add(L::load(gamma.as_ptr().add(i)), L::load(beta.as_ptr().add(i)));
-                    y.store(o.as_mut_ptr().add(i));
+                    y.store(o.as_mut_ptr().add(i).cast());
                 }
                 i += L::N;
             }
             for j in i..dim {
-                o[j] = (row[j] - m) * rstd * gamma[j] + beta[j];
+                o[j].write((row[j] - m) * rstd * gamma[j] + beta[j]);
             }
         }
     }
@@ -52,6 +54,18 @@ multiversion! {
 /// If `gamma` is empty, `beta` differs in length from `gamma`, or `x` and `out` are not both a
 /// whole number of rows of that length (callers check shapes first).
 pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    layer_norm_uninit(x, gamma, beta, eps, crate::panel::as_uninit(out));
+}
+
+/// [`layer_norm`] into memory not yet initialised (a `Vec`'s spare capacity): every value of `out`
+/// is written, so a new output is not zero-filled first.
+pub fn layer_norm_uninit(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    out: &mut [MaybeUninit<f32>],
+) {
     let dim = gamma.len();
     assert!(
         dim > 0 && beta.len() == dim && x.len() == out.len() && x.len().is_multiple_of(dim),

@@ -129,8 +129,10 @@ impl CustomOp3 for LayerNormOp {
                 b.len()
             );
         }
-        let mut out = vec![0.0f32; x.len()];
-        norm::layer_norm(x, g, b, self.0, &mut out);
+        let mut out = Vec::with_capacity(x.len());
+        norm::layer_norm_uninit(x, g, b, self.0, &mut out.spare_capacity_mut()[..x.len()]);
+        // SAFETY: `layer_norm` wrote all x.len() values.
+        unsafe { out.set_len(x.len()) };
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
 }
