@@ -220,7 +220,11 @@ impl BlockConfig {
 /// (concatenated at load from separate checkpoints), so one GEMM makes `[B, N, 3, H, d]` and the
 /// attention kernel reads q, k and v from it in place.
 pub struct Attention {
-    qkv: crate::linear::Linear,
+    /// The query projection and the key and value projections side by side ([2D, D]): a last
+    /// block that needs the class token alone projects its query only (the keys and values still
+    /// come from every token), and cross-attention projects each side once.
+    q: crate::linear::Linear,
+    kv: crate::linear::Linear,
     out: crate::linear::Linear,
     heads: usize,
 }
@@ -240,43 +244,54 @@ impl Attention {
                 format!("{heads} heads do not divide width {dim}"),
             ));
         }
-        let (w, b) = match qkv {
+        // (query weight [D, D], key and value weights [2D, D]) and their biases.
+        let ((wq, wkv), b) = match qkv {
             QkvKeys::Separate { q, k, v } => {
                 let get = |name: &str, shape: &[usize], what: &str| s.pp(name).get(shape, what);
-                let w = [q, k, v]
-                    .map(|name| get(name, &[dim, dim], "weight"))
-                    .into_iter()
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let w = (
+                    get(q, &[dim, dim], "weight")?,
+                    Tensor::cat(
+                        &[
+                            get(k, &[dim, dim], "weight")?,
+                            get(v, &[dim, dim], "weight")?,
+                        ],
+                        0,
+                    )?,
+                );
                 let b = if qkv_bias {
-                    let b = [q, k, v]
-                        .map(|name| get(name, &[dim], "bias"))
-                        .into_iter()
-                        .collect::<std::result::Result<Vec<_>, _>>()?;
-                    Some(Tensor::cat(&b, 0)?)
+                    let b = (
+                        get(q, &[dim], "bias")?,
+                        Tensor::cat(&[get(k, &[dim], "bias")?, get(v, &[dim], "bias")?], 0)?,
+                    );
+                    Some(b)
                 } else {
                     None
                 };
-                (Tensor::cat(&w, 0)?, b)
+                (w, b)
             }
             QkvKeys::Fused { weight, bias } => {
+                let split = |t: Tensor| -> Result<(Tensor, Tensor)> {
+                    Ok((t.narrow(0, 0, dim)?, t.narrow(0, dim, 2 * dim)?))
+                };
                 let b = if qkv_bias {
-                    Some(s.get(3 * dim, bias)?)
+                    Some(split(s.get(3 * dim, bias)?)?)
                 } else {
                     None
                 };
-                (s.get((3 * dim, dim), weight)?, b)
+                (split(s.get((3 * dim, dim), weight)?)?, b)
             }
         };
-        let qkv = crate::linear::Linear::load(s, w, b)?;
+        let (bq, bkv) = b.unzip();
         Ok(Self {
-            qkv,
+            q: crate::linear::Linear::load(s, wq, bq)?,
+            kv: crate::linear::Linear::load(s, wkv, bkv)?,
             out: linear(s, out, dim, dim, true)?,
             heads,
         })
     }
 
     /// `x`: [B, N, D] queries; `kv`: keys/values source (self-attention when `None`; for
-    /// cross-attention the fused projection runs on both and the unused thirds are ignored);
+    /// cross-attention the queries come from `x`, the keys and values from `kv`);
     /// `bias`: additive mask broadcastable to [B, H, N, M].
     pub fn forward(
         &self,
@@ -300,26 +315,24 @@ impl Attention {
         let (b, n, d) = x.dims3()?;
         let hd = d / self.heads;
         let scale = (hd as f64).powf(-0.5);
-        // [B, len, 3D] -> the i-th of q/k/v as a [B, H, len, d] view.
-        let part = |t: &Tensor, i: usize| -> Result<Tensor> {
-            let len = t.dim(1)?;
-            Ok(t.reshape((b, len, 3, self.heads, hd))?
+        // Queries [B, rows, D] and keys | values [B, M, 2D] as [B, H, len, d] views.
+        let q = self.q.forward(&x.narrow(1, 0, rows)?)?;
+        let q = q.reshape((b, rows, self.heads, hd))?.transpose(1, 2)?;
+        let kv = self.kv.forward(kv.unwrap_or(x))?;
+        let m = kv.dim(1)?;
+        let part = |i: usize| -> Result<Tensor> {
+            Ok(kv
+                .reshape((b, m, 2, self.heads, hd))?
                 .narrow(2, i, 1)?
                 .squeeze(2)?
                 .transpose(1, 2)?)
         };
-        let qkv = self.qkv.forward(x)?;
-        let kv = match kv {
-            Some(kv) => self.qkv.forward(kv)?,
-            None => qkv.clone(),
-        };
-        let q = part(&qkv, 0)?.narrow(2, 0, rows)?;
-        let (k, v) = (part(&kv, 1)?, part(&kv, 2)?);
+        let (k, v) = (part(0)?, part(1)?);
         let bias = bias.map(|t| query_rows(t, n, 0, rows)).transpose()?;
         let bias = bias.as_ref();
         // bf16 layers multiply the attention's operands in bf16 too (as PyTorch's autocast does).
         let precision = self
-            .qkv
+            .q
             .packed()
             .map_or(Precision::F32, |(w, _)| w.precision());
         let y = match ops::attention(&q, &k, &v, bias, scale as f32, precision)? {
