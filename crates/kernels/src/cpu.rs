@@ -67,6 +67,31 @@ pub fn features() -> Features {
     *FEATURES.get_or_init(Features::detect)
 }
 
+/// The size of CPU 0's level-3 cache in bytes as Linux reports it (`None` elsewhere or when the
+/// system does not say).
+pub fn l3_bytes() -> Option<usize> {
+    static L3: OnceLock<Option<usize>> = OnceLock::new();
+    *L3.get_or_init(|| {
+        let dir = "/sys/devices/system/cpu/cpu0/cache";
+        (0..8).find_map(|i| {
+            let read = |f: &str| std::fs::read_to_string(format!("{dir}/index{i}/{f}")).ok();
+            (read("level")?.trim() == "3").then(|| parse_cache_size(&read("size")?))?
+        })
+    })
+}
+
+/// A sysfs cache size: `48K`, `2048K`, `260M` (or plain bytes).
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (digits, unit) = match s.as_bytes().last()? {
+        b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(unit)
+}
+
 /// Threads the kernels split work across: rayon's pool size (`RAYON_NUM_THREADS`, else the number of
 /// cores).
 pub fn threads() -> usize {
@@ -220,6 +245,17 @@ mod tests {
                 .expect("concurrent passes did not finish");
             assert!(got.iter().all(|&g| g == want(t)), "pass {t}");
         }
+    }
+
+    #[test]
+    fn cache_sizes_parse() {
+        assert_eq!(parse_cache_size("48K\n"), Some(48 << 10));
+        assert_eq!(parse_cache_size("266240K"), Some(266240 << 10));
+        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(parse_cache_size("512"), Some(512));
+        assert_eq!(parse_cache_size(""), None);
+        assert_eq!(parse_cache_size("K"), None);
+        assert_eq!(parse_cache_size("lots"), None);
     }
 
     #[test]
