@@ -216,9 +216,10 @@ impl BlockConfig {
     }
 }
 
-/// Multi-head attention with the query/key/value projections fused into one `[3D, D]` linear layer
-/// (concatenated at load from separate checkpoints), so one GEMM makes `[B, N, 3, H, d]` and the
-/// attention kernel reads q, k and v from it in place.
+/// Multi-head attention: the query projection and the key and value projections fused into one
+/// `[2D, D]` linear layer (concatenated at load from separate checkpoints, split from a fused
+/// `[3D, D]` one), so one GEMM makes `[B, M, 2, H, d]` and the attention kernel reads q, k and v in
+/// place.
 pub struct Attention {
     /// The query projection and the key and value projections side by side ([2D, D]): a last
     /// block that needs the class token alone projects its query only (the keys and values still
