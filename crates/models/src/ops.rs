@@ -313,7 +313,7 @@ mod tests {
     fn attention_reads_strided_views_and_matches_candle() {
         let dev = Device::Cpu;
         let (b, n, h, hd) = (2, 21, 3, 8);
-        // A fused projection [B, N, 3, H, d] split into views (nn::Attention's k|v are [B, N, 2, H, d]).
+        // A fused projection [B, N, 3, H, d] split into views (nn::Attention: k|v [B, N, 2, H, d]).
         let qkv = Tensor::randn(0f32, 1., (b, n, 3, h, hd), &dev).unwrap();
         let part = |i| {
             qkv.narrow(2, i, 1)
