@@ -320,14 +320,9 @@ impl Attention {
         let q = self.q.forward(&x.narrow(1, 0, rows)?)?;
         let q = q.reshape((b, rows, self.heads, hd))?.transpose(1, 2)?;
         let kv = self.kv.forward(kv.unwrap_or(x))?;
-        let m = kv.dim(1)?;
-        let part = |i: usize| -> Result<Tensor> {
-            Ok(kv
-                .reshape((b, m, 2, self.heads, hd))?
-                .narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?)
-        };
+        let kv = kv.reshape((b, kv.dim(1)?, 2, self.heads, hd))?;
+        let part =
+            |i: usize| -> Result<Tensor> { Ok(kv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?) };
         let (k, v) = (part(0)?, part(1)?);
         let bias = bias.map(|t| query_rows(t, n, 0, rows)).transpose()?;
         let bias = bias.as_ref();
