@@ -39,7 +39,11 @@ What one run does, strictly one measurement at a time:
 
 The machine is shared: before each measurement the script waits (bounded) until other processes use less
 than --quiet-cores of CPU, and records the CPU time other processes used during the measurement
-(`other_load_cores`); cells measured under load are flagged in the tables.
+(`other_load_cores`); cells measured under load are flagged in the tables. Right before and after each
+measurement it also measures the FMA peak of one thread and of all threads (`visenc bench --peak`, ~1 s):
+where the threads did not scale (`core_scaling`, the lower of the two probes, below SHARED x THREADS) they
+shared a core, which no load figure shows; those cells are flagged too. Flagged cells are measured again at
+the end of the run while --retry-budget lasts.
 """
 
 import argparse
@@ -80,10 +84,34 @@ INT8_TARGET = 1.0  # visenc int8 vs ORT dynamic int8
 INT8_MIN_COSINE = 0.995  # int8 embeddings vs f32 on real photos (the issue's criterion)
 CHECK_BATCH = 2
 LOADED = 0.3  # cores of other processes' CPU use above which a measurement is flagged (and retried)
+# A measurement is also flagged (and retried) where the FMA peak of THREADS threads, probed right before and
+# after it (`visenc bench --peak`), was below SHARED x THREADS x one thread's: the threads then shared a
+# core's FMA units (cloud vCPUs on sibling hyperthreads of a busy host), which /proc/stat does not show.
+SHARED = 0.85
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Small helpers shared by the orchestrator and the workers
+
+def loaded(run):
+    """Other processes used the cores during this measurement."""
+    return run.get("other_load_cores", 0) > LOADED
+
+
+def shared(run):
+    """This measurement's threads shared a core (probed FMA peak did not scale with the threads)."""
+    return (run.get("core_scaling") or THREADS) < SHARED * THREADS
+
+
+def cores_lost(run):
+    """How much of the machine a measurement missed, in cores: other processes' use plus the threads'
+    missing FMA scaling. Retries keep the measurement that lost less."""
+    return run.get("other_load_cores", 0) + max(0.0, THREADS - (run.get("core_scaling") or THREADS))
+
+
+def disturbed(run):
+    return loaded(run) or shared(run)
+
 
 def proc_status_mib(key):
     with open("/proc/self/status") as f:
@@ -399,6 +427,23 @@ class Runner:
         self.a = a
         self.log = []
         self.waited = 0.0
+        self.last_probe = (0.0, None)  # (time, core scaling)
+
+    def probe(self, reuse_s=0.0):
+        """FMA peak of THREADS threads over one thread's (`visenc bench --peak`); the last probe's if it is
+        younger than `reuse_s` seconds; None if it cannot be measured."""
+        t, scaling = self.last_probe
+        if time.time() - t < reuse_s:
+            return scaling
+        env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
+        p = subprocess.run([self.a.visenc, "bench", "--peak", "--json", "--seconds", "0.4"], env=env,
+                           capture_output=True, text=True, cwd=ROOT, preexec_fn=self.renice)
+        try:
+            scaling = json.loads(p.stdout)["fma_peak"]["scaling"]
+        except (json.JSONDecodeError, KeyError):
+            scaling = None
+        self.last_probe = (time.time(), scaling)
+        return scaling
 
     def wait_quiet(self):
         """Waits (bounded) until other processes leave the cores alone."""
@@ -419,6 +464,7 @@ class Runner:
                     "RAYON_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"})
         env.update(env_extra or {})
         before_load, waited = self.wait_quiet()
+        scaling_before = self.probe(reuse_s=5.0)
         hz = os.sysconf("SC_CLK_TCK")
         b0, st0 = cpu_busy_jiffies()
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -430,8 +476,9 @@ class Runner:
         b1, st1 = cpu_busy_jiffies()
         child_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
         other = max(0.0, ((b1 - b0) / hz - child_cpu) / wall)
+        probes = [x for x in (scaling_before, self.probe()) if x is not None]
         info = dict(wall_s=wall, child_cpu_s=child_cpu, other_load_cores=other, steal_s=(st1 - st0) / hz,
-                    waited_s=waited, load_before_cores=before_load)
+                    waited_s=waited, load_before_cores=before_load, core_scaling=min(probes) if probes else None)
         if p.returncode != 0:
             lines = p.stderr.strip().splitlines()
             err = next((l.strip() for l in lines if "error" in l.lower()), lines[-1] if lines else
@@ -452,9 +499,11 @@ class Runner:
         if res is None:
             cell["error"] = info.get("error", "failed")
         else:
+            sc = info["core_scaling"]
             print(f"{label} {res['img_per_s']:8.2f} img/s  median {res['latency_s']['median'] * 1e3:8.1f} ms  "
                   f"RSS {res['peak_rss_mib']:6.0f} MiB  (n={res['latency_s']['n']}, other load "
-                  f"{info['other_load_cores']:.2f} cores, {info['wall_s']:.0f} s)", file=sys.stderr)
+                  f"{info['other_load_cores']:.2f} cores, FMA scaling {sc or 0:.2f}x, {info['wall_s']:.0f} s)"
+                  + (" SHARED CORES" if shared(info) else ""), file=sys.stderr)
         return cell
 
     def renice(self):
@@ -544,12 +593,14 @@ def measure(a):
                          ("torch_kernels", [PY, os.path.abspath(__file__), "torch-kernels", "--seconds",
                                             str(a.kernel_seconds)])]:
             res, info = R.run(cmd)
-            if info["other_load_cores"] > LOADED:  # once more; the less disturbed one is kept
+            if disturbed(info):  # once more; the less disturbed one is kept
                 res2, info2 = R.run(cmd)
-                if res2 and info2["other_load_cores"] < info["other_load_cores"]:
-                    res, info = res2, dict(info2, first_attempt_other_load_cores=info["other_load_cores"])
+                if res2 and cores_lost(info2) < cores_lost(info):
+                    res, info = res2, dict(info2, first_attempt_other_load_cores=info["other_load_cores"],
+                                           first_attempt_core_scaling=info["core_scaling"])
             results[key] = dict(res or {}, run=info)
-            print(f"{key}: other load {info['other_load_cores']:.2f} cores", file=sys.stderr)
+            print(f"{key}: other load {info['other_load_cores']:.2f} cores, FMA scaling "
+                  f"{info['core_scaling'] or 0:.2f}x", file=sys.stderr)
     results["meta"]["total_s"] = time.time() - started
     results["meta"]["waited_for_quiet_s"] = R.waited
     save(a, results)
@@ -609,25 +660,28 @@ def photo_checks(a, d, w, precisions):
 
 
 def retry_loaded(a, R, results, budget):
-    """Measures again the cells disturbed by other processes (most disturbed first) while `budget` seconds
-    last; the less disturbed of the two measurements is kept, the other is recorded in `first_attempt`."""
+    """Measures again the cells disturbed by other processes or shared cores (most disturbed first) while
+    `budget` seconds last; the less disturbed of the two measurements is kept (`cores_lost`), the other is
+    recorded in `first_attempt`."""
     start = time.time()
-    loaded = sorted(((c["run"]["other_load_cores"], w, k) for w in results["workloads"]
-                     for k, c in results["workloads"][w]["cells"].items()
-                     if "img_per_s" in c and c["run"]["other_load_cores"] > LOADED), reverse=True)
-    for load, w, k in loaded:
+    todo = sorted(((cores_lost(c["run"]), w, k) for w in results["workloads"]
+                   for k, c in results["workloads"][w]["cells"].items()
+                   if "img_per_s" in c and disturbed(c["run"])), reverse=True)
+    for lost, w, k in todo:
         if time.time() - start > budget:
-            print(f"retry budget spent; {w} {k} stays at other load {load:.2f}", file=sys.stderr)
+            print(f"retry budget spent; {w} {k} stays disturbed ({lost:.2f} cores lost)", file=sys.stderr)
             continue
         old = results["workloads"][w]["cells"][k]
         new = R.cell(old["cmd"], f"{w:18s} {k:14s} (again)")
-        first = dict(img_per_s=old["img_per_s"], other_load_cores=load,
+        first = dict(img_per_s=old["img_per_s"], other_load_cores=old["run"]["other_load_cores"],
+                     core_scaling=old["run"].get("core_scaling"),
                      tries=old.get("first_attempt", {}).get("tries", 1) + 1)
-        if "img_per_s" in new and new["run"]["other_load_cores"] < load:
+        if "img_per_s" in new and cores_lost(new["run"]) < lost:
             results["workloads"][w]["cells"][k] = dict(new, first_attempt=first)
         else:
             old["first_attempt"] = dict(first, retry_img_per_s=new.get("img_per_s"),
-                                        retry_other_load_cores=new["run"]["other_load_cores"])
+                                        retry_other_load_cores=new["run"]["other_load_cores"],
+                                        retry_core_scaling=new["run"].get("core_scaling"))
         save(a, results)
     results["meta"]["retry_s"] = results["meta"].get("retry_s", 0) + time.time() - start
 
@@ -756,7 +810,8 @@ def report(res):
         return c.get("img_per_s")
 
     def flag(c):
-        return " †" if c.get("run", {}).get("other_load_cores", 0) > LOADED else ""
+        run = c.get("run", {})
+        return (" †" if loaded(run) else "") + (" ‡" if shared(run) else "")
 
     def fmt_ips(w, rt, b):
         c = cell(w, rt, b)
@@ -770,12 +825,12 @@ def report(res):
     def ratio(x, y):
         return f"{x / y:.2f}×" if x and y else "–"
 
-    def loaded(w, rt, b):
-        return cell(w, rt, b).get("run", {}).get("other_load_cores", 0) > LOADED
+    def doubtful(w, rt, b):
+        return disturbed(cell(w, rt, b).get("run", {}))
 
     def cratio(w, rt1, rt2, b):
         r = ratio(ips(w, rt1, b), ips(w, rt2, b))
-        return r + (" †" if r != "–" and (loaded(w, rt1, b) or loaded(w, rt2, b)) else "")
+        return r + (flag(cell(w, rt1, b)) + flag(cell(w, rt2, b)) if r != "–" else "")
 
     batches = m.get("batches", [1, 8])
     rounds = m.get("rounds", 1)
@@ -889,7 +944,7 @@ def report(res):
         rb = f"{bx / by:.2f}×" if bx and by else "–"
         met = ("**yes**" + (" (with f32)" if "no working bf16" in label else "")) if r8 >= goal else "no"
         if unsure:
-            met = ("not shown: " if r8 >= goal else "no, ") + "measured under load †"
+            met = ("not shown: " if r8 >= goal else "no, ") + "measured under load † or on shared cores ‡"
         gap = "–" if r8 >= goal else f"visenc needs {goal / r8:.2f}× its speed"
         L.append(f"| {label} | {r8:.2f}×{r1} | {rb} | {met}{note} | {gap} |")
 
@@ -901,19 +956,19 @@ def report(res):
             L.append(f"| {label} | – | – | no (not yet supported) | visenc cannot load {spec['arch']} yet |")
             continue
         tgt(label, ips(w, "visenc", 8), ips(w, "ort", 8), ips(w, "visenc", 1), ips(w, "ort", 1), spec["target"],
-            bx=best(w, "visenc", 8), by=best(w, "ort", 8), unsure=loaded(w, "visenc", 8) or loaded(w, "ort", 8))
+            bx=best(w, "visenc", 8), by=best(w, "ort", 8), unsure=doubtful(w, "visenc", 8) or doubtful(w, "ort", 8))
     for w, spec in WORKLOADS.items():
         if w not in W or not W[w].get("visenc_supported", True):
             continue
         tgt(f"{spec['title']} bf16 ≥ {BF16_TARGET:.2f}× PyTorch bf16 (visenc `--precision bf16`)",
             ips(w, "visenc-bf16", 8), ips(w, "torch-bf16", 8), ips(w, "visenc-bf16", 1), ips(w, "torch-bf16", 1),
             BF16_TARGET, bx=best(w, "visenc-bf16", 8), by=best(w, "torch-bf16", 8),
-            unsure=loaded(w, "visenc-bf16", 8) or loaded(w, "torch-bf16", 8))
+            unsure=doubtful(w, "visenc-bf16", 8) or doubtful(w, "torch-bf16", 8))
         if spec["kind"] == "clip":
             tgt(f"{spec['title']} int8 ≥ {INT8_TARGET:.2f}× ORT dynamic int8 (visenc `--precision int8`)",
                 ips(w, "visenc-int8", 8), ips(w, "ort-int8", 8), ips(w, "visenc-int8", 1), ips(w, "ort-int8", 1),
                 INT8_TARGET, bx=best(w, "visenc-int8", 8), by=best(w, "ort-int8", 8),
-                unsure=loaded(w, "visenc-int8", 8) or loaded(w, "ort-int8", 8))
+                unsure=doubtful(w, "visenc-int8", 8) or doubtful(w, "ort-int8", 8))
         pc = W[w].get("photo_checks", {}).get("int8", {})
         if "min_cosine" in pc:
             ok = pc["min_cosine"] >= INT8_MIN_COSINE
@@ -922,9 +977,12 @@ def report(res):
                      f"{'–' if ok else 'below the bound'} |")
     retried = [(W[w]["title"], k, c["first_attempt"]) for w in W for k, c in W[w]["cells"].items()
                if "first_attempt" in c]
-    L += ["", f"† other processes used more than {LOADED} cores during this measurement (shared machine), even "
-          "after measuring it again at the end of the run; treat it as a lower bound."
-          + (f" Measured again because of load: {len(retried)} cells ("
+    L += ["", f"† other processes used more than {LOADED} cores during this measurement (shared machine); ‡ its "
+          f"threads shared cores (the FMA peak of {THREADS} threads, probed right before and after it, was below "
+          f"{SHARED:.2f} x {THREADS} x one thread's: sibling hyperthreads of a busy host, which no load figure shows). "
+          "Either flag stays only where measuring it again at the end of the run did not help; treat such a cell as a "
+          "lower bound."
+          + (f" Measured again because of load or shared cores: {len(retried)} cells ("
              + ", ".join(f"{t} {k.replace('@', ' ')}" for t, k, _ in retried) + ")." if retried else ""), ""]
 
     K = res.get("kernels") or {}
@@ -935,7 +993,8 @@ def report(res):
         L += ["### Kernel micro-benchmarks (as visenc calls them; 2 threads)", "",
               f"Other processes used {K['run']['other_load_cores']:.2f} cores on average during this part. "
               f"Measured FMA peak: **{peak:.0f} GFLOP/s** f32 ({K['fma_peak']['isa']}, 12 independent FMA chains per "
-              f"thread, {K['threads']} threads; one thread alone: {K['fma_peak'].get('gflops_1_thread', 0):.0f})"
+              f"thread, {K['threads']} threads; one thread alone: {K['fma_peak'].get('gflops_1_thread', 0):.0f}"
+              + (" ‡: the threads shared cores" if shared(K["run"]) else "") + ")"
               + (f"; `vdpbf16ps` peak {bf:.0f} GFLOP/s bf16." if bf else "."), "",
               "| kernel | shape | ms (median) | visenc/candle GFLOP/s | of FMA peak | PyTorch GFLOP/s (same shape) | "
               "visenc or candle/PyTorch |",

@@ -168,3 +168,32 @@ fn bench_reports_speed_and_memory() {
         );
     }
 }
+
+/// `visenc bench --peak --json` measures the FMA peak of one thread and of the pool's threads; their
+/// ratio is what `bench/compare.py` flags shared cores by.
+#[test]
+fn bench_peak_reports_thread_scaling() {
+    let run = visenc(&["bench", "--peak", "--json", "--seconds", "0.05"]);
+    run.expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let p = &v["fma_peak"];
+    let f = |k: &str| {
+        p[k].as_f64()
+            .unwrap_or_else(|| panic!("no {k}: {}", run.stdout))
+    };
+    assert!(v["threads"].as_u64() >= Some(1), "{}", run.stdout);
+    if cfg!(target_arch = "x86_64") {
+        assert!(
+            f("gflops") > 0.0 && f("gflops_1_thread") > 0.0,
+            "{}",
+            run.stdout
+        );
+        assert!(
+            (f("scaling") - f("gflops") / f("gflops_1_thread")).abs() < 1e-9,
+            "{}",
+            run.stdout
+        );
+    }
+    // Measuring a model and the peak at once is refused.
+    visenc(&["bench", "--peak", "--kernels"]).expect_code(2);
+}

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 
-use super::peak::{bf16_peak, fma_peak};
+use super::peak::{bf16_peak, peak_report};
 use super::{randn, BenchArgs, Plan, Stats};
 use visenc::models::kernels::conv::winograd::WinogradTile;
 use visenc::models::linear::Linear;
@@ -120,8 +120,8 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
     } else {
         1.0
     };
-    let (isa, peak) = fma_peak(threads, 1.0);
-    let (_, peak1) = fma_peak(1, 0.5);
+    let fma = peak_report(threads, 1.0);
+    let peak = fma["fma_peak"]["gflops"].as_f64().unwrap_or(0.0);
     let bf16 = bf16_peak(threads, 1.0);
     let plan = Plan {
         warmup: a.warmup.max(1),
@@ -298,7 +298,7 @@ pub(super) fn kernels(a: &BenchArgs) -> Result<Value> {
     let resnet = resnet50_conv_breakdown(&plan)?;
     Ok(json!({
         "threads": threads,
-        "fma_peak": {"isa": isa, "gflops": peak, "gflops_1_thread": peak1},
+        "fma_peak": fma["fma_peak"],
         "bf16_dot_peak_gflops": bf16,
         "kernels": kernels_json,
         "vit_b16_block_b8": vit,

@@ -1,7 +1,8 @@
 //! `visenc bench`: times the whole forward (`Encoder::encode_pixels`) of a model on random
 //! normalised pixels, and (`--kernels`) the candle kernels visenc runs (GEMM, convolution,
 //! attention) against a measured FMA peak of this machine, plus a per-op breakdown of one ViT-B/16
-//! block and of ResNet-50's convolutions.
+//! block and of ResNet-50's convolutions; `--peak` measures only the FMA peak of one thread and of
+//! all threads (a quick check that the threads run on cores of their own).
 //!
 //! Threads: candle runs on rayon's pool (set `RAYON_NUM_THREADS`); the FMA peak uses as many threads.
 //! `bench/compare.py` drives this command (`--json`) next to ONNX Runtime and PyTorch.
@@ -20,11 +21,12 @@ mod peak;
 
 use kernels::{kernels, print_kernels};
 use model::{model, print_model};
+use peak::{peak_report, print_peak};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// A checkpoint directory or hub id to time (not needed with --kernels).
-    #[arg(long, short, required_unless_present = "kernels")]
+    /// A checkpoint directory or hub id to time (not needed with --kernels or --peak).
+    #[arg(long, short, required_unless_present_any = ["kernels", "peak"])]
     model: Option<String>,
     /// Load even if tensors are missing, unexpected or mis-shaped.
     #[arg(long)]
@@ -60,6 +62,10 @@ pub struct BenchArgs {
     /// Run the kernel micro-benchmarks (GEMM, convolution, attention, FMA peak) instead of a model.
     #[arg(long)]
     kernels: bool,
+    /// Measure only the FMA peak of one thread and of all threads, in --seconds (0.5 if not given
+    /// explicitly less); their ratio shows whether the threads have cores of their own.
+    #[arg(long, conflicts_with = "kernels")]
+    peak: bool,
     /// Before timing, encode this float32 `.npy` batch [B, 3, H, W] once and write its embedding
     /// (projected if the model has a projection, else pooled) to --check-output (`.npy`).
     #[arg(long, requires = "check_output")]
@@ -69,12 +75,20 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<usize> {
-    let report = if a.kernels { kernels(&a)? } else { model(&a)? };
+    let report = if a.kernels {
+        kernels(&a)?
+    } else if a.peak {
+        peak_report(rayon::current_num_threads(), a.seconds.min(0.5))
+    } else {
+        model(&a)?
+    };
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else if a.kernels {
         print_kernels(&mut out, &report)?;
+    } else if a.peak {
+        print_peak(&mut out, &report)?;
     } else {
         print_model(&mut out, &report)?;
     }

@@ -1,5 +1,38 @@
 //! The FMA (f32) and `vdpbf16ps` (bf16) peaks of this machine, the yardstick of the kernel rows.
 
+use std::io::Write;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+/// The FMA peak of `threads` threads (in `seconds`) and of one thread (in half of it), and their
+/// ratio: about `threads` where each thread has a core of its own, about 1 where two vCPUs share one
+/// core's FMA units (as a cloud host's sibling hyperthreads may, unseen by `/proc/stat`).
+pub(super) fn peak_report(threads: usize, seconds: f64) -> Value {
+    let (isa, peak) = fma_peak(threads, seconds);
+    let (_, peak1) = fma_peak(1, seconds / 2.0);
+    let scaling = if peak1 > 0.0 { peak / peak1 } else { 0.0 };
+    json!({
+        "threads": threads,
+        "fma_peak": {"isa": isa, "gflops": peak, "gflops_1_thread": peak1, "scaling": scaling},
+    })
+}
+
+pub(super) fn print_peak(out: &mut impl Write, r: &Value) -> Result<()> {
+    let p = &r["fma_peak"];
+    let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+    writeln!(
+        out,
+        "FMA peak ({}): {:.0} GFLOP/s on {} threads, {:.0} on one: {:.2}x",
+        p["isa"].as_str().unwrap_or(""),
+        f("gflops"),
+        r["threads"],
+        f("gflops_1_thread"),
+        f("scaling")
+    )?;
+    Ok(())
+}
+
 /// Peak f32 FMA throughput (GFLOP/s) of `threads` threads, and the instruction set used.
 pub(super) fn fma_peak(threads: usize, seconds: f64) -> (String, f64) {
     #[cfg(target_arch = "x86_64")]
