@@ -15,7 +15,8 @@ What one run does, strictly one measurement at a time:
    Each is exported to ONNX (torch.onnx.export, TorchScript exporter, opset 17, dynamic batch); ViT-B/16 @448
    gets its own graph (position embeddings interpolated exactly as transformers' interpolate_pos_encoding).
 2. for each workload and batch 1 and 8, each runtime in a fresh subprocess (so peak RSS is per runtime), in
-   --rounds rounds (2: the runtimes in turn, then in reverse order; each cell keeps its fastest round):
+   --rounds rounds (2: the runtimes in turn, then in reverse order; each cell keeps its fastest round;
+   visenc f32 and ORT, whose ratios the f32 targets are, alternate for --rounds-f32 rounds, 4 by default):
      ort         onnxruntime, intra_op_num_threads=2, inter_op 1, ORT_SEQUENTIAL, all graph optimisations
      torch       PyTorch f32, torch.set_num_threads(2), inference_mode, channels_last for CNNs
      torch-bf16  the same under torch.autocast("cpu", dtype=torch.bfloat16)
@@ -78,6 +79,7 @@ WORKLOADS = {
 }
 BF16_TARGET = 1.25  # visenc bf16 vs PyTorch bf16 autocast
 RUNTIMES = ["ort", "torch", "torch-bf16", "visenc"]
+F32_PAIR = ("visenc", "ort")  # the f32 targets' pair, measured in --rounds-f32 rounds
 LOWP_RUNTIMES = ["visenc-bf16", "visenc-int8", "ort-int8"]
 PRECISION = {"visenc-bf16": "bf16", "visenc-int8": "int8"}
 INT8_TARGET = 1.0  # visenc int8 vs ORT dynamic int8
@@ -564,8 +566,11 @@ def measure(a):
             # Round r runs the runtimes in turn, forwards in even rounds and backwards in odd ones, so
             # each gets the same share of the machine's fast and slow minutes; a cell keeps its
             # fastest round (`rounds` lists them all).
-            for r in range(a.rounds):
-                for rt in runs if r % 2 == 0 else runs[::-1]:
+            # The f32 pair the targets compare (visenc, ORT) gets --rounds-f32 rounds: more chances
+            # for each to meet a fast minute, alike for both.
+            for r in range(max(a.rounds, a.rounds_f32)):
+                this = [rt for rt in runs if r < a.rounds or (rt in F32_PAIR and r < a.rounds_f32)]
+                for rt in this if r % 2 == 0 else this[::-1]:
                     round_cell(a, R, entry, w, spec, batch, rt, r, supported, timing)
         # Output agreement with PyTorch f32 on the check batch.
         ref_p = os.path.join(a.outdir, f"{w}.torch.npy")
@@ -746,7 +751,7 @@ def meta(a):
         threads=THREADS, python=platform.python_version(),
         versions=dict(torch=ver("torch"), onnxruntime=ver("onnxruntime"), onnx=ver("onnx"), timm=ver("timm"),
                       transformers=ver("transformers"), numpy=ver("numpy"), candle=candle),
-        batches=a.batches, rounds=a.rounds, seconds_b1=a.seconds_b1, seconds_b8=a.seconds_b8, nice=a.nice,
+        batches=a.batches, rounds=a.rounds, rounds_f32=a.rounds_f32, seconds_b1=a.seconds_b1, seconds_b8=a.seconds_b8, nice=a.nice,
         visenc_binary_built=getattr(a, "visenc_built", None),
     )
 
@@ -834,10 +839,13 @@ def report(res):
 
     batches = m.get("batches", [1, 8])
     rounds = m.get("rounds", 1)
-    if rounds > 1:
+    rounds_f32 = max(rounds, m.get("rounds_f32", rounds))
+    if rounds_f32 > 1:
         L += [f"Each cell was measured in {rounds} rounds, the runtimes of a workload and batch in turn (forwards, "
               "then backwards), and keeps its fastest round: the machine's speed moves by up to ~30 % from one "
-              "minute to the next for every runtime alike, and this gives each the same chances.", ""]
+              "minute to the next for every runtime alike, and this gives each the same chances."
+              + (f" visenc f32 and ONNX Runtime f32, the pair of the f32 targets, went on alternating for "
+                 f"{rounds_f32} rounds." if rounds_f32 > rounds else ""), ""]
     for b in sorted(batches, reverse=True):
         L += [f"### Throughput at batch {b} (img/s, median; min–max over the timed runs)", "",
               "| workload | visenc f32 | ONNX Runtime f32 | PyTorch f32 | PyTorch bf16 autocast | "
@@ -1056,6 +1064,8 @@ def main():
     ap.add_argument("--runtimes", nargs="*", default=RUNTIMES + LOWP_RUNTIMES, choices=RUNTIMES + LOWP_RUNTIMES,
                     help="the runtimes (rows) to measure; default all")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--rounds-f32", type=int, default=4,
+                    help="rounds of visenc f32 and ONNX Runtime f32 (the f32 targets' pair), alternating")
     ap.add_argument("--rounds", type=int, default=2,
                     help="measurements per cell, runtimes in alternating order; each cell keeps its fastest")
     ap.add_argument("--quiet-cores", type=float, default=0.25,
