@@ -835,7 +835,8 @@ def report(res):
 
     def cratio(w, rt1, rt2, b):
         r = ratio(ips(w, rt1, b), ips(w, rt2, b))
-        return r + (flag(cell(w, rt1, b)) + flag(cell(w, rt2, b)) if r != "–" else "")
+        flags = flag(cell(w, rt1, b)) + flag(cell(w, rt2, b))
+        return r + ("".join(m for m in (" †", " ‡") if m in flags) if r != "–" else "")
 
     batches = m.get("batches", [1, 8])
     rounds = m.get("rounds", 1)
