@@ -193,7 +193,7 @@ fn pad(x: &[f32], s: &ConvShape, out: &mut [f32]) {
 const TRANSPOSE_PIXELS: usize = 256;
 
 /// `dst` [batch, hw, c] = `src` [batch, c, hw] transposed, in parallel blocks of pixels (each
-/// block reads one contiguous run per channel).
+/// block reads one contiguous run per channel and image it covers).
 ///
 /// # Panics
 /// When `src` or `dst` is not `batch * c * hw` values.
@@ -205,13 +205,30 @@ pub fn nchw_to_nhwc(src: &[f32], batch: usize, c: usize, hw: usize, dst: &mut [f
     }
     dst.par_chunks_mut(TRANSPOSE_PIXELS * c)
         .enumerate()
-        .for_each(|(i, block)| {
-            for (j, px) in block.chunks_exact_mut(c).enumerate() {
-                let p = i * TRANSPOSE_PIXELS + j;
-                let image = &src[p / hw * c * hw..];
-                for (ch, o) in px.iter_mut().enumerate() {
-                    *o = image[ch * hw + p % hw];
+        .for_each(|(i, mut block)| {
+            // The block's pixels, split where an image ends: channel `ch` of pixels `at..at + n`
+            // of image `b` is one run of `src`, stored every `c` values of the block.
+            let mut p = i * TRANSPOSE_PIXELS;
+            while !block.is_empty() {
+                let (b, at) = (p / hw, p % hw);
+                let n = (hw - at).min(block.len() / c);
+                let (run, rest) = block.split_at_mut(n * c);
+                let from = |ch: usize| &src[(b * c + ch) * hw + at..][..n];
+                if c == 3 {
+                    // RGB (every image model's input): whole pixels at a time, which vectorises.
+                    let (r, g, bl) = (from(0), from(1), from(2));
+                    for (j, px) in run.chunks_exact_mut(3).enumerate() {
+                        px.copy_from_slice(&[r[j], g[j], bl[j]]);
+                    }
+                } else {
+                    for ch in 0..c {
+                        for (o, &v) in run[ch..].iter_mut().step_by(c).zip(from(ch)) {
+                            *o = v;
+                        }
+                    }
                 }
+                block = rest;
+                p += n;
             }
         });
 }
@@ -648,8 +665,8 @@ mod tests {
 
     #[test]
     fn transpose_matches_naive() {
-        // Blocks ending inside an image and images ending inside a block.
-        for (b, c, hw) in [(3, 5, 200), (2, 32, 300), (1, 1, 7)] {
+        // Blocks ending inside an image and images ending inside a block; RGB's own path.
+        for (b, c, hw) in [(3, 5, 200), (2, 32, 300), (1, 1, 7), (3, 3, 300), (4, 3, 100)] {
             let x = rand_vec(b * c * hw, 7);
             let mut got = vec![f32::NAN; x.len()];
             nchw_to_nhwc(&x, b, c, hw, &mut got);
