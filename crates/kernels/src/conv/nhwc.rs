@@ -666,7 +666,13 @@ mod tests {
     #[test]
     fn transpose_matches_naive() {
         // Blocks ending inside an image and images ending inside a block; RGB's own path.
-        for (b, c, hw) in [(3, 5, 200), (2, 32, 300), (1, 1, 7), (3, 3, 300), (4, 3, 100)] {
+        for (b, c, hw) in [
+            (3, 5, 200),
+            (2, 32, 300),
+            (1, 1, 7),
+            (3, 3, 300),
+            (4, 3, 100),
+        ] {
             let x = rand_vec(b * c * hw, 7);
             let mut got = vec![f32::NAN; x.len()];
             nchw_to_nhwc(&x, b, c, hw, &mut got);
