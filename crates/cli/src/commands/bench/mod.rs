@@ -62,8 +62,8 @@ pub struct BenchArgs {
     /// Run the kernel micro-benchmarks (GEMM, convolution, attention, FMA peak) instead of a model.
     #[arg(long)]
     kernels: bool,
-    /// Measure only the FMA peak of one thread and of all threads, in --seconds (0.5 if not given
-    /// explicitly less); their ratio shows whether the threads have cores of their own.
+    /// Measure only the FMA peak of all threads and of one thread, in --seconds but at most 0.5 s;
+    /// their ratio shows whether the threads have cores of their own.
     #[arg(long, conflicts_with = "kernels")]
     peak: bool,
     /// Before timing, encode this float32 `.npy` batch [B, 3, H, W] once and write its embedding
